@@ -1,0 +1,1 @@
+"""advface.models."""

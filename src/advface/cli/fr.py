@@ -1,0 +1,60 @@
+"""``advface eval-fr``: the verification benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval-fr")(eval_fr_cmd)
+
+
+def eval_fr_cmd(
+    dataset: Annotated[str, typer.Option(help="lfw | cfp-fp | cfp-ff")] = "lfw",
+    data_root: Annotated[
+        Path | None, typer.Option(help="dataset root (or ADVFACE_DATA_ROOT)")
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="cache (or ADVFACE_CACHE_DIR)")] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="facenet-pytorch-format weights; default: converted CASIA")
+    ] = None,
+    flip: Annotated[bool, typer.Option(help="flip test-time augmentation")] = False,
+    folds: Annotated[int | None, typer.Option(help="use only the first N folds")] = None,
+    pairs_per_fold: Annotated[int | None, typer.Option(help="balanced subset per fold")] = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """10-fold verification accuracy, TAR at FAR=1e-3 and ROC AUC of the unprotected system."""
+    from advface.models.facenet import load_facenet
+    from advface.pipelines.eval_fr import eval_fr
+
+    try:
+        model = load_facenet(weights, cache=cache_dir) if weights else None
+        res = eval_fr(
+            dataset,
+            data_root=data_root,
+            cache=cache_dir,
+            model=model,
+            flip=flip,
+            folds=folds,
+            pairs_per_fold=pairs_per_fold,
+            batch_size=batch_size,
+            device=device,
+            progress=not as_json,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(
+        f"{res['dataset']}: accuracy {100 * res['accuracy']:.2f}% ± {100 * res['accuracy_std']:.2f}"
+        f"  TAR@FAR=1e-3 {100 * res['tar_at_far_1e-3']:.2f}%  AUC {res['auc']:.4f}"
+        f"  ({res['n_pairs']} pairs, {res['no_face']} no-face fallbacks, {res['wall_s']} s)"
+    )

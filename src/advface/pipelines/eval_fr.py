@@ -1,0 +1,145 @@
+"""Verification benchmark (paper Sec. 5.1): LFW View 2, CFP-FP, CFP-FF, optionally with a
+protection applied to the stored side's feature maps (online mode, Sec. 4.4)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from advface.metrics.verification import evaluate_pairs
+from advface.pipelines.embed import FeatureFn, embed_split
+
+DATASETS: dict[str, str] = {"lfw": "lfw", "cfp-fp": "cfp", "cfp-ff": "cfp"}
+ProtectMode = Literal["stored", "both"]
+
+
+@dataclass
+class PairSubset:
+    """A protocol restricted to some folds / pairs per fold, with image indices."""
+
+    keys: list[str]
+    idx_a: np.ndarray
+    idx_b: np.ndarray
+    issame: np.ndarray
+    fold: np.ndarray
+
+
+def select_pairs(protocol, *, folds: int | None = None, pairs_per_fold: int | None = None):
+    """Keep the first ``folds`` folds and, in each, the first ``pairs_per_fold`` pairs split
+    evenly between genuine and impostor (so small runs stay balanced)."""
+    issame = np.asarray(protocol.issame, dtype=bool)
+    fold = np.asarray(protocol.fold)
+    keep = np.ones(len(issame), dtype=bool)
+    if folds is not None:
+        if folds < 2:
+            raise ValueError("folds must be >= 2 (a threshold is chosen on the other folds)")
+        keep &= fold < folds
+    if pairs_per_fold is not None:
+        if pairs_per_fold < 2:
+            raise ValueError("pairs_per_fold must be >= 2")
+        for f in np.unique(fold):
+            for same in (True, False):
+                ids = np.flatnonzero((fold == f) & (issame == same) & keep)
+                keep[ids[pairs_per_fold // 2 :]] = False
+    sel = np.flatnonzero(keep)
+    keys_a = [protocol.keys_a[i] for i in sel]
+    keys_b = [protocol.keys_b[i] for i in sel]
+    keys = sorted(set(keys_a) | set(keys_b))
+    pos = {k: i for i, k in enumerate(keys)}
+    return PairSubset(
+        keys=keys,
+        idx_a=np.array([pos[k] for k in keys_a], dtype=np.int64),
+        idx_b=np.array([pos[k] for k in keys_b], dtype=np.int64),
+        issame=issame[sel],
+        fold=fold[sel],
+    )
+
+
+def pair_scores(emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of L2-normalised embeddings."""
+    return np.sum(emb_a * emb_b, axis=1).astype(np.float64)
+
+
+def eval_fr(
+    dataset: str,
+    *,
+    data_root: str | Path | None = None,
+    cache: str | Path | None = None,
+    model: nn.Module | None = None,
+    protection: FeatureFn | None = None,
+    protection_name: str = "none",
+    mode: ProtectMode = "stored",
+    flip: bool = False,
+    folds: int | None = None,
+    pairs_per_fold: int | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Run the verification benchmark and return a JSON-ready dict.
+
+    Without protection every image is embedded once by the full network. With a
+    ``protection`` (a map on E's feature maps), the stored side (first image of each pair)
+    is embedded as Psi(protect(E(x))) and the probe as Psi(E(x)) (``mode="stored"``, the
+    deployment case), or both sides are protected (``mode="both"``).
+    """
+    from advface.config import data_root as resolve_root
+    from advface.data.prepare import ensure_aligned
+    from advface.data.protocols import load_protocol
+    from advface.models.facenet import load_facenet
+    from advface.models.split import split_facenet
+
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+    if mode not in ("stored", "both"):
+        raise ValueError(f"mode must be 'stored' or 'both', got {mode!r}")
+    t0 = time.perf_counter()
+    root = resolve_root(data_root)
+    protocol = load_protocol(dataset, root)
+    sub = select_pairs(protocol, folds=folds, pairs_per_fold=pairs_per_fold)
+    aligned = ensure_aligned(
+        DATASETS[dataset], sub.keys, data_root=root, cache=cache, progress=progress
+    )
+    images, found = aligned.take(sub.keys)
+    model = (model or load_facenet()).to(device).eval()
+    kw = dict(batch_size=batch_size, device=device, flip=flip, progress=progress)
+    if protection is None:
+        emb = embed_split(images, model, None, None, desc="embed", **kw)
+        emb_a, emb_b = emb[sub.idx_a], emb[sub.idx_b]
+    else:
+        enc, head = split_facenet(model)
+        clean = embed_split(images, enc, head, None, desc="embed clean", **kw)
+        # Protect each stored image once, as a service would at enrolment.
+        stored_ids = np.unique(sub.idx_a if mode == "stored" else np.r_[sub.idx_a, sub.idx_b])
+        prot = clean.copy()
+        prot[stored_ids] = embed_split(
+            images[stored_ids], enc, head, protection, desc=f"embed {protection_name}", **kw
+        )
+        emb_a = prot[sub.idx_a]
+        emb_b = (prot if mode == "both" else clean)[sub.idx_b]
+    result = evaluate_pairs(pair_scores(emb_a, emb_b), sub.issame, sub.fold)
+    used = np.unique(np.r_[sub.idx_a, sub.idx_b])
+    return {
+        "dataset": dataset,
+        "accuracy": result.accuracy,
+        "accuracy_std": result.accuracy_std,
+        "tar_at_far_1e-3": result.tar_at_far,
+        "auc": result.auc,
+        "threshold": result.threshold,
+        "threshold_far_1e-3": result.far_threshold,
+        "n_pairs": result.n_pairs,
+        "n_images": int(len(used)),
+        "no_face": int((~found[used]).sum()),
+        "fold_accuracies": list(result.fold_accuracies),
+        "protection": protection_name,
+        "protect_mode": mode if protection is not None else None,
+        "flip": flip,
+        "device": str(torch.device(device)),
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }

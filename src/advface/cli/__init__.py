@@ -18,6 +18,7 @@ app = typer.Typer(
 
 # Modules under advface.cli, each registering its commands on ``app``.
 _AREAS: tuple[str, ...] = (
+    "data",
 )
 
 

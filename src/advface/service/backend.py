@@ -1,0 +1,84 @@
+"""The networks the service and the SDK run: client extractor E and server part Psi.
+
+``facenet`` is the real split FaceNet (``advface.models``); ``toy`` is a tiny deterministic
+stand-in with the same tensor contract, for tests and smoke runs without converted weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from advface.service.payload import FEATURE_SHAPE
+
+# Bump when the split point or the weights change: stored templates carry it, and templates of
+# another version are not comparable (they are skipped, and counted, at start-up).
+FACENET_VERSION = "facenet-casia-20180408/conv2d_2b"
+TOY_VERSION = "toy-v1"
+
+
+@dataclass
+class Backend:
+    """E (images -> feature maps) and Psi (feature maps -> L2-normalised embeddings)."""
+
+    extractor: Callable[[Tensor], Tensor]
+    psi: Callable[[Tensor], Tensor]
+    version: str
+    feature_shape: tuple[int, int, int] = FEATURE_SHAPE
+
+    @torch.inference_mode()
+    def embed(self, z: Tensor) -> Tensor:
+        """Psi on float32 feature maps (N, 64, 77, 77) -> (N, D), unit-norm rows."""
+        return nn.functional.normalize(self.psi(z.float()), dim=1)
+
+
+class _ToyE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        # 160 -> 77 like FaceNet's stem: (160 - 7) // 2 + 1 = 77.
+        self.conv = nn.Conv2d(3, 64, kernel_size=7, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.conv(x))
+
+
+class _ToyPsi(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(6)
+        self.fc = nn.Linear(64 * 36, 128)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return nn.functional.normalize(self.fc(self.pool(z).flatten(1)), dim=1)
+
+
+def toy_backend(seed: int = 0) -> Backend:
+    """Deterministic stand-in networks (same weights in every process for a given seed)."""
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        e, psi = _ToyE().eval(), _ToyPsi().eval()
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return Backend(extractor=e, psi=psi, version=TOY_VERSION)
+
+
+def facenet_backend() -> Backend:
+    """The converted FaceNet split at the paper's point (E on clients, Psi on the server)."""
+    from advface.models.facenet import load_facenet
+    from advface.models.split import split_facenet
+
+    e, psi = split_facenet(load_facenet())
+    return Backend(extractor=e.eval(), psi=psi.eval(), version=FACENET_VERSION)
+
+
+def load_backend(name: str) -> Backend:
+    """``"facenet"`` or ``"toy"``."""
+    if name == "facenet":
+        return facenet_backend()
+    if name == "toy":
+        return toy_backend()
+    raise ValueError(f"unknown backend {name!r}; choose 'facenet' or 'toy'")

@@ -1,0 +1,94 @@
+"""Service configuration: defaults, ``ADVFACE_*`` environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from advface.config import cache_dir
+
+ENV_PREFIX = "ADVFACE_"
+
+
+def default_db_url() -> str:
+    """Embedded SQLite database in the cache directory."""
+    return f"sqlite:///{cache_dir() / 'service.db'}"
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Everything the template service needs; immutable once the app is built.
+
+    Each field ``name`` can be set from the environment as ``ADVFACE_<NAME>``
+    (e.g. ``ADVFACE_DB_URL``, ``ADVFACE_THRESHOLD``, ``ADVFACE_PROTECTION_PARAMS='{"T": 40}'``).
+    """
+
+    db_url: str = ""
+    # Cosine similarity of L2-normalised Psi embeddings at or above which verify says "match".
+    threshold: float = 0.4
+    protection: str = "none"
+    protection_params: dict[str, Any] = field(default_factory=dict)
+    # "facenet": the real split network; "toy": tiny deterministic stand-in (tests, smoke runs).
+    backend: str = "facenet"
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_page_size: int = 500
+    max_top_k: int = 100
+    # Templates embedded per Psi batch during the start-up rebuild.
+    rebuild_batch: int = 32
+    host: str = "127.0.0.1"
+    port: int = 8000
+    torch_threads: int = 0  # 0: leave torch's default
+
+    def __post_init__(self) -> None:
+        if not self.db_url:
+            object.__setattr__(self, "db_url", default_db_url())
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(
+                f"threshold must be a cosine similarity in [-1, 1], got {self.threshold}"
+            )
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_page_size < 1 or self.max_top_k < 1 or self.rebuild_batch < 1:
+            raise ValueError("max_page_size, max_top_k and rebuild_batch must be >= 1")
+        if self.backend not in ("facenet", "toy"):
+            raise ValueError(f"backend must be 'facenet' or 'toy', got {self.backend!r}")
+        if not isinstance(self.protection_params, dict):
+            raise ValueError("protection_params must be a JSON object")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port out of range: {self.port}")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> ServiceSettings:
+        """Build settings from ``ADVFACE_*`` variables; non-``None`` ``overrides`` win."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> ServiceSettings:
+        """Copy with some fields changed."""
+        return replace(self, **changes)
+
+
+def _parse(name: str, type_name: Any, raw: str) -> Any:
+    type_name = str(type_name)
+    try:
+        if type_name.startswith("dict"):
+            value = json.loads(raw)
+            if not isinstance(value, dict):
+                raise ValueError("not a JSON object")
+            return value
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r}: {exc}") from exc
+    return raw

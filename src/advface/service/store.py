@@ -1,0 +1,369 @@
+"""SQLAlchemy schema and repository for tenants, keys, subjects and protected templates.
+
+Only protected feature maps (compressed blobs, see ``payload``) are written; Psi embeddings are
+never persisted - the service recomputes them into memory at start-up (``gallery``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from advface.service import auth
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the service schema."""
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    digest: Mapped[str] = mapped_column(String(64))
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Subject(Base):
+    __tablename__ = "subjects"
+    __table_args__ = (UniqueConstraint("tenant_id", "subject_id", name="uq_subject_per_tenant"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    subject_id: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Template(Base):
+    __tablename__ = "templates"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_idempotency_per_tenant"),
+        Index("ix_templates_subject", "subject_pk"),
+    )
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    subject_pk: Mapped[int] = mapped_column(ForeignKey("subjects.id", ondelete="CASCADE"))
+    # Protected feature map, payload format (fp16, shape header, compressed).
+    blob: Mapped[bytes] = mapped_column(LargeBinary)
+    protection: Mapped[str] = mapped_column(String(32))
+    protection_params: Mapped[str] = mapped_column(Text)  # JSON
+    model_version: Mapped[str] = mapped_column(String(128))
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # SHA-256 of the client's request payload: tells an honest retry from a reused key.
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+@dataclass(frozen=True)
+class TemplateRow:
+    """A stored template as the service reports it."""
+
+    template_id: str
+    tenant_id: int
+    subject_id: str
+    protection: str
+    protection_params: dict[str, Any]
+    model_version: str
+    created_at: datetime
+    request_sha256: str
+    blob: bytes = b""
+
+
+class IdempotencyConflict(Exception):
+    """An idempotency key was reused with a different request body or subject."""
+
+
+class NotFound(Exception):
+    """A subject or template does not exist for this tenant."""
+
+
+class AlreadyExists(Exception):
+    """A subject with this id already exists for this tenant."""
+
+
+def normalise_url(url: str) -> str:
+    """Use the psycopg (v3) driver for plain ``postgresql://`` URLs."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine; SQLite gets WAL, synchronous=FULL, foreign keys and a busy timeout."""
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - trivial
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            # FULL: every commit is fsynced, so an acknowledged enrollment survives power loss.
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+class Store:
+    """Repository: every public method is one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        """True when the database answers."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:  # noqa: BLE001 - readiness must report, not raise
+            return False
+
+    # -- tenants and keys ---------------------------------------------------------------
+    def create_key(self, tenant_name: str) -> str:
+        """Create the tenant if needed and a new API key for it; return the token (shown once)."""
+        if not tenant_name or len(tenant_name) > 128:
+            raise ValueError("tenant name must be 1..128 characters")
+        new = auth.generate_key()
+        with self._sessions.begin() as s:
+            tenant = s.scalar(select(Tenant).where(Tenant.name == tenant_name))
+            if tenant is None:
+                tenant = Tenant(name=tenant_name)
+                s.add(tenant)
+                s.flush()
+            s.add(ApiKey(key_id=new.key_id, tenant_id=tenant.id, digest=new.digest))
+        return new.token
+
+    def authenticate(self, token: str) -> int | None:
+        """Tenant id for a valid, unrevoked token, else ``None``."""
+        key_id = auth.parse_key_id(token)
+        if key_id is None:
+            return None
+        with self._sessions() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None or row.revoked or not auth.matches(token, row.digest):
+                return None
+            return row.tenant_id
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self._sessions.begin() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None:
+                return False
+            row.revoked = True
+            return True
+
+    # -- subjects ---------------------------------------------------------------------
+    def create_subject(self, tenant_id: int, subject_id: str) -> datetime:
+        try:
+            with self._sessions.begin() as s:
+                subj = Subject(tenant_id=tenant_id, subject_id=subject_id)
+                s.add(subj)
+                s.flush()
+                return subj.created_at
+        except IntegrityError:
+            raise AlreadyExists(subject_id) from None
+
+    def list_subjects(
+        self, tenant_id: int, limit: int, after: str | None = None
+    ) -> list[tuple[str, datetime, int]]:
+        """Subjects ordered by id (keyset paging after ``after``) with template counts."""
+        with self._sessions() as s:
+            counts = (
+                select(Template.subject_pk, func.count().label("n"))
+                .group_by(Template.subject_pk)
+                .subquery()
+            )
+            q = (
+                select(Subject.subject_id, Subject.created_at, func.coalesce(counts.c.n, 0))
+                .outerjoin(counts, counts.c.subject_pk == Subject.id)
+                .where(Subject.tenant_id == tenant_id)
+                .order_by(Subject.subject_id)
+                .limit(limit)
+            )
+            if after is not None:
+                q = q.where(Subject.subject_id > after)
+            return [(a, b, int(c)) for a, b, c in s.execute(q).all()]
+
+    def delete_subject(self, tenant_id: int, subject_id: str) -> list[str]:
+        """Delete a subject and its templates; return the deleted template ids."""
+        with self._sessions.begin() as s:
+            subj = self._subject(s, tenant_id, subject_id)
+            ids = list(s.scalars(select(Template.id).where(Template.subject_pk == subj.id)))
+            s.execute(delete(Template).where(Template.subject_pk == subj.id))
+            s.delete(subj)
+            return ids
+
+    def subject_exists(self, tenant_id: int, subject_id: str) -> bool:
+        with self._sessions() as s:
+            return (
+                s.scalar(
+                    select(Subject.id).where(
+                        Subject.tenant_id == tenant_id, Subject.subject_id == subject_id
+                    )
+                )
+                is not None
+            )
+
+    @staticmethod
+    def _subject(s: Session, tenant_id: int, subject_id: str) -> Subject:
+        subj = s.scalar(
+            select(Subject).where(Subject.tenant_id == tenant_id, Subject.subject_id == subject_id)
+        )
+        if subj is None:
+            raise NotFound(f"subject {subject_id!r}")
+        return subj
+
+    # -- templates --------------------------------------------------------------------
+    def find_idempotent(self, tenant_id: int, key: str) -> TemplateRow | None:
+        """The template already enrolled under an idempotency key, if any."""
+        with self._sessions() as s:
+            row = s.execute(
+                select(Template, Subject.subject_id)
+                .join(Subject, Subject.id == Template.subject_pk)
+                .where(Template.tenant_id == tenant_id, Template.idempotency_key == key)
+            ).first()
+            return None if row is None else _row(row[0], row[1])
+
+    def add_template(
+        self,
+        tenant_id: int,
+        subject_id: str,
+        blob: bytes,
+        *,
+        protection: str,
+        protection_params: dict[str, Any],
+        model_version: str,
+        request_sha256: str,
+        idempotency_key: str | None = None,
+    ) -> tuple[TemplateRow, bool]:
+        """Store one protected template in one transaction.
+
+        Returns ``(row, created)``; ``created`` is False when ``idempotency_key`` was already used
+        for the same request (then nothing is written). Raises ``NotFound`` for an unknown subject
+        and ``IdempotencyConflict`` when the key was used for a different request.
+        """
+        try:
+            with self._sessions.begin() as s:
+                subj = self._subject(s, tenant_id, subject_id)
+                t = Template(
+                    id=uuid.uuid4().hex,
+                    tenant_id=tenant_id,
+                    subject_pk=subj.id,
+                    blob=blob,
+                    protection=protection,
+                    protection_params=json.dumps(protection_params, sort_keys=True),
+                    model_version=model_version,
+                    idempotency_key=idempotency_key,
+                    request_sha256=request_sha256,
+                )
+                s.add(t)
+                s.flush()
+                return _row(t, subject_id), True
+        except IntegrityError:
+            # Lost a race with a concurrent retry using the same idempotency key.
+            if idempotency_key is None:
+                raise
+            prior = self.find_idempotent(tenant_id, idempotency_key)
+            if prior is None:
+                raise
+            if prior.request_sha256 != request_sha256 or prior.subject_id != subject_id:
+                raise IdempotencyConflict(idempotency_key) from None
+            return prior, False
+
+    def get_template(self, tenant_id: int, template_id: str) -> TemplateRow:
+        with self._sessions() as s:
+            row = s.execute(
+                select(Template, Subject.subject_id)
+                .join(Subject, Subject.id == Template.subject_pk)
+                .where(Template.tenant_id == tenant_id, Template.id == template_id)
+            ).first()
+            if row is None:
+                raise NotFound(f"template {template_id!r}")
+            return _row(row[0], row[1], with_blob=True)
+
+    def delete_template(self, tenant_id: int, template_id: str) -> None:
+        with self._sessions.begin() as s:
+            n = s.execute(
+                delete(Template).where(Template.tenant_id == tenant_id, Template.id == template_id)
+            ).rowcount
+            if not n:
+                raise NotFound(f"template {template_id!r}")
+
+    def count_templates(self, tenant_id: int | None = None) -> int:
+        with self._sessions() as s:
+            q = select(func.count()).select_from(Template)
+            if tenant_id is not None:
+                q = q.where(Template.tenant_id == tenant_id)
+            return int(s.scalar(q) or 0)
+
+    def iter_templates(self, batch: int = 256) -> Iterator[TemplateRow]:
+        """All templates of all tenants with their blobs, streamed (start-up rebuild)."""
+        with self._sessions() as s:
+            q = (
+                select(Template, Subject.subject_id)
+                .join(Subject, Subject.id == Template.subject_pk)
+                .order_by(Template.created_at, Template.id)
+                .execution_options(yield_per=batch)
+            )
+            for t, sid in s.execute(q):
+                yield _row(t, sid, with_blob=True)
+
+
+def _row(t: Template, subject_id: str, *, with_blob: bool = False) -> TemplateRow:
+    return TemplateRow(
+        template_id=t.id,
+        tenant_id=t.tenant_id,
+        subject_id=subject_id,
+        protection=t.protection,
+        protection_params=json.loads(t.protection_params),
+        model_version=t.model_version,
+        created_at=t.created_at,
+        request_sha256=t.request_sha256,
+        blob=t.blob if with_blob else b"",
+    )

@@ -18,7 +18,9 @@ app = typer.Typer(
 
 # Modules under advface.cli, each registering its commands on ``app``.
 _AREAS: tuple[str, ...] = (
+    "attack",
     "data",
+    "service",
 )
 
 

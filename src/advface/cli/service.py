@@ -1,0 +1,215 @@
+"""``advface serve``, ``advface keys create`` and ``advface client ...`` (template service)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+keys_app = typer.Typer(help="API keys of the template service.", no_args_is_help=True)
+client_app = typer.Typer(help="Talk to a running template service.", no_args_is_help=True)
+
+UrlOpt = Annotated[str, typer.Option(envvar="ADVFACE_URL", help="service base URL")]
+KeyOpt = Annotated[str, typer.Option(envvar="ADVFACE_API_KEY", help="tenant API key")]
+AlignedOpt = Annotated[bool, typer.Option(help="images are already 160x160 aligned crops")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_cmd)
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(client_app, name="client")
+
+
+def _settings(**overrides: Any) -> Any:
+    from advface.service.settings import ServiceSettings
+
+    try:
+        return ServiceSettings.from_env(**overrides)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def serve_cmd(
+    host: Annotated[str | None, typer.Option(help="bind address [ADVFACE_HOST, 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="port [ADVFACE_PORT, 8000]")] = None,
+    db_url: Annotated[
+        str | None,
+        typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL; default SQLite in the cache dir]"),
+    ] = None,
+    protection: Annotated[
+        str | None, typer.Option(help="none|random|dp|advface [ADVFACE_PROTECTION, none]")
+    ] = None,
+    protection_params: Annotated[
+        str | None, typer.Option(help="JSON object of protection parameters")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="cosine match threshold [ADVFACE_THRESHOLD]")
+    ] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(help="request body limit")] = None,
+    backend: Annotated[str | None, typer.Option(help="facenet | toy (tests)")] = None,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads (0: default)")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Run the template service (one process: the embedding gallery lives in its memory)."""
+    import logging
+
+    import uvicorn
+
+    from advface.service.app import create_app
+
+    params = None
+    if protection_params is not None:
+        try:
+            params = json.loads(protection_params)
+        except ValueError as exc:
+            raise typer.BadParameter(f"--protection-params is not JSON: {exc}") from exc
+    settings = _settings(
+        host=host,
+        port=port,
+        db_url=db_url,
+        protection=protection,
+        protection_params=params,
+        threshold=threshold,
+        max_body_bytes=max_body_bytes,
+        backend=backend,
+        torch_threads=torch_threads,
+    )
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    try:
+        app = create_app(settings)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    # One worker: the gallery is per process; more workers would each hold a stale copy.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, workers=1)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Argument(help="tenant name (created if new)")],
+    db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL]")] = None,
+) -> None:
+    """Create an API key for TENANT and print it (it is stored only as a hash)."""
+    from advface.service.store import Store
+
+    store = Store(_settings(db_url=db_url).db_url)
+    try:
+        token = store.create_key(tenant)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    finally:
+        store.close()
+    typer.echo(token)
+
+
+def _client(url: str, api_key: str) -> Any:
+    from advface.service.sdk import AdvFaceClient
+
+    return AdvFaceClient(url, api_key)
+
+
+def _run(fn: Any) -> None:
+    from advface.service.sdk import AdvFaceServiceError
+
+    try:
+        fn()
+    except AdvFaceServiceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except ValueError as exc:  # bad image, file not found, ...
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _print(obj: Any) -> None:
+    from dataclasses import asdict, is_dataclass
+
+    typer.echo(json.dumps(asdict(obj) if is_dataclass(obj) else obj))
+
+
+@client_app.command("enroll")
+def client_enroll(
+    subject: str,
+    images: Annotated[list[Path], typer.Argument(help="face images")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+    create: Annotated[bool, typer.Option(help="create the subject if missing")] = True,
+    aligned: AlignedOpt = False,
+) -> None:
+    """Align, extract E(x) here, and enroll each image for SUBJECT (one JSON line each)."""
+
+    def go() -> None:
+        with _client(url, api_key) as c:
+            if create:
+                c.create_subject(subject, exist_ok=True)
+            for img in images:
+                _print(c.enroll(subject, img, aligned=aligned))
+
+    _run(go)
+
+
+@client_app.command("verify")
+def client_verify(
+    subject: str,
+    image: Path,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+    aligned: AlignedOpt = False,
+) -> None:
+    """1:1: is IMAGE the enrolled SUBJECT? Exit code 0 for a match, 3 for no match."""
+    result: list[Any] = []
+
+    def go() -> None:
+        with _client(url, api_key) as c:
+            result.append(c.verify(subject, image, aligned=aligned))
+            _print(result[0])
+
+    _run(go)
+    if not result[0].match:
+        raise typer.Exit(3)
+
+
+@client_app.command("identify")
+def client_identify(
+    image: Path,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+    top_k: int = 5,
+    aligned: AlignedOpt = False,
+) -> None:
+    """1:N: the TOP_K most similar enrolled subjects."""
+
+    def go() -> None:
+        with _client(url, api_key) as c:
+            _print([vars(x) for x in c.identify(image, top_k, aligned=aligned)])
+
+    _run(go)
+
+
+@client_app.command("subjects")
+def client_subjects(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
+    """List the tenant's subjects (one JSON line each)."""
+
+    def go() -> None:
+        with _client(url, api_key) as c:
+            for s in c.list_subjects():
+                _print(s)
+
+    _run(go)
+
+
+@client_app.command("delete-subject")
+def client_delete_subject(
+    subject: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
+) -> None:
+    """Delete SUBJECT and its templates."""
+
+    def go() -> None:
+        with _client(url, api_key) as c:
+            _print({"subject_id": subject, "deleted_templates": c.delete_subject(subject)})
+
+    _run(go)

@@ -1,0 +1,333 @@
+"""Python client of the template service.
+
+On the device: image (path or array) -> MTCNN alignment -> E -> compact payload -> server.
+The raw image and the full embedding never leave the client; only E(x) does, and the server
+protects it before storing (paper Fig. 1/2).
+
+    client = AdvFaceClient("http://127.0.0.1:8000", api_key)
+    client.create_subject("alice")
+    client.enroll("alice", "alice_1.jpg")
+    client.verify("alice", "probe.jpg").match
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from advface.service import payload
+from advface.service.auth import API_KEY_HEADER
+
+ImageLike = str | Path | np.ndarray
+
+
+# -- exceptions -----------------------------------------------------------------------------
+class AdvFaceServiceError(Exception):
+    """An error answered by the service (or the failure to reach it)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class AuthenticationError(AdvFaceServiceError):
+    """Missing, malformed or revoked API key (401)."""
+
+
+class NotFoundError(AdvFaceServiceError):
+    """Unknown subject or template (404)."""
+
+
+class ConflictError(AdvFaceServiceError):
+    """Subject exists, idempotency key reused, or no templates to verify against (409)."""
+
+
+class InvalidRequestError(AdvFaceServiceError):
+    """The service rejected the input (400, 413, 415, 422)."""
+
+
+class ServiceUnavailableError(AdvFaceServiceError):
+    """Unreachable, not ready, or overloaded (connection errors, 502-504), after retries."""
+
+
+class ServerError(AdvFaceServiceError):
+    """An unexpected server-side failure (500)."""
+
+
+def _error_class(status: int) -> type[AdvFaceServiceError]:
+    if status == 401:
+        return AuthenticationError
+    if status == 404:
+        return NotFoundError
+    if status == 409:
+        return ConflictError
+    if status in (502, 503, 504):
+        return ServiceUnavailableError
+    if 400 <= status < 500:
+        return InvalidRequestError
+    return ServerError
+
+
+# -- results --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Template:
+    template_id: str
+    subject_id: str
+    protection: str
+    protection_params: dict[str, Any]
+    model_version: str
+    created_at: str
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class Verification:
+    subject_id: str
+    score: float
+    match: bool
+    threshold: float
+    templates: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    subject_id: str
+    score: float
+    template_id: str
+    match: bool
+
+
+@dataclass(frozen=True)
+class Subject:
+    subject_id: str
+    created_at: str
+    templates: int
+
+
+class AdvFaceClient:
+    """Client of one service for one tenant (API key).
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8000``.
+        api_key: the tenant's key (``advface keys create``).
+        extractor: E, images (N,3,160,160) preprocessed -> (N,64,77,77); default: the split
+            FaceNet's E, loaded on first use.
+        aligner: callable uint8 RGB (H,W,3) -> object with ``.image`` (160,160,3); default
+            :class:`advface.data.align.Aligner`, loaded on first use.
+        retries: extra attempts after connection errors and 502/503/504. Enrollment is safe to
+            retry because every attempt carries the same ``Idempotency-Key``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.25,
+        extractor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        aligner: Callable[[np.ndarray], Any] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if retries < 0 or backoff < 0:
+            raise ValueError("retries and backoff must be >= 0")
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={API_KEY_HEADER: api_key},
+            timeout=timeout,
+            transport=transport,
+        )
+        self.retries, self.backoff = retries, backoff
+        self._extractor = extractor
+        self._aligner = aligner
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AdvFaceClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- device side ------------------------------------------------------------------------
+    @property
+    def extractor(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self._extractor is None:
+            from advface.service.backend import facenet_backend
+
+            self._extractor = facenet_backend().extractor
+        return self._extractor
+
+    @property
+    def aligner(self) -> Callable[[np.ndarray], Any]:
+        if self._aligner is None:
+            from advface.data.align import Aligner
+
+            self._aligner = Aligner()
+        return self._aligner
+
+    def features(self, image: ImageLike, *, aligned: bool = False) -> np.ndarray:
+        """E(x) (64,77,77) float32 for an image path, a uint8 RGB array, or a feature map.
+
+        A float array of shape (64,77,77) or (1,64,77,77) is taken as E(x) already.
+        ``aligned=True`` skips MTCNN for arrays/files that are already 160x160 crops.
+        """
+        if isinstance(image, np.ndarray) and image.dtype.kind == "f":
+            z = np.asarray(image, np.float32)
+            if z.shape[-3:] != payload.FEATURE_SHAPE or z.size != np.prod(payload.FEATURE_SHAPE):
+                raise ValueError(f"feature map must be (64,77,77), got {z.shape}")
+            return z.reshape(payload.FEATURE_SHAPE)
+        if isinstance(image, str | Path):
+            from advface.data.align import read_rgb
+
+            rgb = read_rgb(image)
+        elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
+            rgb = image
+        else:
+            raise ValueError("image must be a path, a uint8 RGB (H,W,3) array or a float E(x)")
+        face = rgb if aligned else self.aligner(rgb).image
+        if face.shape != (160, 160, 3):
+            raise ValueError(f"aligned face must be (160,160,3), got {face.shape}")
+        from advface.models.facenet import preprocess
+
+        with torch.inference_mode():
+            z = self.extractor(preprocess(face[None]))
+        return z[0].float().cpu().numpy()
+
+    def payload(self, image: ImageLike, *, aligned: bool = False) -> bytes:
+        """The bytes uploaded for ``image`` (fp16, shape header, byte-shuffled zlib)."""
+        return payload.encode(self.features(image, aligned=aligned))
+
+    # -- HTTP -------------------------------------------------------------------------------
+    def _request(self, method: str, url: str, **kw: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                r = self._http.request(method, url, **kw)
+            except httpx.TransportError as exc:
+                if attempt >= self.retries:
+                    raise ServiceUnavailableError(0, "unreachable", str(exc)) from exc
+            else:
+                if r.status_code not in (502, 503, 504) or attempt >= self.retries:
+                    return self._decode(r)
+            time.sleep(self.backoff * 2**attempt)
+            attempt += 1
+
+    @staticmethod
+    def _decode(r: httpx.Response) -> Any:
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if r.is_success:
+            return body
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        code = str(err.get("code", "http_error"))
+        message = str(err.get("message", r.text[:200]))
+        raise _error_class(r.status_code)(r.status_code, code, message)
+
+    def _binary(
+        self, url: str, data: bytes, headers: dict[str, str] | None = None, **kw: Any
+    ) -> Any:
+        h = {"Content-Type": payload_content_type(), **(headers or {})}
+        return self._request("POST", url, content=data, headers=h, **kw)
+
+    # -- API --------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/health")
+
+    def ready(self) -> dict[str, Any]:
+        return self._request("GET", "/ready")
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Poll ``/ready`` until the server answers 200 (raises after ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._http_ready()
+            except (AdvFaceServiceError, httpx.TransportError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _http_ready(self) -> dict[str, Any]:
+        try:
+            r = self._http.get("/ready")
+        except httpx.TransportError as exc:
+            raise ServiceUnavailableError(0, "unreachable", str(exc)) from exc
+        return self._decode(r)
+
+    def create_subject(self, subject_id: str, *, exist_ok: bool = False) -> Subject:
+        try:
+            d = self._request("POST", "/v1/subjects", json={"subject_id": subject_id})
+        except ConflictError:
+            if not exist_ok:
+                raise
+            return Subject(subject_id=subject_id, created_at="", templates=-1)
+        return Subject(**d)
+
+    def list_subjects(self, page_size: int = 100) -> Iterator[Subject]:
+        """All subjects of the tenant, fetched page by page."""
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": page_size}
+            if cursor is not None:
+                params["cursor"] = cursor
+            page = self._request("GET", "/v1/subjects", params=params)
+            for item in page["items"]:
+                yield Subject(**item)
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    def delete_subject(self, subject_id: str) -> int:
+        """Delete a subject; returns how many templates went with it."""
+        return int(self._request("DELETE", f"/v1/subjects/{subject_id}")["deleted_templates"])
+
+    def enroll(
+        self,
+        subject_id: str,
+        image: ImageLike,
+        *,
+        idempotency_key: str | None = None,
+        aligned: bool = False,
+    ) -> Template:
+        """Enroll one face; every retry reuses one idempotency key, so nothing is duplicated."""
+        data = self.payload(image, aligned=aligned)
+        key = idempotency_key or uuid.uuid4().hex
+        d = self._binary(f"/v1/subjects/{subject_id}/templates", data, {"Idempotency-Key": key})
+        return Template(**d)
+
+    def verify(self, subject_id: str, image: ImageLike, *, aligned: bool = False) -> Verification:
+        """1:1 verification of a fresh probe against the subject's templates."""
+        d = self._binary(f"/v1/subjects/{subject_id}/verify", self.payload(image, aligned=aligned))
+        return Verification(**d)
+
+    def identify(
+        self, image: ImageLike, top_k: int = 5, *, aligned: bool = False
+    ) -> list[Candidate]:
+        """1:N identification: best ``top_k`` subjects."""
+        d = self._binary(
+            "/v1/identify", self.payload(image, aligned=aligned), params={"top_k": top_k}
+        )
+        return [Candidate(**c) for c in d["candidates"]]
+
+    def get_template(self, template_id: str) -> Template:
+        return Template(**self._request("GET", f"/v1/templates/{template_id}"))
+
+    def delete_template(self, template_id: str) -> None:
+        self._request("DELETE", f"/v1/templates/{template_id}")
+
+
+def payload_content_type() -> str:
+    return "application/octet-stream"

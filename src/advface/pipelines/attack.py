@@ -1,0 +1,259 @@
+"""Reconstruction attack on a dataset's test faces: image quality and replay success (SRRA).
+
+For each face x of the dataset's pairs: z = E(x); the server stores protect(z) (identity for
+``--protection none``); the attacker steals it and reconstructs R(protect(z)). We report
+SSIM / PSNR / MSE between x and the reconstruction, and SRRA: how often FaceNet accepts the
+reconstruction as x at the unprotected system's thresholds on that dataset.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from advface.attacks.replay import embed_unit_images, replay_success
+from advface.attacks.train import to_unit
+from advface.metrics.image import image_metrics, summarize
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+#: Attack dataset -> aligned dataset holding its images.
+DATASETS: dict[str, str] = {"lfw": "lfw", "cfp-fp": "cfp"}
+
+
+def resolve_protection(name: str, **params: Any) -> FeatureFn | None:
+    """``none`` -> None; any other name -> ``build_protection(name, **params).protect``."""
+    if name == "none" and not params:
+        return None
+    from advface.protection import build_protection
+
+    return build_protection(name, **params).protect
+
+
+def select_keys(keys: list[str], limit: int | None, seed: int = 0) -> list[str]:
+    """All ``keys`` or a seeded random subset of ``limit`` of them (kept in sorted order).
+
+    A random subset rather than the first ``limit``: LFW keys sort by name, so a prefix would
+    cover only a few identities.
+    """
+    if limit is None or limit >= len(keys):
+        return list(keys)
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    pick = np.random.default_rng(seed).choice(len(keys), size=limit, replace=False)
+    return [keys[i] for i in np.sort(pick)]
+
+
+def save_grid(
+    originals: torch.Tensor, recons: torch.Tensor, path: str | Path, per_row: int = 4
+) -> Path:
+    """PNG of (original | reconstruction) pairs, ``per_row`` pairs per row; [0,1] inputs."""
+    import matplotlib.image as mpimg
+
+    if len(originals) == 0:
+        raise ValueError("no images for the grid")
+    gap = 4
+    tiles = []
+    for o, r in zip(originals, recons, strict=True):
+        o_np = o.permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+        r_np = r.permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+        h = o_np.shape[0]
+        tiles.append(np.concatenate([o_np, r_np, np.ones((h, gap, 3))], axis=1))
+    blank = np.ones_like(tiles[0])
+    while len(tiles) % per_row:
+        tiles.append(blank)
+    rows = [np.concatenate(tiles[i : i + per_row], axis=1) for i in range(0, len(tiles), per_row)]
+    rows = [np.concatenate([r, np.ones((gap, r.shape[1], 3))], axis=0) for r in rows]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mpimg.imsave(path, np.concatenate(rows, axis=0))
+    return path
+
+
+def system_thresholds(
+    dataset: str,
+    *,
+    data_root: Path,
+    cache: str | Path | None,
+    model: torch.nn.Module,
+    device: str,
+    progress: bool,
+) -> dict[str, float]:
+    """Operating (10-fold-selected) and FAR=1e-3 thresholds of the unprotected system."""
+    from advface.pipelines.eval_fr import eval_fr
+
+    res = eval_fr(
+        dataset, data_root=data_root, cache=cache, model=model, device=device, progress=progress
+    )
+    return {"operating": float(res["threshold"]), "far_1e-3": float(res["threshold_far_1e-3"])}
+
+
+def run_attack(
+    attacker: str | Path,
+    dataset: str,
+    *,
+    protection: str = "none",
+    protection_params: dict[str, Any] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    data_root: str | Path | None = None,
+    cache: str | Path | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    grid: str | Path | bool | None = None,
+    grid_faces: int = 8,
+    thresholds: dict[str, float] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Attack the faces of ``dataset``'s pairs with the reconstruction checkpoint ``attacker``.
+
+    Returns a JSON-ready dict with per-metric means and 95% CIs, ``srra`` (operating threshold)
+    and ``srra_far_1e-3``. ``thresholds`` overrides the system's thresholds (keys ``operating``
+    and ``far_1e-3``); by default they come from the unprotected benchmark on the full protocol.
+    """
+    from tqdm.auto import tqdm
+
+    from advface.config import data_root as resolve_root
+    from advface.data.protocols import load_protocol
+    from advface.models.facenet import load_facenet, preprocess
+    from advface.models.recon import load_checkpoint
+    from advface.models.split import split_facenet
+    from advface.pipelines.data import aligned_images
+
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    t0 = time.perf_counter()
+    recon, ckpt = load_checkpoint(attacker, device)
+    protect = resolve_protection(protection, **(protection_params or {}))
+    root = resolve_root(data_root)
+    keys = select_keys(load_protocol(dataset, root).unique_keys(), limit, seed)
+    model = load_facenet(cache=cache).to(device).eval()
+    extractor, _ = split_facenet(model)
+    if thresholds is None:
+        thresholds = system_thresholds(
+            dataset, data_root=root, cache=cache, model=model, device=device, progress=progress
+        )
+    images, _found = aligned_images(
+        DATASETS[dataset], keys, data_root=root, cache=cache, progress=progress
+    )
+
+    per: dict[str, list[torch.Tensor]] = {"ssim": [], "psnr": [], "mse": []}
+    emb_rec, emb_org = [], []
+    shown: tuple[torch.Tensor, torch.Tensor] | None = None
+    for s in tqdm(range(0, len(images), batch_size), desc="attack", disable=not progress):
+        batch = images[s : s + batch_size]
+        x = to_unit(batch)
+        with torch.no_grad():
+            z = extractor(preprocess(batch).to(device))
+        if protect is not None:
+            z = protect(z)  # a protection (e.g. AdvFace's PGD) may need autograd inside
+        with torch.no_grad():
+            r = recon(z.detach()).float().cpu()
+        for k, v in image_metrics(x, r).items():
+            per[k].append(v)
+        emb_rec.append(embed_unit_images(model, r, batch_size=batch_size, device=device))
+        emb_org.append(embed_unit_images(model, x, batch_size=batch_size, device=device))
+        if shown is None:
+            shown = (x[:grid_faces], r[:grid_faces])
+        elif len(shown[0]) < grid_faces:
+            need = grid_faces - len(shown[0])
+            shown = (torch.cat([shown[0], x[:need]]), torch.cat([shown[1], r[:need]]))
+    values = {k: torch.cat(v).numpy() for k, v in per.items()}
+    replay = replay_success(torch.cat(emb_rec), torch.cat(emb_org), thresholds)
+
+    out: dict[str, Any] = {"dataset": dataset, "n_images": len(keys)}
+    for k, v in values.items():
+        summ = summarize(v)
+        out[k], out[f"{k}_ci"] = summ.mean, [summ.ci_low, summ.ci_high]
+    for name, key in (("operating", "srra"), ("far_1e-3", "srra_far_1e-3")):
+        if name in replay.rates:
+            out[key], out[f"{key}_ci"] = replay.rates[name], list(replay.ci[name])
+    out.update(
+        {
+            "threshold": thresholds.get("operating"),
+            "threshold_far_1e-3": thresholds.get("far_1e-3"),
+            "cosine_mean": float(replay.cosine.mean()),
+            "protection": protection,
+            "attacker": str(attacker),
+            "arch": ckpt["arch"],
+            "attacker_cfg": ckpt["cfg"],
+            "attacker_train_set": ckpt.get("train_set"),
+            "attacker_epochs": ckpt.get("epochs"),
+            "attacker_features": ckpt.get("features"),
+            "limit": limit,
+            "seed": seed,
+            "device": str(torch.device(device)),
+        }
+    )
+    if grid is not False and shown is not None:
+        target = (
+            grid
+            if isinstance(grid, str | Path)
+            else Path(attacker) / f"grid-{dataset}-{protection}.png"
+        )
+        out["grid"] = str(save_grid(*shown, target))
+    out["wall_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def train_attacker(
+    arch: str,
+    train_set: str,
+    out: str | Path,
+    *,
+    cfg: dict[str, Any] | None = None,
+    settings: Any = None,
+    limit: int | None = None,
+    resume: bool = False,
+    feature_fn: FeatureFn | None = None,
+    features: str = "clean",
+    data_root: str | Path | None = None,
+    cache: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train a reconstruction network on ``train_set`` (checked disjoint from every test image)
+    against FaceNet's E and checkpoint it to ``out``; returns a JSON-ready summary.
+
+    ``feature_fn``/``features`` let an adaptive attacker train on protected features; the
+    ``features`` label is recorded in the checkpoint.
+    """
+    from advface.attacks.train import TrainSettings, train_recon
+    from advface.attacks.trainsets import load_train_set
+    from advface.models.facenet import load_facenet
+    from advface.models.split import split_facenet
+
+    settings = settings or TrainSettings()
+    t0 = time.perf_counter()
+    data = load_train_set(train_set, data_root=data_root, limit=limit)
+    extractor, _ = split_facenet(load_facenet(cache=cache))
+    result = train_recon(
+        data.images,
+        extractor,
+        arch=arch,
+        cfg=cfg,
+        settings=settings,
+        out_dir=out,
+        resume=resume,
+        feature_fn=feature_fn,
+        meta={
+            "train_set": train_set,
+            "train_limit": limit,
+            "features": features,
+            "disjoint_check": data.checks,
+        },
+    )
+    return {
+        "out": str(out),
+        "arch": arch,
+        "train_set": train_set,
+        "n_train": len(data),
+        "epochs": result.epochs_done,
+        "stopped_early": result.stopped_early,
+        "history": result.history,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }

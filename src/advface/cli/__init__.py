@@ -20,9 +20,10 @@ app = typer.Typer(
 _AREAS: tuple[str, ...] = (
     "attack",
     "data",
+    "fr",
+    "reproduce",
     "service",
 )
-
 
 
 @app.callback()

@@ -85,3 +85,58 @@ def embed_split(
             e = torch.nn.functional.normalize(e + run(torch.flip(x, dims=[3])), dim=1)
         out[s : s + len(x)] = e.float().cpu().numpy()
     return out
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Short hash of a model's parameters and buffers (names, shapes and values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def embed_cached(
+    images: np.ndarray,
+    keys: list[str],
+    model: nn.Module,
+    store: str | None,
+    **kwargs,
+) -> np.ndarray:
+    """:func:`embed_images` with a per-image on-disk cache (``store``: a .safetensors path,
+    or None for no cache). Only images whose key is not cached yet are embedded."""
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.numpy import load_file, save_file
+
+    if len(keys) != len(images):
+        raise ValueError(f"{len(keys)} keys for {len(images)} images")
+    if store is None:
+        return embed_images(images, model, **kwargs)
+    path = Path(store)
+    cached: dict[str, np.ndarray] = {}
+    if path.exists():
+        data = load_file(str(path))
+        names = json.loads(bytes(data["keys"]).decode())
+        cached = dict(zip(names, data["emb"], strict=True))
+    todo = [i for i, k in enumerate(keys) if k not in cached]
+    if todo:
+        new = embed_images(images[todo], model, **kwargs)
+        cached.update({keys[i]: e for i, e in zip(todo, new, strict=True)})
+        names = sorted(cached)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(
+            {
+                "emb": np.stack([cached[k] for k in names]),
+                "keys": np.frombuffer(json.dumps(names).encode(), dtype=np.uint8).copy(),
+            },
+            str(tmp),
+        )
+        os.replace(tmp, path)
+    return np.stack([cached[k] for k in keys])

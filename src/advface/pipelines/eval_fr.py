@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from advface.metrics.verification import evaluate_pairs
-from advface.pipelines.embed import FeatureFn, embed_split
+from advface.pipelines.data import aligned_images
+from advface.pipelines.embed import FeatureFn, embed_cached, embed_split, model_fingerprint
 
 DATASETS: dict[str, str] = {"lfw": "lfw", "cfp-fp": "cfp", "cfp-ff": "cfp"}
 ProtectMode = Literal["stored", "both"]
@@ -81,16 +82,17 @@ def eval_fr(
     batch_size: int = 64,
     device: str = "cpu",
     progress: bool = True,
+    embedding_cache: bool = True,
 ) -> dict:
     """Run the verification benchmark and return a JSON-ready dict.
 
     Without protection every image is embedded once by the full network. With a
     ``protection`` (a map on E's feature maps), the stored side (first image of each pair)
     is embedded as Psi(protect(E(x))) and the probe as Psi(E(x)) (``mode="stored"``, the
-    deployment case), or both sides are protected (``mode="both"``).
+    deployment case), or both sides are protected (``mode="both"``). Unprotected embeddings
+    are cached per image under the cache dir (keyed by the model's fingerprint).
     """
     from advface.config import data_root as resolve_root
-    from advface.data.prepare import ensure_aligned
     from advface.data.protocols import load_protocol
     from advface.models.facenet import load_facenet
     from advface.models.split import split_facenet
@@ -103,14 +105,19 @@ def eval_fr(
     root = resolve_root(data_root)
     protocol = load_protocol(dataset, root)
     sub = select_pairs(protocol, folds=folds, pairs_per_fold=pairs_per_fold)
-    aligned = ensure_aligned(
+    images, found = aligned_images(
         DATASETS[dataset], sub.keys, data_root=root, cache=cache, progress=progress
     )
-    images, found = aligned.take(sub.keys)
-    model = (model or load_facenet()).to(device).eval()
+    model = (model or load_facenet(cache=cache)).to(device).eval()
     kw = dict(batch_size=batch_size, device=device, flip=flip, progress=progress)
     if protection is None:
-        emb = embed_split(images, model, None, None, desc="embed", **kw)
+        store = None
+        if embedding_cache:
+            from advface.config import cache_dir
+
+            tag = f"{DATASETS[dataset]}-{model_fingerprint(model)}{'-flip' if flip else ''}"
+            store = str(cache_dir(cache) / "embeddings" / f"{tag}.safetensors")
+        emb = embed_cached(images, sub.keys, model, store, desc="embed", **kw)
         emb_a, emb_b = emb[sub.idx_a], emb[sub.idx_b]
     else:
         enc, head = split_facenet(model)

@@ -1,0 +1,58 @@
+"""Cached stages of a reproduction: each result lives in a file named by its settings' hash,
+so a rerun with the same settings reuses it and a changed setting recomputes only what
+depends on it. Files are written atomically: an interrupted run leaves no half-written stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def settings_key(settings: dict) -> str:
+    """Short stable hash of JSON-serialisable settings."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+class StageCache:
+    """A folder of cached stage outputs (JSON or tensors) keyed by name + settings."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str, settings: dict, suffix: str) -> Path:
+        return self.root / f"{name}-{settings_key(settings)}{suffix}"
+
+    def json(self, name: str, settings: dict, compute: Callable[[], dict]) -> dict:
+        path = self.path(name, settings, ".json")
+        if path.exists():
+            return json.loads(path.read_text())["value"]
+        value = compute()
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"settings": settings, "value": value}, default=str))
+        os.replace(tmp, path)
+        return value
+
+    def arrays(
+        self, name: str, settings: dict, compute: Callable[[], dict[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        path = self.path(name, settings, ".safetensors")
+        if path.exists():
+            return {k: v.numpy() for k, v in load_file(path).items()}
+        value = compute()
+        tmp = path.with_suffix(".tmp")
+        save_file(
+            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in value.items()},
+            str(tmp),
+            metadata={"settings": json.dumps(settings, default=str)},
+        )
+        os.replace(tmp, path)
+        return value

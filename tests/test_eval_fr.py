@@ -1,0 +1,67 @@
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from advface.cli import app
+from advface.pipelines.eval_fr import pair_scores, select_pairs
+
+
+class _Proto:
+    def __init__(self):
+        n = 40
+        self.keys_a = [f"a{i % 7}" for i in range(n)]
+        self.keys_b = [f"b{i}" for i in range(n)]
+        self.issame = np.tile([True, False], n // 2)
+        self.fold = np.repeat(np.arange(4), n // 4)
+
+
+def test_select_pairs_balances_and_indexes():
+    sub = select_pairs(_Proto(), folds=2, pairs_per_fold=4)
+    assert len(sub.issame) == 8 and sub.issame.sum() == 4
+    assert set(sub.fold) == {0, 1}
+    assert sub.keys == sorted(set(sub.keys))
+    for ia, ib in zip(sub.idx_a, sub.idx_b, strict=True):
+        assert sub.keys[ia].startswith("a") and sub.keys[ib].startswith("b")
+
+
+def test_select_pairs_rejects_one_fold():
+    with pytest.raises(ValueError, match="folds"):
+        select_pairs(_Proto(), folds=1)
+
+
+def test_pair_scores_is_cosine_of_unit_vectors():
+    a = np.array([[1.0, 0.0], [0.6, 0.8]])
+    b = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert np.allclose(pair_scores(a, b), [1.0, 0.8])
+
+
+@pytest.mark.data
+def test_eval_fr_json_on_real_lfw_subset(data_root):
+    res = CliRunner().invoke(
+        app,
+        ["eval-fr", "--dataset", "lfw", "--folds", "2", "--pairs-per-fold", "20", "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for key in (
+        "dataset",
+        "accuracy",
+        "accuracy_std",
+        "tar_at_far_1e-3",
+        "auc",
+        "n_pairs",
+        "no_face",
+    ):
+        assert key in out
+    assert out["n_pairs"] == 40
+    # Pretrained FaceNet separates an easy 40-pair subset almost perfectly.
+    assert out["accuracy"] >= 0.9 and out["auc"] >= 0.95
+
+
+def test_eval_fr_unknown_dataset_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADVFACE_DATA_ROOT", str(tmp_path))
+    res = CliRunner().invoke(app, ["eval-fr", "--dataset", "agedb", "--json"])
+    assert res.exit_code == 2
+    assert "unknown dataset" in res.output

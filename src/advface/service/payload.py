@@ -58,7 +58,8 @@ def encode(
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
     target = np.dtype("<f2") if dtype == "float16" else np.dtype("<f4")
-    out = arr.astype(target)
+    with np.errstate(over="ignore"):  # overflow is detected just below
+        out = arr.astype(target)
     if not np.isfinite(out).all():
         raise ValueError("feature map values overflow float16; use dtype='float32'")
     raw = np.ascontiguousarray(out).tobytes()

@@ -57,7 +57,10 @@ def test_prepare_folder_and_load(folder: Path, tmp_path: Path) -> None:
     al = CountingAligner()
     out = prepare(folder, cache=cache, progress=False, chunk_size=2, aligner=al)
     assert out == cache / "aligned" / cache_name(folder)
-    assert sorted(p.name for p in out.iterdir()) == ["images.npy", "index.json"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "images.npy",
+        "index.json",
+    ]
     s = load_aligned(folder, cache=cache)
     assert s.images.shape == (5, 160, 160, 3) and s.images.dtype == np.uint8
     assert s.keys == ["ann/1.jpg", "ann/2.png", "bob/1.jpg", "bob/2.jpg", "cid/1.jpg"]

@@ -21,8 +21,10 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,15 +289,62 @@ def prepare(
         "settings": settings,
         "chunk_size": chunk_size,
     }
-    index_path = out / INDEX_FILE
-    if not force and index_path.is_file() and (out / IMAGES_FILE).is_file():
-        try:
-            old = json.loads(index_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        if all(old.get(k) == plan[k] for k in ("format", "n", "keys_sha1", "settings")):
+    if not force and _is_complete(out, plan):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    with _build_lock(out, progress):
+        # Another process may have finished the same build while we waited for the lock.
+        if not force and _is_complete(out, plan):
             return out
+        _build(spec, plan, out, aligner, chunk_size=chunk_size, progress=progress, force=force)
+    return out
 
+
+def _is_complete(out: Path, plan: dict[str, Any]) -> bool:
+    """Whether ``out`` holds a finished cache built with the same keys and settings."""
+    index_path = out / INDEX_FILE
+    if not index_path.is_file() or not (out / IMAGES_FILE).is_file():
+        return False
+    try:
+        old = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(old.get(k) == plan[k] for k in ("format", "n", "keys_sha1", "settings"))
+
+
+@contextmanager
+def _build_lock(out: Path, verbose: bool) -> Iterator[None]:
+    """Serialise builds of one cache across processes (released automatically if one dies)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
+        yield
+        return
+    with open(out / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if verbose:
+                print(f"waiting for another process building {out} ...", file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build(
+    spec: DatasetSpec,
+    plan: dict[str, Any],
+    out: Path,
+    aligner: Aligner,
+    *,
+    chunk_size: int,
+    progress: bool,
+    force: bool,
+) -> None:
+    """Align the missing chunks, then assemble ``images.npy`` and ``index.json`` atomically."""
+    index_path = out / INDEX_FILE
     partial = out / "partial"
     plan_path = partial / "plan.json"
     if partial.is_dir():
@@ -332,27 +381,35 @@ def prepare(
 
     # Assemble: stream chunks into a memory-mapped temporary .npy, then rename into place.
     size = aligner.size
-    tmp_images = out / "images.tmp.npy"
-    images = np.lib.format.open_memmap(
-        tmp_images, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)
-    )
-    found = np.zeros(n, bool)
-    boxes = np.full((n, 4), -1, np.int64)
-    crops = np.zeros((n, 4), np.int64)
-    confidence = np.zeros(n, np.float32)
-    for c, s in enumerate(starts):
-        m = min(chunk_size, n - s)
-        chunk = _read_chunk(chunk_paths[c], m, size)
-        if chunk is None:
-            raise RuntimeError(f"chunk file {chunk_paths[c]} vanished or broke during the build")
-        images[s : s + m] = chunk["images"]
-        found[s : s + m] = chunk["found"]
-        boxes[s : s + m] = chunk["boxes"]
-        crops[s : s + m] = chunk["crops"]
-        confidence[s : s + m] = chunk["confidence"]
-    images.flush()
-    del images
-    os.replace(tmp_images, out / IMAGES_FILE)
+    tmp_images = out / f"images.tmp{os.getpid()}.npy"
+    try:
+        images = np.lib.format.open_memmap(
+            tmp_images, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)
+        )
+        found = np.zeros(n, bool)
+        boxes = np.full((n, 4), -1, np.int64)
+        crops = np.zeros((n, 4), np.int64)
+        confidence = np.zeros(n, np.float32)
+        for c, s in enumerate(starts):
+            m = min(chunk_size, n - s)
+            chunk = _read_chunk(chunk_paths[c], m, size)
+            if chunk is None:
+                raise RuntimeError(
+                    f"chunk file {chunk_paths[c]} vanished or broke during the build"
+                )
+            images[s : s + m] = chunk["images"]
+            found[s : s + m] = chunk["found"]
+            boxes[s : s + m] = chunk["boxes"]
+            crops[s : s + m] = chunk["crops"]
+            confidence[s : s + m] = chunk["confidence"]
+        images.flush()
+        del images
+        # Drop the old index first so no reader pairs new images with stale keys.
+        index_path.unlink(missing_ok=True)
+        os.replace(tmp_images, out / IMAGES_FILE)
+    except BaseException:
+        tmp_images.unlink(missing_ok=True)  # never leave a half-written array behind
+        raise
     index = {
         **plan,
         "keys": spec.keys,
@@ -368,7 +425,6 @@ def prepare(
     }
     _atomic_write_json(index_path, index)
     shutil.rmtree(partial, ignore_errors=True)
-    return out
 
 
 # ----------------------------------------------------------------------------- loading

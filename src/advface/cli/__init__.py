@@ -21,6 +21,7 @@ _AREAS: tuple[str, ...] = (
     "attack",
     "data",
     "fr",
+    "protect",
     "reproduce",
     "service",
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from advface.protection.base import FEATURE_SHAPE, NoProtection, Protection
+from advface.protection.spec import feature_fn_from_spec, parse_spec, protection_from_spec
 
 #: Names accepted by :func:`build_protection`.
 PROTECTIONS: tuple[str, ...] = ("none", "random", "dp", "advface")
@@ -45,15 +46,6 @@ def build_protection(name: str, **params: Any) -> Protection:
         raise ValueError(f"bad parameters for protection {name!r}: {exc}") from exc
 
 
-def feature_fn_from_spec(spec: str, **kwargs: Any):  # noqa: ANN201 - defined in .adaptive
-    """Parse ``"none"`` / ``"advface:SHADOW_CKPT"`` / ``"random"`` / ``"dp"`` into a
-    ``feature_fn`` for reconstruction training (the adaptive attacker). See
-    :mod:`advface.protection.adaptive`."""
-    from advface.protection.adaptive import feature_fn_from_spec as _impl
-
-    return _impl(spec, **kwargs)
-
-
 __all__ = [
     "FEATURE_SHAPE",
     "PROTECTIONS",
@@ -61,4 +53,6 @@ __all__ = [
     "Protection",
     "build_protection",
     "feature_fn_from_spec",
+    "parse_spec",
+    "protection_from_spec",
 ]

@@ -68,6 +68,7 @@ def test_prepare_folder_and_load(folder: Path, tmp_path: Path) -> None:
     assert s.n_fallback == 1
     assert s.labels == ["ann", "ann", "bob", "bob", "cid"]
     assert s.index_of("bob/2.jpg") == 3
+    assert "bob/2.jpg" in s and "bob/9.jpg" not in s
     np.testing.assert_array_equal(s.take(["cid/1.jpg", "ann/1.jpg"]), s.images[[4, 0]])
     with pytest.raises(KeyError, match="nobody"):
         s.index_of("nobody/1.jpg")

@@ -449,6 +449,9 @@ class AlignedSet:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._pos
+
     @property
     def n_fallback(self) -> int:
         """How many images used the no-face fallback crop."""

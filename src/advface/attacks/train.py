@@ -193,7 +193,7 @@ def train_recon(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(x)
+            total += loss.item() * len(x)
             count += len(x)
             bar.set_postfix(l1=f"{total / count:.4f}")
             if deadline is not None and time.perf_counter() > deadline:

@@ -1,0 +1,138 @@
+"""Reconstruction training (stand-in E), resume, feature hook, training-set disjointness."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from advface.attacks import trainsets
+from advface.attacks.train import TrainSettings, to_unit, train_recon, unit_to_facenet
+from advface.attacks.trainsets import TrainSet, check_disjoint
+from advface.models.recon import load_checkpoint
+
+
+def stand_in_extractor() -> nn.Module:
+    """Same shapes as FaceNet's E: (N,3,160,160) -> (N,64,77,77)."""
+    torch.manual_seed(123)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, stride=2), nn.ReLU(),
+        nn.Conv2d(32, 32, 3), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+    )  # fmt: skip
+
+
+def faces(n: int = 12, seed: int = 0) -> np.ndarray:
+    """Smooth random uint8 images (N,160,160,3): low-frequency blobs, easy to invert."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 10, 10, generator=g)
+    img = torch.nn.functional.interpolate(low, size=160, mode="bilinear", align_corners=False)
+    return (img.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def test_unit_conversions() -> None:
+    x = faces(2)
+    u = to_unit(x)
+    assert u.shape == (2, 3, 160, 160) and float(u.max()) <= 1
+    from advface.models.facenet import preprocess
+
+    assert torch.allclose(unit_to_facenet(u), preprocess(x), atol=1e-5)
+    with pytest.raises(ValueError):
+        to_unit(x.astype(np.float32))
+
+
+def test_training_reduces_loss_and_resumes(tmp_path) -> None:
+    images, e = faces(8), stand_in_extractor()
+    s = TrainSettings(epochs=1, batch_size=4, lr=1e-2, seed=0, progress=False)
+    out = tmp_path / "ck"
+    res = train_recon(
+        images,
+        e,
+        arch="transrec",
+        cfg={"width": 6},
+        settings=s,
+        out_dir=out,
+        meta={"train_set": "generated", "features": "clean"},
+    )
+    assert res.epochs_done == 1 and len(res.history) == 1
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["epochs"] == 1 and cfg["train_set"] == "generated" and cfg["seed"] == 0
+    assert (out / "optimizer.safetensors").is_file()
+    # Resume for 3 more epochs: history continues, loss keeps falling from the first epoch.
+    s2 = TrainSettings(epochs=4, batch_size=4, lr=1e-2, seed=0, progress=False)
+    res2 = train_recon(
+        images,
+        e,
+        arch="transrec",
+        cfg={"width": 6},
+        settings=s2,
+        out_dir=out,
+        resume=True,
+        meta={"train_set": "generated", "features": "clean"},
+    )
+    assert [h["epoch"] for h in res2.history] == [1, 2, 3, 4]
+    assert res2.history[-1]["l1"] < 0.8 * res2.history[0]["l1"]
+    model, meta = load_checkpoint(out)
+    assert meta["epochs"] == 4
+    with torch.no_grad():
+        z = e(unit_to_facenet(to_unit(images[:2])))
+        assert torch.equal(model(z), res2.model(z))
+
+
+def test_feature_fn_is_applied() -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def scramble(z: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(z.shape))
+        return z + 1.0
+
+    s = TrainSettings(epochs=1, batch_size=4, seed=1, progress=False, flip=False)
+    train_recon(
+        faces(8),
+        stand_in_extractor(),
+        arch="resrec",
+        cfg={"width": 4, "blocks": 1},
+        settings=s,
+        feature_fn=scramble,
+    )
+    assert seen == [(4, 64, 77, 77), (4, 64, 77, 77)]
+
+
+def test_settings_validation() -> None:
+    for bad in ({"epochs": 0}, {"batch_size": 1}, {"lr": 0.0}, {"max_minutes": -1.0}):
+        with pytest.raises(ValueError):
+            TrainSettings(**bad)
+    with pytest.raises(ValueError):
+        train_recon(faces(1), stand_in_extractor(), arch="transrec")
+    with pytest.raises(ValueError):
+        train_recon(faces(4), stand_in_extractor(), arch="transrec", resume=True)
+
+
+def test_disjointness_check(monkeypatch, tmp_path) -> None:
+    imgs = faces(6)
+    monkeypatch.setattr(trainsets, "test_keys", lambda root: {"lfw": {"A/a_1.jpg"}, "cfp": set()})
+
+    class Cache:
+        keys = ["A/a_1.jpg"]
+
+        def take(self, keys):
+            return imgs[:1]
+
+    import advface.data.prepare as prepare
+
+    monkeypatch.setattr(prepare, "load_aligned", lambda name, **kw: Cache())
+    # Same key as a test image.
+    with pytest.raises(ValueError, match="test image"):
+        check_disjoint(
+            TrainSet("x", imgs[1:3], ["A/a_1.jpg", "B/b_1.jpg"]), tmp_path, dataset="lfw"
+        )
+    # Same pixels as a test image under another name.
+    with pytest.raises(ValueError, match="equals test image"):
+        check_disjoint(TrainSet("x", imgs[:2], ["X/1.jpg", "X/2.jpg"]), tmp_path)
+    report = check_disjoint(
+        TrainSet("x", imgs[2:4], ["X/1.jpg", "X/2.jpg"]), tmp_path, dataset="lfw"
+    )
+    assert report["key_check"] == "lfw" and report["content_check"]

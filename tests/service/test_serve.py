@@ -1,0 +1,136 @@
+"""``advface serve`` as a real uvicorn process on loopback, the CLI and the SDK (toy networks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from advface.cli import app as cli_app
+from advface.service.process import ServerProcess
+from advface.service.sdk import (
+    AdvFaceClient,
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+
+from .conftest import feature_map
+
+
+def _key(db_url: str, tenant: str = "acme") -> str:
+    r = CliRunner().invoke(cli_app, ["keys", "create", tenant, "--db-url", db_url])
+    assert r.exit_code == 0, r.output
+    key = r.output.strip().splitlines()[-1]
+    assert key.startswith("afk_")
+    return key
+
+
+def test_serve_sdk_restart_persistence(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'svc.db'}"
+    key = _key(db_url)
+    log = tmp_path / "server.log"
+    srv_args = dict(db_url=db_url, backend="toy", threshold=0.8, log_path=log, ready_timeout=120)
+    with ServerProcess(**srv_args) as srv, AdvFaceClient(srv.url, key, retries=0) as c:
+        assert c.health() == {"status": "ok"}
+        for i in range(3):
+            c.create_subject(f"id{i}")
+            t = c.enroll(f"id{i}", feature_map(i, noise=0.2), idempotency_key=f"k{i}")
+            assert not t.replayed
+        # Retrying with the same key returns the stored template instead of a second one.
+        assert c.enroll("id0", feature_map(0, noise=0.2), idempotency_key="k0").replayed
+        assert [s.templates for s in c.list_subjects(page_size=2)] == [1, 1, 1]
+        g = c.verify("id1", feature_map(1, noise=0.2, sample=3))
+        i = c.verify("id1", feature_map(2, noise=0.2, sample=3))
+        assert g.match and not i.match
+        assert c.identify(feature_map(2, noise=0.2, sample=4), top_k=1)[0].subject_id == "id2"
+        with pytest.raises(ConflictError):
+            c.create_subject("id0")
+        with pytest.raises(NotFoundError):
+            c.verify("ghost", feature_map(0))
+        with pytest.raises(ValueError):
+            c.enroll("id0", np.zeros((3, 3), np.float32))
+    with ServerProcess(**srv_args) as srv, AdvFaceClient(srv.url, key, retries=0) as c:
+        assert srv.ready_info["templates"] == 3
+        g2 = c.verify("id1", feature_map(1, noise=0.2, sample=3))
+        assert g2.score == pytest.approx(g.score, abs=1e-6) and g2.match
+        assert c.delete_subject("id1") == 1
+        with pytest.raises(NotFoundError):
+            c.verify("id1", feature_map(1))
+        assert [s.subject_id for s in c.list_subjects()] == ["id0", "id2"]
+    with (
+        AdvFaceClient(srv.url, key, retries=1, backoff=0.01) as c,
+        pytest.raises(ServiceUnavailableError),
+    ):
+        c.health()  # the server is gone
+
+
+def test_sdk_errors_in_process(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from advface.service.app import create_app
+    from advface.service.settings import ServiceSettings
+
+    db_url = f"sqlite:///{tmp_path / 'svc.db'}"
+    key = _key(db_url)
+    app = create_app(ServiceSettings(db_url=db_url, backend="toy"), rebuild_in_background=False)
+    with TestClient(app) as tc:
+        c = AdvFaceClient("http://testserver", key, transport=tc._transport, retries=0)
+        bad = AdvFaceClient("http://testserver", "afk_wrong", transport=tc._transport)
+        with pytest.raises(AuthenticationError):
+            bad.create_subject("x")
+        c.create_subject("x")
+        assert c.create_subject("x", exist_ok=True).subject_id == "x"
+        with pytest.raises(InvalidRequestError):
+            c.create_subject("bad/id")
+        z = feature_map(5)
+        t = c.enroll("x", z, idempotency_key="same")
+        with pytest.raises(ConflictError) as e:
+            c.enroll("x", feature_map(6), idempotency_key="same")
+        assert e.value.code == "idempotency_conflict"
+        assert c.get_template(t.template_id).subject_id == "x"
+        c.delete_template(t.template_id)
+        with pytest.raises(NotFoundError):
+            c.delete_template(t.template_id)
+
+
+def test_serve_rejects_bad_config(tmp_path: Path) -> None:
+    r = CliRunner().invoke(
+        cli_app,
+        ["serve", "--db-url", f"sqlite:///{tmp_path}/x.db", "--threshold", "7", "--backend", "toy"],
+    )
+    assert r.exit_code != 0
+    r = CliRunner().invoke(
+        cli_app,
+        ["serve", "--protection-params", "{not json", "--backend", "toy"],
+    )
+    assert r.exit_code != 0
+    r = CliRunner().invoke(
+        cli_app, ["keys", "create", "", "--db-url", f"sqlite:///{tmp_path}/k.db"]
+    )
+    assert r.exit_code != 0
+
+
+def test_settings_from_env() -> None:
+    from advface.service.settings import ServiceSettings
+
+    s = ServiceSettings.from_env(
+        {
+            "ADVFACE_DB_URL": "sqlite:///x.db",
+            "ADVFACE_THRESHOLD": "0.3",
+            "ADVFACE_PROTECTION": "dp",
+            "ADVFACE_PROTECTION_PARAMS": '{"epsilon_dp": 2.0}',
+            "ADVFACE_MAX_BODY_BYTES": "2048",
+        },
+        threshold=0.5,
+    )
+    assert s.db_url == "sqlite:///x.db" and s.threshold == 0.5 and s.protection == "dp"
+    assert s.protection_params == {"epsilon_dp": 2.0} and s.max_body_bytes == 2048
+    with pytest.raises(ValueError, match="ADVFACE_THRESHOLD"):
+        ServiceSettings.from_env({"ADVFACE_THRESHOLD": "high"})
+    with pytest.raises(ValueError):
+        ServiceSettings.from_env({"ADVFACE_PROTECTION_PARAMS": "[1]"})

@@ -1,0 +1,149 @@
+"""AdvFace protection cost: one-face latency, throughput at batch 16/64, FLOPs per face.
+
+Usage: python benchmarks/protection_throughput.py [--width 32 --blocks 4] [--steps 40]
+       [--probe-steps 4] [--threads 2] [--device cpu]
+
+E is the converted FaceNet front (falls back to a stand-in with E's exact conv geometry when
+the weights are not cached); S is an untrained ResRec (timing does not depend on weights).
+Batch throughput is measured at T=0 and T=probe-steps and extrapolated linearly to T=steps
+(every PGD step does identical work); one-face latency is measured at the full T.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from advface.models.recon import build_recon, estimate_flops
+from advface.protection.advface import AdvFace
+
+
+def conv_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """2 x multiply-accumulates of the Conv2d layers for input ``x`` (one sample)."""
+    total = 0
+
+    def hook(mod: nn.Conv2d, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = mod.kernel_size
+        total += 2 * out[0].numel() * (mod.in_channels // mod.groups) * kh * kw
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(x)
+    for h in hs:
+        h.remove()
+    return total
+
+
+def extractor() -> tuple[nn.Module, str]:
+    try:
+        from advface.models.facenet import load_facenet
+        from advface.models.split import split_facenet
+
+        return split_facenet(load_facenet())[0], "facenet"
+    except Exception:  # noqa: BLE001 - benchmark only: any failure -> same-geometry stand-in
+
+        def block(cin: int, cout: int, **kw: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, bias=False, **kw), nn.BatchNorm2d(cout), nn.ReLU()
+            )
+
+        e = nn.Sequential(block(3, 32, stride=2), block(32, 32), block(32, 64, padding=1))
+        return e.eval(), "stand-in"
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--probe-steps", type=int, default=4)
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    shadow = build_recon("resrec", width=args.width, blocks=args.blocks).eval()
+    e, e_kind = extractor()
+    s_fwd = estimate_flops(shadow)
+    e_fwd = conv_flops(e, torch.zeros(1, 3, 160, 160))
+    # Weights are frozen, so backward computes input gradients only: about one forward's
+    # convolution work (a training backward with weight gradients would be ~2x).
+    per_face = s_fwd + e_fwd + args.steps * (s_fwd + s_fwd)
+
+    def make(steps: int) -> AdvFace:
+        return AdvFace(shadow, e, steps=steps, device=args.device)
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def run(p: AdvFace, n: int) -> float:
+        z = torch.relu(torch.randn(n, 64, 77, 77))
+        p.protect(z[:1])  # warm-up (allocator, kernels)
+        sync()
+
+        def once() -> None:
+            p.protect(z)
+            sync()
+
+        return timed(once, args.repeats)
+
+    out: dict[str, object] = {
+        "device": args.device,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "load_avg_1m_before": os.getloadavg()[0],
+        "shadow": {"arch": "resrec", "width": args.width, "blocks": args.blocks},
+        "extractor": e_kind,
+        "steps": args.steps,
+        "gflops": {
+            "shadow_forward": s_fwd / 1e9,
+            "extractor_forward": e_fwd / 1e9,
+            "per_protected_face": per_face / 1e9,
+            "per_face_if_backward_2x": (s_fwd + e_fwd + 3 * args.steps * s_fwd) / 1e9,
+        },
+    }
+    lat = run(make(args.steps), 1)
+    out["one_face_latency_s"] = round(lat, 3)
+    out["one_face_gflops_per_s"] = round(per_face / lat / 1e9, 2)
+    batches = {}
+    for n in args.batches:
+        t0 = run(make(0), n)
+        tk = run(make(args.probe_steps), n)
+        per_step = (tk - t0) / args.probe_steps
+        total = t0 + args.steps * per_step
+        batches[str(n)] = {
+            "setup_s": round(t0, 3),
+            "per_step_s": round(per_step, 4),
+            "batch_s_extrapolated": round(total, 2),
+            "faces_per_s": round(n / total, 4),
+            "gflops_per_s": round(n * per_face / total / 1e9, 2),
+        }
+    out["batches"] = batches
+    out["load_avg_1m_after"] = os.getloadavg()[0]
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

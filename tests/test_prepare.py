@@ -183,7 +183,8 @@ def test_cli_prepare_folder(folder: Path, tmp_path: Path) -> None:
         ["prepare", str(folder), "--cache-dir", str(tmp_path / "c"), "--limit", "2"],
     )
     assert res.exit_code == 0, res.output
-    assert "2 images" in res.output and "no-face fallbacks" in res.output
+    assert "2 images, 2 no-face fallbacks" in res.output  # flat images: MTCNN finds none
+    assert "no face found in: ann/1.jpg, ann/2.png" in res.output
     bad = CliRunner().invoke(app, ["prepare", "agedb", "--cache-dir", str(tmp_path / "c")])
     assert bad.exit_code == 1 and "unknown dataset" in bad.output
     res = CliRunner().invoke(app, ["prepare", "cfp", "--download", "--data-root", str(tmp_path)])

@@ -75,6 +75,10 @@ def prepare_command(
         f"{dataset}: {len(aligned)} images, {aligned.n_fallback} no-face fallbacks "
         f"(centred crop), {elapsed:.1f} s -> {out}"
     )
+    if aligned.n_fallback:
+        missed = [k for k, f in zip(aligned.keys, aligned.found, strict=True) if not f]
+        more = f" (+{len(missed) - 5} more in index.json)" if len(missed) > 5 else ""
+        typer.echo(f"no face found in: {', '.join(missed[:5])}{more}")
 
 
 def register(app: typer.Typer) -> None:

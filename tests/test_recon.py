@@ -110,3 +110,16 @@ def test_checkpoint_errors(tmp_path) -> None:
     with pytest.raises(TypeError):  # not JSON-serialisable: nothing is written
         save_checkpoint(tmp_path / "x", model, "transrec", {"width": 4}, bad=object())
     assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+def test_profiles() -> None:
+    from advface.models.recon import PROFILES, profile_config, recon_params
+
+    for arch in ARCHITECTURES:
+        assert profile_config(arch, "cpu") == recon_params(arch)  # defaults = CPU profile
+        cpu = estimate_flops(build_recon(arch, **profile_config(arch, "cpu")))
+        gpu = estimate_flops(build_recon(arch, **profile_config(arch, "gpu")))
+        assert cpu < gpu
+    assert set(PROFILES) == {"cpu", "gpu"}
+    with pytest.raises(ValueError):
+        profile_config("resrec", "tpu")

@@ -126,6 +126,15 @@ def train_recon(
     if len(images) < 2:
         raise ValueError(f"need at least 2 training images, got {len(images)}")
     device = torch.device(s.device)
+    out = Path(out_dir) if out_dir is not None else None
+    prev: dict[str, Any] | None = None
+    if resume:
+        if out is None:
+            raise ValueError("resume needs out_dir")
+        prev = read_config(out)
+        if prev["arch"] != arch:
+            raise ValueError(f"{out} holds a {prev['arch']} checkpoint, not {arch}")
+        cfg = dict(prev["cfg"])  # the checkpoint's shape wins over the caller's cfg
     torch.manual_seed(s.seed)  # weight initialisation
     model = build_recon(arch, **cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
@@ -133,20 +142,15 @@ def train_recon(
     for p in extractor.parameters():
         p.requires_grad_(False)
 
-    out = Path(out_dir) if out_dir is not None else None
     start_epoch, history = 0, []
-    if resume:
-        if out is None:
-            raise ValueError("resume needs out_dir")
-        prev = read_config(out)
-        if prev["arch"] != arch:
-            raise ValueError(f"{out} holds a {prev['arch']} checkpoint, not {arch}")
+    if prev is not None and out is not None:
         loaded, _ = load_checkpoint(out, device)
         model.load_state_dict(loaded.state_dict())
         if (out / OPTIMIZER_FILE).is_file():
             _load_optimizer(opt, out / OPTIMIZER_FILE)
         start_epoch, history = int(prev.get("epochs", 0)), list(prev.get("history", []))
-        cfg = dict(prev["cfg"])
+        # A partial epoch (time limit) is redone from its start: drop its history entry.
+        history = [h for h in history if h["epoch"] <= start_epoch]
 
     def checkpoint(epochs_done: int, partial: bool) -> None:
         if out is None:

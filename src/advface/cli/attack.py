@@ -11,9 +11,11 @@ import typer
 ARCH_HELP = "transrec | resrec | urec"
 
 
-def _parse_cfg(width: int | None, depth: int | None, arch: str) -> dict[str, int]:
-    """Map the generic --width/--depth flags onto each network's own parameter names."""
-    cfg: dict[str, int] = {}
+def _parse_cfg(width: int | None, depth: int | None, arch: str, profile: str) -> dict[str, int]:
+    """The profile's cfg with the generic --width/--depth mapped onto each network's names."""
+    from advface.models.recon import profile_config
+
+    cfg = profile_config(arch, profile)
     if width is not None:
         cfg["width"] = width
     if depth is not None:
@@ -30,7 +32,10 @@ def train_recon_command(
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 16,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate (paper: 1e-4)")] = 1e-4,
-    width: Annotated[int | None, typer.Option("--width", help="Channels (network default)")] = None,
+    profile: Annotated[
+        str, typer.Option("--profile", help="cpu (narrow, default) | gpu (wide, deep)")
+    ] = "cpu",
+    width: Annotated[int | None, typer.Option("--width", help="Channels (profile's)")] = None,
     depth: Annotated[
         int | None,
         typer.Option("--depth", help="transrec: extra layers; resrec: blocks; urec: levels"),
@@ -70,7 +75,7 @@ def train_recon_command(
             arch,
             train_set,
             out,
-            cfg=_parse_cfg(width, depth, arch),
+            cfg=_parse_cfg(width, depth, arch, profile),
             settings=settings,
             limit=limit,
             resume=resume,
@@ -96,6 +101,13 @@ def attack_command(
     grid: Annotated[
         Path | None, typer.Option("--grid", help="PNG of original | reconstruction")
     ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option("--threshold", help="Operating threshold (default: from eval-fr on DATASET)"),
+    ] = None,
+    threshold_far: Annotated[
+        float | None, typer.Option("--threshold-far", help="FAR=1e-3 threshold (with --threshold)")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     device: Annotated[str, typer.Option("--device")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads")] = None,
@@ -110,6 +122,14 @@ def attack_command(
 
     if threads is not None:
         torch.set_num_threads(threads)
+    thresholds = None
+    if threshold is not None:
+        thresholds = {"operating": threshold}
+        if threshold_far is not None:
+            thresholds["far_1e-3"] = threshold_far
+    elif threshold_far is not None:
+        typer.echo("error: --threshold-far needs --threshold", err=True)
+        raise typer.Exit(2)
     try:
         res = run_attack(
             attacker,
@@ -132,7 +152,8 @@ def attack_command(
     typer.echo(
         f"{res['dataset']} ({res['n_images']} images, protection {res['protection']}): "
         f"SSIM {res['ssim']:.3f}  PSNR {res['psnr']:.2f} dB  MSE {res['mse']:.4f}  "
-        f"SRRA {100 * res['srra']:.2f}%  SRRA@FAR1e-3 {100 * res['srra_far_1e-3']:.2f}%"
+        f"SRRA {100 * res['srra']:.2f}%"
+        + (f"  SRRA@FAR1e-3 {100 * res['srra_far_1e-3']:.2f}%" if "srra_far_1e-3" in res else "")
     )
     if "grid" in res:
         typer.echo(f"grid: {res['grid']}")

@@ -3,9 +3,11 @@
 from .checkpoint import load_checkpoint, read_config, save_checkpoint
 from .registry import (
     ARCHITECTURES,
+    PROFILES,
     build_recon,
     estimate_flops,
     full_config,
+    profile_config,
     recon_params,
     time_train_step,
 )
@@ -15,6 +17,7 @@ from .urec import URec
 
 __all__ = [
     "ARCHITECTURES",
+    "PROFILES",
     "ResRec",
     "TransRec",
     "URec",
@@ -22,6 +25,7 @@ __all__ = [
     "estimate_flops",
     "full_config",
     "load_checkpoint",
+    "profile_config",
     "read_config",
     "recon_params",
     "save_checkpoint",

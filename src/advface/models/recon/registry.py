@@ -20,6 +20,29 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "urec": URec,
 }
 
+#: Named configurations: the constructors' defaults are the CPU profile (narrow: a full-width
+#: 160x160 decoder costs several GFLOPs per image, too slow to train on two CPU cores).
+PROFILES: dict[str, dict[str, dict[str, int]]] = {
+    "cpu": {
+        "transrec": {"width": 32, "depth": 0},
+        "resrec": {"width": 16, "blocks": 2},
+        "urec": {"width": 16, "levels": 2},
+    },
+    "gpu": {
+        "transrec": {"width": 64, "depth": 2},
+        "resrec": {"width": 64, "blocks": 8},
+        "urec": {"width": 64, "levels": 3},
+    },
+}
+
+
+def profile_config(arch: str, profile: str) -> dict[str, int]:
+    """The ``cfg`` of ``arch`` under a named profile (``cpu`` or ``gpu``)."""
+    _lookup(arch)
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
+    return dict(PROFILES[profile][arch])
+
 
 def recon_params(arch: str) -> dict[str, object]:
     """The configurable parameters of ``arch`` with their defaults."""

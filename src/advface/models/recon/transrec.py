@@ -16,6 +16,9 @@ class TransRec(nn.Module):
     * ``width`` (default 32, E's own width): channels of the mirrored layers.
     * ``depth`` (default 0): extra 3x3 conv-BN-ReLU layers at 77x77 before the mirror, for a
       deeper variant; depth 0 is the exact mirror (3 transposed layers + 1 RGB projection).
+
+    Defaults (CPU profile): 0.49 GFLOPs per image forward; GPU profile ``width=64, depth=2``
+    (2.3 GFLOPs).
     """
 
     def __init__(self, width: int = 32, depth: int = 0) -> None:

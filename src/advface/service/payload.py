@@ -10,8 +10,9 @@ Layout (little endian)::
     dims    ndim x u4
     body    bytes (compressed as ``codec`` says)
 
-Byte shuffling groups the high and the low bytes of every fp16 value before zlib; ReLU feature
-maps have many zeros and similar exponents, so this compresses noticeably better than plain zlib.
+Default: fp16 + zlib level 1. On real E(x) maps of LFW faces (about 48% zeros after the ReLU)
+that is about 424 KB of the 759 KB of raw fp16 (56%); level 6 saves only 5% more at about twice
+the CPU time, and byte shuffling (codec 2, kept for other feature sources) gained nothing there.
 Decoding never trusts the header: sizes are bounded before anything is allocated and the body is
 inflated with a hard output limit (no zip bombs).
 """
@@ -45,7 +46,7 @@ class PayloadError(ValueError):
 
 
 def encode(
-    z: np.ndarray, *, dtype: str = "float16", codec: int = CODEC_SHUFFLE_ZLIB, level: int = 6
+    z: np.ndarray, *, dtype: str = "float16", codec: int = CODEC_ZLIB, level: int = 1
 ) -> bytes:
     """Serialise a finite float array (e.g. one (64,77,77) feature map) to bytes."""
     arr = np.asarray(z)

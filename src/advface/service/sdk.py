@@ -205,7 +205,7 @@ class AdvFaceClient:
         return z[0].float().cpu().numpy()
 
     def payload(self, image: ImageLike, *, aligned: bool = False) -> bytes:
-        """The bytes uploaded for ``image`` (fp16, shape header, byte-shuffled zlib)."""
+        """The bytes uploaded for ``image`` (fp16, shape header, zlib)."""
         return payload.encode(self.features(image, aligned=aligned))
 
     # -- HTTP -------------------------------------------------------------------------------

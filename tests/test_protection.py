@@ -391,8 +391,9 @@ def test_full_shape_with_resrec_shadow_and_checkpoint(tmp_path) -> None:
 def test_cuda_matches_cpu() -> None:
     e, s = _pair()
     z = _features(3, e)
-    cpu = _advface(s, e, reading="projected").run(z)
-    gpu = _advface(s, e, reading="projected", device="cuda")
+    # One step: later steps would compound any sign flip of a near-zero gradient entry.
+    cpu = _advface(s, e, steps=1, reading="projected").run(z)
+    gpu = _advface(s, e, steps=1, reading="projected", device="cuda")
     out = gpu.protect(z.cuda())
     assert out.is_cuda
     # Sign flips on near-zero gradients can differ; the bulk must agree.

@@ -248,6 +248,7 @@ def test_conversion_is_cached_atomically(tmp_path: Path, monkeypatch: pytest.Mon
         f"{facenet.DEFAULT_WEIGHTS_NAME}.json",
         f"{facenet.DEFAULT_WEIGHTS_NAME}.safetensors",
     ]  # no temporary files left behind
+    state = load_file(folder / files[1])
     config = json.loads((folder / files[0]).read_text())
     assert config["architecture"] == facenet.ARCHITECTURE
     assert len(config["source_sha256"]) == 64
@@ -279,6 +280,31 @@ def test_conversion_is_cached_atomically(tmp_path: Path, monkeypatch: pytest.Mon
     load_facenet(cache=tmp_path)
     assert len(calls) == 1
     assert json.loads((folder / files[0]).read_text())["source_sha256"] != "0" * 64
+
+    # A damaged weights file is converted again (with a warning), not trusted.
+    weights = folder / files[1]
+    good = weights.read_bytes()
+    weights.write_bytes(good[:1000])
+    calls.clear()
+    monkeypatch.setattr(facenet, "convert_graph_pb", lambda path: calls.append(path) or state)
+    with pytest.warns(UserWarning, match="unreadable"):
+        load_facenet(cache=tmp_path)
+    assert len(calls) == 1
+    assert weights.read_bytes() == good
+
+
+@needs_pb
+def test_unwritable_cache_still_loads(
+    random_model: InceptionResnetV1, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(target: Path, write: object) -> None:
+        raise PermissionError(f"read-only: {target}")
+
+    monkeypatch.setattr(facenet, "convert_graph_pb", lambda path: random_model.state_dict())
+    monkeypatch.setattr(facenet, "_atomic_write", refuse)
+    with pytest.warns(UserWarning, match="could not cache"):
+        model = load_facenet(cache=tmp_path)
+    assert torch.equal(model.last_bn.running_var, random_model.last_bn.running_var)
 
 
 # ----------------------------------------------------------------------------- real data

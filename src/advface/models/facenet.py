@@ -27,6 +27,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -586,7 +587,13 @@ def _cached_default_state(cache: str | Path | None) -> dict[str, torch.Tensor]:
         except (OSError, json.JSONDecodeError):
             config = {}
         if config.get("source_sha256") == pb_sha and config.get("architecture") == ARCHITECTURE:
-            return load_file(weights_file)
+            try:
+                return load_file(weights_file)
+            except Exception as err:  # safetensors has its own error types for damaged files
+                warnings.warn(
+                    f"FaceNet weight cache {weights_file} is unreadable ({err}); converting again",
+                    stacklevel=3,
+                )
     state = convert_graph_pb(pb_path)
     config = {
         "architecture": ARCHITECTURE,
@@ -600,11 +607,14 @@ def _cached_default_state(cache: str | Path | None) -> dict[str, torch.Tensor]:
         "batch_norm": "folded in the graph: identity BN (weight 1, mean 0, var 1-eps), "
         "folded offset in bn.bias",
     }
-    # Weights first, then the config that validates them: a crash in between leaves no
-    # config, so the next call converts again instead of trusting a partial cache.
+    # Each file is replaced atomically, weights before the config that vouches for them, so
+    # concurrent or interrupted runs never leave a config pointing at partial weights.
     contiguous = {k: v.contiguous() for k, v in state.items()}
-    _atomic_write(weights_file, lambda p: save_file(contiguous, str(p)))
-    _atomic_write(config_file, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    try:
+        _atomic_write(weights_file, lambda p: save_file(contiguous, str(p)))
+        _atomic_write(config_file, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    except OSError as err:  # a read-only cache must not stop the model from loading
+        warnings.warn(f"could not cache FaceNet weights in {folder}: {err}", stacklevel=3)
     return state
 
 

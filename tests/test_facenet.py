@@ -333,13 +333,10 @@ def _celeba_faces(root: Path, n_ids: int, per_id: int) -> tuple[np.ndarray, list
 
 @pytest.mark.data
 @needs_pb
-def test_converted_network_matches_opencv_on_real_faces() -> None:
-    root = os.environ.get("ADVFACE_DATA_ROOT")
-    if not root:
-        pytest.skip("ADVFACE_DATA_ROOT is not set")
+def test_converted_network_matches_opencv_on_real_faces(data_root: Path) -> None:
     import cv2
 
-    images, labels = _celeba_faces(Path(root), n_ids=8, per_id=2)
+    images, labels = _celeba_faces(data_root, n_ids=8, per_id=2)
     x = preprocess(images)
     model = load_facenet()  # the shared cache: converted once per cache directory
     with torch.no_grad():

@@ -274,6 +274,15 @@ def test_unknown_routes_and_methods_are_json(harness: Harness) -> None:
     _err(harness.client.put("/health"), 405, "method_not_allowed")
     _err(harness.verify("nobody", feature_map(1)), 404, "unknown_subject")
     _err(harness.client.get("/v1/templates/nope", headers=harness.h()), 404, "unknown_template")
+    bad_json = harness.h(**{"Content-Type": "application/json"})
+    _err(
+        harness.client.post("/v1/subjects", content=b"{oops", headers=bad_json),
+        422,
+        "validation_error",
+    )
+    _err(
+        harness.client.post("/v1/subjects", json=[1], headers=harness.h()), 422, "validation_error"
+    )
 
 
 def test_persistence_and_rebuild(db_url: str, toy: Backend) -> None:
@@ -359,4 +368,47 @@ def test_sqlite_pragmas(tmp_path) -> None:  # noqa: ANN001
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    store.close()
+
+
+def test_advface_protection_plugs_in(tmp_path, toy: Backend) -> None:  # noqa: ANN001
+    """The real AdvFace class (tiny shadow S, toy E) protects every enrollment, one at a time."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from advface.protection import build_protection
+    from advface.service.app import create_app
+    from advface.service.settings import ServiceSettings
+
+    torch.manual_seed(0)
+    # (N,64,77,77) -> (N,3,160,160): (77 - 1) * 2 + 8 = 160; BN exercises batch-of-one statistics.
+    shadow = torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(64, 3, kernel_size=8, stride=2),
+        torch.nn.BatchNorm2d(3),
+        torch.nn.Sigmoid(),
+    )
+    prot = build_protection("advface", shadow=shadow, extractor=toy.extractor, steps=2)
+    url = f"sqlite:///{tmp_path / 'adv.db'}"
+    store = Store(url)
+    key = store.create_key("acme")
+    app = create_app(
+        ServiceSettings(db_url=url, backend="toy"),
+        store=store,
+        backend=toy,
+        protection=prot,
+        rebuild_in_background=False,
+    )
+    with TestClient(app) as c:
+        h = {"X-API-Key": key}
+        assert c.post("/v1/subjects", json={"subject_id": "g"}, headers=h).status_code == 201
+        z = feature_map(3, noise=0.1)
+        r = c.post("/v1/subjects/g/templates", content=payload.encode(z), headers=h)
+        assert r.status_code == 201, r.text
+        t = r.json()
+        assert t["protection"] == "advface" and t["protection_params"]["steps"] == 2
+        stored = payload.decode(store.get_template(1, t["template_id"]).blob)
+        assert stored.shape == z.shape and np.isfinite(stored).all()
+        assert not np.allclose(stored, z, atol=1e-2)
+        v = c.post("/v1/subjects/g/verify", content=payload.encode(z), headers=h).json()
+        assert -1.0 <= v["score"] <= 1.0
     store.close()

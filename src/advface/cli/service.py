@@ -84,6 +84,15 @@ def serve_cmd(
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    from sqlalchemy.engine import make_url
+
+    db = make_url(settings.db_url).render_as_string(hide_password=True)
+    typer.echo(
+        f"advface serve: http://{settings.host}:{settings.port} db={db} "
+        f"protection={settings.protection} backend={settings.backend} "
+        f"threshold={settings.threshold}",
+        err=True,
+    )
     # One worker: the gallery is per process; more workers would each hold a stale copy.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, workers=1)
 

@@ -466,7 +466,12 @@ def create_app(
         items = [SubjectOut(subject_id=s, created_at=_iso(c), templates=n) for s, c, n in rows]
         return SubjectPage(items=items, next_cursor=rows[-1][0] if more and rows else None)
 
-    @app.delete(f"{p}/subjects/{{subject_id}}", response_model=SubjectDeleted, tags=["subjects"])
+    @app.delete(
+        f"{p}/subjects/{{subject_id}}",
+        response_model=SubjectDeleted,
+        tags=["subjects"],
+        dependencies=ready_dep,  # a rebuild in progress could re-add what we delete
+    )
     def delete_subject(subject_id: SubjectPath, tenant_id: Tenant) -> SubjectDeleted:
         """Delete a subject and all its templates."""
         with svc.write_lock:
@@ -559,7 +564,10 @@ def create_app(
             raise ServiceError(404, "unknown_template", f"no template {template_id!r}") from None
 
     @app.delete(
-        f"{p}/templates/{{template_id}}", response_model=TemplateDeleted, tags=["templates"]
+        f"{p}/templates/{{template_id}}",
+        response_model=TemplateDeleted,
+        tags=["templates"],
+        dependencies=ready_dep,
     )
     def delete_template(
         template_id: Annotated[str, Path(max_length=64)], tenant_id: Tenant

@@ -134,12 +134,14 @@ def main() -> None:
         protection_params=a.protection_params,
         log_path=work / "server.log",
     )
+    results["loadavg_1m_start"] = os.getloadavg()[0]
     with ServerProcess(**srv_kw) as srv:
         # One enrollment per subject first, so verify always has a template.
         _load(srv.url, key, max(a.clients), 1, "enroll", payloads)
         for c in a.clients:
             for op in ("enroll", "verify"):
                 r = _load(srv.url, key, c, a.requests, op, payloads)
+                r["loadavg_1m"] = os.getloadavg()[0]
                 print(json.dumps(r), flush=True)
                 results["runs"].append(r)  # type: ignore[union-attr]
     if a.rebuild:
@@ -159,10 +161,14 @@ def main() -> None:
         with ServerProcess(**srv_kw) as srv:
             n = int(srv.ready_info["templates"])  # type: ignore[arg-type]
             sec = float(srv.ready_info["rebuild_seconds"])  # type: ignore[arg-type]
+            cpu = float(srv.ready_info["rebuild_cpu_seconds"])  # type: ignore[arg-type]
         results["rebuild"] = {
             "templates": n,
             "seconds": round(sec, 2),
+            "cpu_seconds": round(cpu, 2),
             "seconds_per_10k_extrapolated": round(sec * 10000 / max(n, 1), 1),
+            "cpu_seconds_per_10k_extrapolated": round(cpu * 10000 / max(n, 1), 1),
+            "loadavg_1m": os.getloadavg()[0],
         }
         print(json.dumps(results["rebuild"]), flush=True)
     store.close()

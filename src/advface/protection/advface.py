@@ -131,11 +131,17 @@ def load_shadow(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if not isinstance(module, nn.Module):
         raise ValueError(f"shadow checkpoint {p} did not yield a torch module")
     info: dict[str, Any] = {"shadow_path": str(p.resolve())}
+    if config is not None and not isinstance(config, dict) and hasattr(config, "__dict__"):
+        config = vars(config)
     if isinstance(config, dict):
-        info["shadow_config"] = config
-    elif config is not None and hasattr(config, "__dict__"):
-        info["shadow_config"] = {k: v for k, v in vars(config).items() if _jsonable(v)}
+        # Stored beside every template: keep what identifies the model, not its loss history.
+        info["shadow_config"] = {
+            k: v for k, v in config.items() if k not in _BULKY_CONFIG_KEYS and _jsonable(v)
+        }
     return module, info
+
+
+_BULKY_CONFIG_KEYS = frozenset({"history", "disjoint_check"})
 
 
 def _jsonable(v: Any) -> bool:

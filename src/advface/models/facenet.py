@@ -443,6 +443,13 @@ def convert_graph_pb(pb_path: str | Path) -> dict[str, torch.Tensor]:
     """
     pb_path = Path(pb_path)
     consts, nodes = _read_graph_constants(pb_path)
+    try:
+        return _convert(pb_path, consts, nodes)
+    except KeyError as err:
+        raise ValueError(f"{pb_path}: graph lacks the constant {err}") from err
+
+
+def _convert(pb_path: Path, consts: dict[str, np.ndarray], nodes: list) -> dict[str, torch.Tensor]:
     used: set[str] = set()
     state: dict[str, torch.Tensor] = {}
 
@@ -494,7 +501,8 @@ def convert_graph_pb(pb_path: str | Path) -> dict[str, torch.Tensor]:
         if node_name.endswith("/mul/x"):
             scope = node_name[len(_TF_ROOT) : -len("/mul/x")]
             expected = {"Repeat": 0.17, "Repeat_1": 0.10, "Repeat_2": 0.20, "Block8": 1.0}
-            if not np.isclose(float(value), expected[scope.split("/")[0]], rtol=0, atol=1e-7):
+            scale = expected.get(scope.split("/")[0], float("nan"))
+            if not np.isclose(float(value), scale, rtol=0, atol=1e-7):
                 raise ValueError(f"residual scale {node_name}={float(value)} is not the expected")
             used.add(node_name)
     leftover = sorted(

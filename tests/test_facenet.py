@@ -235,6 +235,19 @@ def test_tensor_proto_splat() -> None:
     )
 
 
+def test_convert_rejects_other_graphs(tmp_path: Path) -> None:
+    graph = facenet._graphdef_class()()
+    node = graph.node.add(name="InceptionResnetV1/Conv2d_9z_3x3/Conv2D", op="Conv2D")
+    node.input.append("input:0")
+    path = tmp_path / "other.pb"
+    path.write_bytes(graph.SerializeToString())
+    with pytest.raises(ValueError, match="Conv2d_9z"):
+        facenet.convert_graph_pb(path)
+    path.write_bytes(b"")  # an empty GraphDef
+    with pytest.raises(ValueError, match="lacks the constant"):
+        facenet.convert_graph_pb(path)
+
+
 # ----------------------------------------------------------------------------- conversion
 
 

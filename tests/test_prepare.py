@@ -198,3 +198,23 @@ def test_prepare_real_lfw_subset(tmp_path: Path) -> None:
     s = load_aligned("lfw", cache=tmp_path, limit=12)
     assert s.images.shape == (12, 160, 160, 3) and s.found.sum() >= 11
     assert json.loads((out / "index.json").read_text())["source_root"].endswith("lfw-deepfunneled")
+
+
+@pytest.mark.data
+@needs_data
+@pytest.mark.parametrize(
+    ("dataset", "protocols"), [("lfw", ["lfw"]), ("cfp", ["cfp-fp", "cfp-ff"])]
+)
+def test_shared_cache_covers_protocols(dataset: str, protocols: list[str]) -> None:
+    """When the full cache was built (``advface prepare``), it holds every protocol image."""
+    from advface.data.protocols import load_protocol
+
+    try:
+        s = load_aligned(dataset)
+    except FileNotFoundError:
+        pytest.skip(f"no aligned cache for {dataset}; run `advface prepare {dataset}`")
+    assert s.images.shape[1:] == (160, 160, 3)
+    for name in protocols:
+        keys = load_protocol(name, DATA_ROOT or "", check_files=False).unique_keys()
+        assert all(k in s for k in keys)
+    assert s.take(s.keys[:3]).shape == (3, 160, 160, 3)

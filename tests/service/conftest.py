@@ -104,7 +104,11 @@ class Harness:
 
 
 def make_harness(
-    db_url: str, toy: Backend, protection: str = "none", **settings: Any
+    db_url: str,
+    toy: Backend,
+    protection: str = "none",
+    protection_params: dict[str, Any] | None = None,
+    **settings: Any,
 ) -> tuple[Harness, Any]:
     s = ServiceSettings(db_url=db_url, backend="toy", threshold=0.8, **settings)
     store = Store(db_url)
@@ -113,7 +117,7 @@ def make_harness(
         s,
         store=store,
         backend=toy,
-        protection=build_protection(protection),
+        protection=build_protection(protection, **(protection_params or {})),
         rebuild_in_background=False,
     )
     cm = TestClient(app)

@@ -286,7 +286,7 @@ def test_unknown_routes_and_methods_are_json(harness: Harness) -> None:
 
 
 def test_persistence_and_rebuild(db_url: str, toy: Backend) -> None:
-    h, cm = make_harness(db_url, toy, protection="random")
+    h, cm = make_harness(db_url, toy, protection="random", protection_params={"steps": 4})
     try:
         for i in range(3):
             h.subject(f"q{i}")
@@ -304,7 +304,8 @@ def test_persistence_and_rebuild(db_url: str, toy: Backend) -> None:
     from advface.protection import build_protection
     from advface.service.app import create_app
 
-    app = create_app(h.settings, store=store, backend=toy, protection=build_protection("random"))
+    prot = build_protection("random", steps=4)
+    app = create_app(h.settings, store=store, backend=toy, protection=prot)
     with TestClient(app) as c:
         assert app.state.service.ready.wait(30)
         ready = c.get("/ready").json()
@@ -318,7 +319,7 @@ def test_persistence_and_rebuild(db_url: str, toy: Backend) -> None:
 
 
 def test_stored_rows_hold_protected_maps_only(db_url: str, toy: Backend) -> None:
-    h, cm = make_harness(db_url, toy, protection="random")
+    h, cm = make_harness(db_url, toy, protection="random", protection_params={"steps": 4})
     try:
         h.subject("frank")
         z = feature_map(4, noise=0.1)

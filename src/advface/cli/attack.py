@@ -108,6 +108,14 @@ def attack_command(
     threshold_far: Annotated[
         float | None, typer.Option("--threshold-far", help="FAR=1e-3 threshold (with --threshold)")
     ] = None,
+    threshold_pairs: Annotated[
+        int | None,
+        typer.Option(
+            "--threshold-pairs-per-fold",
+            min=2,
+            help="Estimate the thresholds on N pairs per fold (CPU shortcut; default: all)",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     device: Annotated[str, typer.Option("--device")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads")] = None,

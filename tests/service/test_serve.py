@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -56,17 +57,45 @@ def test_serve_sdk_restart_persistence(tmp_path: Path) -> None:
             c.enroll("id0", np.zeros((3, 3), np.float32))
     with ServerProcess(**srv_args) as srv, AdvFaceClient(srv.url, key, retries=0) as c:
         assert srv.ready_info["templates"] == 3
+        _cli_client_roundtrip(srv.url, key, tmp_path)
         g2 = c.verify("id1", feature_map(1, noise=0.2, sample=3))
         assert g2.score == pytest.approx(g.score, abs=1e-6) and g2.match
         assert c.delete_subject("id1") == 1
         with pytest.raises(NotFoundError):
             c.verify("id1", feature_map(1))
-        assert [s.subject_id for s in c.list_subjects()] == ["id0", "id2"]
+        assert [s.subject_id for s in c.list_subjects()] == ["id0", "id2", "img"]
     with (
         AdvFaceClient(srv.url, key, retries=1, backoff=0.01) as c,
         pytest.raises(ServiceUnavailableError),
     ):
         c.health()  # the server is gone
+
+
+def _cli_client_roundtrip(url: str, key: str, tmp_path: Path) -> None:
+    """``advface client ...`` against the live server: aligned 160x160 image files, toy E."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"face{i}.png"
+        cv2.imwrite(str(p), rng.integers(0, 255, (160, 160, 3), dtype=np.uint8))
+        paths.append(str(p))
+    common = ["--url", url, "--api-key", key, "--backend", "toy", "--aligned"]
+    run = CliRunner().invoke
+    r = run(cli_app, ["client", "enroll", "img", paths[0], *common])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["subject_id"] == "img"
+    r = run(cli_app, ["client", "verify", "img", paths[0], *common])
+    assert r.exit_code == 0 and json.loads(r.output)["match"], r.output
+    r = run(cli_app, ["client", "identify", paths[0], "--top-k", "1", *common])
+    assert r.exit_code == 0 and json.loads(r.output)[0]["subject_id"] == "img", r.output
+    r = run(cli_app, ["client", "verify", "nobody", paths[1], *common])
+    assert r.exit_code == 1 and "unknown_subject" in r.output
+    r = run(cli_app, ["client", "verify", "img", str(tmp_path / "missing.png"), *common])
+    assert r.exit_code == 2
+    r = run(cli_app, ["client", "subjects", "--url", url, "--api-key", key])
+    assert r.exit_code == 0 and "img" in r.output
 
 
 def test_sdk_errors_in_process(tmp_path: Path) -> None:

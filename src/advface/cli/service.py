@@ -14,6 +14,12 @@ client_app = typer.Typer(help="Talk to a running template service.", no_args_is_
 UrlOpt = Annotated[str, typer.Option(envvar="ADVFACE_URL", help="service base URL")]
 KeyOpt = Annotated[str, typer.Option(envvar="ADVFACE_API_KEY", help="tenant API key")]
 AlignedOpt = Annotated[bool, typer.Option(help="images are already 160x160 aligned crops")]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        envvar="ADVFACE_BACKEND", help="client E: facenet | toy (tests); match the server"
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -115,10 +121,12 @@ def keys_create(
     typer.echo(token)
 
 
-def _client(url: str, api_key: str) -> Any:
+def _client(url: str, api_key: str, backend: str = "facenet") -> Any:
+    from advface.service.backend import load_backend
     from advface.service.sdk import AdvFaceClient
 
-    return AdvFaceClient(url, api_key)
+    extractor = load_backend(backend).extractor if backend != "facenet" else None
+    return AdvFaceClient(url, api_key, extractor=extractor)
 
 
 def _run(fn: Any) -> None:
@@ -148,11 +156,12 @@ def client_enroll(
     api_key: KeyOpt = "",
     create: Annotated[bool, typer.Option(help="create the subject if missing")] = True,
     aligned: AlignedOpt = False,
+    backend: BackendOpt = "facenet",
 ) -> None:
     """Align, extract E(x) here, and enroll each image for SUBJECT (one JSON line each)."""
 
     def go() -> None:
-        with _client(url, api_key) as c:
+        with _client(url, api_key, backend) as c:
             if create:
                 c.create_subject(subject, exist_ok=True)
             for img in images:
@@ -168,12 +177,13 @@ def client_verify(
     url: UrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = "",
     aligned: AlignedOpt = False,
+    backend: BackendOpt = "facenet",
 ) -> None:
     """1:1: is IMAGE the enrolled SUBJECT? Exit code 0 for a match, 3 for no match."""
     result: list[Any] = []
 
     def go() -> None:
-        with _client(url, api_key) as c:
+        with _client(url, api_key, backend) as c:
             result.append(c.verify(subject, image, aligned=aligned))
             _print(result[0])
 
@@ -189,11 +199,12 @@ def client_identify(
     api_key: KeyOpt = "",
     top_k: int = 5,
     aligned: AlignedOpt = False,
+    backend: BackendOpt = "facenet",
 ) -> None:
     """1:N: the TOP_K most similar enrolled subjects."""
 
     def go() -> None:
-        with _client(url, api_key) as c:
+        with _client(url, api_key, backend) as c:
             _print([vars(x) for x in c.identify(image, top_k, aligned=aligned)])
 
     _run(go)

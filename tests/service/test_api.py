@@ -222,6 +222,11 @@ BAD_BODIES = {
     "empty": (b"", 422, "invalid_payload"),
     "json": (b'{"features": [1, 2, 3]}', 422, "invalid_payload"),
     "too_big_values": (_raw_f32(np.full((64, 77, 77), 3e38, np.float32)), 422, "invalid_features"),
+    "implausible_values": (
+        payload.encode(np.full((64, 77, 77), 5e3, np.float32)),
+        422,
+        "invalid_features",
+    ),
 }
 
 

@@ -299,24 +299,34 @@ class Service:
             )
         return emb
 
+    def _decode(self, body: bytes) -> np.ndarray:
+        z = payload.decode(body, expected_shape=self.backend.feature_shape)
+        peak = float(np.abs(z).max())
+        if peak > self.settings.max_feature_abs:
+            # E's maps are O(10); far larger values are not features of this extractor.
+            raise payload.PayloadError(
+                "invalid_features",
+                f"feature magnitude {peak:.3g} exceeds {self.settings.max_feature_abs:g}",
+            )
+        return z
+
     def protect_and_embed(self, body: bytes) -> tuple[bytes, np.ndarray]:
         """Validate -> protect -> encode for storage -> embed exactly what is stored."""
-        z = payload.decode(body, expected_shape=self.backend.feature_shape)
+        z = self._decode(body)
         with self.compute_lock:
             zp = self.protection.protect(torch.from_numpy(z)[None])[0].numpy()
-            try:
-                blob = payload.encode(zp, dtype="float16")
-            except ValueError:  # protected values beyond the fp16 range: keep full precision
-                blob = payload.encode(zp, dtype="float32")
-            # Embed the decoded blob, not zp, so the start-up rebuild gives identical scores.
-            emb = self._embed_checked(
-                payload.decode(blob, expected_shape=self.backend.feature_shape)
-            )
-        return blob, emb
+        try:
+            blob = payload.encode(zp, dtype="float16")
+        except ValueError:  # protected values beyond the fp16 range: keep full precision
+            blob = payload.encode(zp, dtype="float32")
+        # Embed the decoded blob, not zp, so the start-up rebuild gives the same scores.
+        stored = payload.decode(blob, expected_shape=self.backend.feature_shape)
+        with self.compute_lock:
+            return blob, self._embed_checked(stored)
 
     def probe(self, body: bytes) -> np.ndarray:
         """Embedding of a fresh (unprotected) probe: the paper's online verification."""
-        z = payload.decode(body, expected_shape=self.backend.feature_shape)
+        z = self._decode(body)
         with self.compute_lock:
             return self._embed_checked(z)
 

@@ -33,6 +33,8 @@ class ServiceSettings:
     # "facenet": the real split network; "toy": tiny deterministic stand-in (tests, smoke runs).
     backend: str = "facenet"
     max_body_bytes: int = 4 * 1024 * 1024
+    # Largest |value| accepted in a feature map (E's ReLU maps are O(10)).
+    max_feature_abs: float = 1000.0
     max_page_size: int = 500
     max_top_k: int = 100
     # Templates embedded per Psi batch during the start-up rebuild.
@@ -50,6 +52,8 @@ class ServiceSettings:
             )
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if not self.max_feature_abs > 0:
+            raise ValueError(f"max_feature_abs must be > 0, got {self.max_feature_abs}")
         if self.max_page_size < 1 or self.max_top_k < 1 or self.rebuild_batch < 1:
             raise ValueError("max_page_size, max_top_k and rebuild_batch must be >= 1")
         if self.backend not in ("facenet", "toy"):

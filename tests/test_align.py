@@ -83,6 +83,12 @@ def test_fallback_is_centred_square_and_flagged() -> None:
     assert res.crop == (67, 17, 132, 82)  # 65 = 0.65 * 100 px, centred
     assert res.image.shape == (160, 160, 3)
     assert StubAligner([])(img).found is False
+    whole = StubAligner([], fallback="image")(img)
+    assert not whole.found and whole.crop == (0, 0, 200, 100)
+    # 200x100 -> 160x160 enlarges vertically, so "auto" interpolation is bilinear
+    expected = cv2.resize(img, (160, 160), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(whole.image, expected)
+    assert StubAligner([], fallback="image").settings()["fallback"] == "whole image"
 
 
 def test_interpolation_auto_uses_area_when_shrinking() -> None:
@@ -118,6 +124,7 @@ def test_crop_always_inside_image(h: int, w: int, box: tuple[int, int, int, int]
         {"margin": -0.1},
         {"min_confidence": 1.5},
         {"fallback_fraction": 0.0},
+        {"fallback": "black"},
         {"interpolation": "lanczos9"},
         {"min_face_size": 5},
     ],

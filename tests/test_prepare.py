@@ -164,6 +164,23 @@ def test_celeba_crops_are_loaded_and_resized(tmp_path: Path) -> None:
     assert s.meta["settings"]["mode"] == "crops"
 
 
+def test_default_aligners_per_dataset(tmp_path: Path) -> None:
+    from advface.data.prepare import dataset_spec
+
+    write_image(tmp_path / "lfw" / "lfw-deepfunneled" / "Ann" / "Ann_0001.jpg", 90)
+    proto = tmp_path / "cfp" / "Protocol"
+    proto.mkdir(parents=True)
+    (proto / "Pair_list_F.txt").write_text("1 ../Data/Images/001/frontal/01.jpg\n")
+    (proto / "Pair_list_P.txt").write_text("1 ../Data/Images/001/profile/01.jpg\n")
+    lfw = dataset_spec("lfw", data_root=tmp_path)
+    assert lfw.prefer_center and lfw.fallback == "center-square"
+    for k in ("001/frontal/01.jpg", "001/profile/01.jpg"):
+        write_image(tmp_path / "cfp" / "Data" / "Images" / k, 90)
+    cfp = dataset_spec("cfp", data_root=tmp_path)
+    assert not cfp.prefer_center and cfp.fallback == "image"
+    assert cfp.keys == ["001/frontal/01.jpg", "001/profile/01.jpg"]
+
+
 def test_lfw_layout_with_env_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ["Ann/Ann_0001.jpg", "Bob/Bob_0001.jpg"]:
         write_image(tmp_path / "data" / "lfw" / "lfw-deepfunneled" / key, 90)

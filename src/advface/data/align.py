@@ -14,10 +14,14 @@ Interpolation (``interpolation="auto"``): ``cv2.INTER_AREA`` when the crop shrin
 (it averages source pixels, so no aliasing), otherwise ``cv2.INTER_LINEAR`` (bilinear, as in
 FaceNet's own alignment scripts). The choice is recorded in :meth:`Aligner.settings`.
 
-Fallback when no confident face is found: a centred square whose side is ``fallback_fraction``
-(0.65) of the image's shorter side, clipped to the image. 0.65 is the median size of the grown box
-relative to the image on LFW's 224x224 cut, so the fallback crop roughly matches a detected one on
-LFW-like images. The result carries ``found=False`` so callers count and report fallbacks.
+Fallback when no confident face is found (the result carries ``found=False`` so callers count
+and report fallbacks):
+
+- ``fallback="center-square"`` (default): a centred square whose side is ``fallback_fraction``
+  (0.65) of the image's shorter side. 0.65 is the median size of the grown box relative to the
+  image on LFW's 224x224 cut, so the fallback roughly matches a detected crop on LFW-like images.
+- ``fallback="image"``: the whole image, for loose face crops such as CFP's, where the grown box
+  of a detected face covers (nearly) the whole image anyway.
 """
 
 from __future__ import annotations
@@ -30,7 +34,17 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["AlignResult", "Aligner", "UnreadableImageError", "crop_resize", "grow_box", "read_rgb"]
+FALLBACKS = ("center-square", "image")
+
+__all__ = [
+    "FALLBACKS",
+    "AlignResult",
+    "Aligner",
+    "UnreadableImageError",
+    "crop_resize",
+    "grow_box",
+    "read_rgb",
+]
 
 _INTERPOLATIONS = {
     "linear": cv2.INTER_LINEAR,
@@ -117,6 +131,7 @@ class Aligner:
         margin: float = 0.16,
         min_confidence: float = 0.9,
         prefer_center: bool = False,
+        fallback: str = "center-square",
         fallback_fraction: float = 0.65,
         interpolation: str = "auto",
         min_face_size: int = 20,
@@ -127,6 +142,8 @@ class Aligner:
             raise ValueError(f"margin must be in [0, 2], got {margin!r}")
         if not 0.0 <= min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
         if not 0.0 < fallback_fraction <= 1.0:
             raise ValueError(f"fallback_fraction must be in (0, 1], got {fallback_fraction!r}")
         if interpolation != "auto" and interpolation not in _INTERPOLATIONS:
@@ -138,6 +155,7 @@ class Aligner:
         self.margin = float(margin)
         self.min_confidence = float(min_confidence)
         self.prefer_center = bool(prefer_center)
+        self.fallback = fallback
         self.fallback_fraction = float(fallback_fraction)
         self.interpolation = interpolation
         self.min_face_size = min_face_size
@@ -151,7 +169,11 @@ class Aligner:
             "margin": self.margin,
             "min_confidence": self.min_confidence,
             "prefer_center": self.prefer_center,
-            "fallback": f"centred square, {self.fallback_fraction} x shorter side",
+            "fallback": (
+                f"centred square, {self.fallback_fraction} x shorter side"
+                if self.fallback == "center-square"
+                else "whole image"
+            ),
             "fallback_fraction": self.fallback_fraction,
             "interpolation": self.interpolation,
             "min_face_size": self.min_face_size,
@@ -188,7 +210,9 @@ class Aligner:
         return max(confident, key=lambda d: float(d["confidence"]))
 
     def fallback_crop(self, width: int, height: int) -> tuple[int, int, int, int]:
-        """The centred square used when no face is found."""
+        """The crop used when no face is found (see the module docstring)."""
+        if self.fallback == "image":
+            return 0, 0, width, height
         side = max(1, int(round(self.fallback_fraction * min(width, height))))
         x0 = (width - side) // 2
         y0 = (height - side) // 2

@@ -74,6 +74,7 @@ class DatasetSpec:
     labels: list[Any] | None
     mode: str
     prefer_center: bool = False
+    fallback: str = "center-square"
 
 
 def _is_folder_dataset(dataset: str | Path) -> bool:
@@ -124,6 +125,7 @@ def dataset_spec(
         raise ValueError(f"limit must be a positive int, got {limit!r}")
     labels: list[Any] | None = None
     prefer_center = False
+    fallback = "center-square"
     mode = "align"
     if _is_folder_dataset(dataset):
         folder = Path(dataset).expanduser()
@@ -141,6 +143,7 @@ def dataset_spec(
             prefer_center = True  # LFW images are centred on the labelled person
         elif dataset == "cfp":
             image_dir, all_keys = cfp_image_dir(root), cfp_keys(root)
+            fallback = "image"  # loose crops: a detected face's grown box is ~the whole image
         else:
             image_dir = celeba_image_dir(root)
             all_keys, ids = celeba_keys(root)
@@ -170,6 +173,7 @@ def dataset_spec(
         labels=labels,
         mode=mode,
         prefer_center=prefer_center,
+        fallback=fallback,
     )
 
 
@@ -269,14 +273,14 @@ def prepare(
     ``dataset`` is ``"lfw"``, ``"cfp"``, ``"celeba"`` or a folder of ``<identity>/<image>``.
     ``limit`` keeps the first N keys, ``keys`` an explicit subset; both go to separately named
     caches. An existing complete cache built with the same keys and settings is returned as is
-    (unless ``force``). ``aligner`` defaults to ``Aligner(prefer_center=True)`` for LFW and
-    ``Aligner()`` otherwise.
+    (unless ``force``). ``aligner`` defaults to ``Aligner(prefer_center=True)`` for LFW,
+    ``Aligner(fallback="image")`` for CFP's loose crops and ``Aligner()`` otherwise.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     spec = dataset_spec(dataset, data_root=data_root, keys=keys, limit=limit)
     if aligner is None:
-        aligner = Aligner(prefer_center=spec.prefer_center)
+        aligner = Aligner(prefer_center=spec.prefer_center, fallback=spec.fallback)
     settings = _settings_for(spec, aligner)
     out = config.cache_dir(cache) / "aligned" / spec.name
     plan = {

@@ -54,7 +54,7 @@ def test_smoke_profile_end_to_end_and_resumes(data_root, tmp_path):
     res = reproduce(get_profile("smoke"), out, progress=False)
     data = json.loads((out / "results.json").read_text())
     tables = {r["table"] for r in data["rows"]}
-    assert {"table1", "table2", "table3", "table4", "fig4", "adaptive"} <= tables
+    assert {"table1", "table2", "table3", "table4", "fig4", "adaptive", "readings"} <= tables
     for r in data["rows"]:
         assert set(ROW_KEYS) <= set(r)
         for k in ("accuracy", "srra"):

@@ -23,20 +23,41 @@ def eval_fr_cmd(
         Path | None, typer.Option(help="facenet-pytorch-format weights; default: converted CASIA")
     ] = None,
     flip: Annotated[bool, typer.Option(help="flip test-time augmentation")] = False,
+    protection: Annotated[
+        str,
+        typer.Option(
+            help="protection of the stored side's feature maps: none | random | dp | "
+            "advface:SHADOW_CKPT[,epsilon=0.2,reading=per-step,...]"
+        ),
+    ] = "none",
+    protect_mode: Annotated[
+        str, typer.Option(help="stored (probe fresh, the deployment case) | both")
+    ] = "stored",
     folds: Annotated[int | None, typer.Option(help="use only the first N folds")] = None,
     pairs_per_fold: Annotated[int | None, typer.Option(help="balanced subset per fold")] = None,
     batch_size: int = 64,
     device: str = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """10-fold verification accuracy, TAR at FAR=1e-3 and ROC AUC of the unprotected system."""
+    """10-fold verification accuracy, TAR at FAR=1e-3 and ROC AUC, optionally with the
+    stored side protected (online mode)."""
     from advface.models.facenet import load_facenet
+    from advface.models.split import split_facenet
     from advface.pipelines.eval_fr import eval_fr
+    from advface.protection import protection_from_spec
 
     try:
-        model = load_facenet(weights, cache=cache_dir) if weights else None
+        model = load_facenet(weights, cache=cache_dir)
+        prot = None
+        if protection.strip().lower() not in ("none", "clean"):
+            prot = protection_from_spec(
+                protection, extractor=split_facenet(model)[0], device=device
+            )
         res = eval_fr(
             dataset,
+            protection=prot,
+            protection_name=protection,
+            mode=protect_mode,
             data_root=data_root,
             cache=cache_dir,
             model=model,

@@ -224,6 +224,26 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
             )
         lines += ["", "![PSNR vs accuracy](fig4_psnr_accuracy.png)", ""]
 
+    readings = [r for r in rows if r["table"] == "readings"]
+    if readings:
+        lines += [
+            "",
+            "## Two readings of eq. 6 (ResRec shadow and attacker, epsilon "
+            f"{prof['epsilon']}, alpha {prof['alpha']}, T={prof['steps']})",
+            "",
+            "per-step: each step bounded by epsilon (drift up to T x alpha); projected: "
+            "standard PGD onto the L-inf ball of radius epsilon around z~.",
+            "",
+            "| dataset | reading | SSIM | PSNR | SRRA | accuracy |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in readings:
+            lines.append(
+                f"| {r['dataset']} | {r['reading']} | {_fmt(r['ssim'], 'ssim')} | "
+                f"{_fmt(r['psnr'], 'psnr')} | {_fmt(r['srra'], 'srra')} | "
+                f"{_fmt(r['accuracy'], 'accuracy')} |"
+            )
+
     adaptive = [r for r in rows if r["table"] == "adaptive"]
     if adaptive:
         lines += [

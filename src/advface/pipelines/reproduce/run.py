@@ -26,6 +26,8 @@ from advface.pipelines.reproduce.stages import StageCache
 # Attackers whose reconstructions go through the replay attack (SRRA): Table 1's and the
 # adaptive attacker. The other architectures (Table 4) report SSIM / PSNR / MSE only.
 REPLAYED = ("resrec", "adaptive-resrec")
+# The two readings of eq. 6 (see advface.protection.advface); both are measured.
+OTHER_READING = {"per-step": "projected", "projected": "per-step"}
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,14 @@ class ProtectionConfig:
     method: str
     shadow: str | None = None
     epsilon: float | None = None
+    reading: str | None = None  # None: the profile's reading
 
     @property
     def label(self) -> str:
         if self.method != "advface":
             return self.method
-        return f"advface-{self.shadow}-eps{self.epsilon:.2f}"
+        suffix = f"-{self.reading}" if self.reading else ""
+        return f"advface-{self.shadow}-eps{self.epsilon:.2f}{suffix}"
 
 
 @dataclass
@@ -128,7 +132,7 @@ def _train(
         features=features,
         limit=limit or p.train_limit,
         epochs=epochs or p.epochs,
-        width=p.width,
+        cfg=_recon_cfg(p, arch),
         batch=p.train_batch,
         lr=p.lr,
         seed=p.seed,
@@ -147,7 +151,7 @@ def _train(
             images,
             ctx.encoder,
             arch=arch,
-            cfg={"width": p.width},
+            cfg=settings["cfg"],
             settings=TrainSettings(
                 epochs=settings["epochs"],
                 batch_size=p.train_batch,
@@ -165,6 +169,15 @@ def _train(
         ctx.timings[f"train {role} {arch} ({features})"] = round(time.perf_counter() - t0, 1)
     model, _ = load_checkpoint(ckpt, device=ctx.device)
     return model.eval()
+
+
+def _recon_cfg(p: Profile, arch: str) -> dict:
+    from advface.models.recon import profile_config
+
+    cfg = profile_config(arch, p.recon)
+    if p.width is not None:
+        cfg["width"] = p.width
+    return cfg
 
 
 class MemoFeatures:
@@ -200,7 +213,7 @@ def _protection(ctx: Context, cfg: ProtectionConfig, shadows: dict[str, nn.Modul
         steps=p.steps,
         alpha=p.alpha,
         epsilon=cfg.epsilon,
-        reading=p.reading,
+        reading=cfg.reading or p.reading,
         seed=p.seed,
     )
 
@@ -430,7 +443,9 @@ def reproduce(
         clean_emb = none_res["emb"]
         results: dict[ProtectionConfig, dict[str, np.ndarray]] = {}
         eps_list = sorted(set(p.sweep) | {p.epsilon}) if d in p.sweep_datasets else [p.epsilon]
+        other = OTHER_READING[p.reading]
         cfgs = _configs(p) + [ProtectionConfig("advface", "resrec", e) for e in eps_list]
+        cfgs.append(ProtectionConfig("advface", "resrec", p.epsilon, reading=other))
         for cfg in dict.fromkeys(cfgs):
             results[cfg] = (
                 none_res
@@ -488,6 +503,26 @@ def reproduce(
                     )
                 )
                 grids[d][f"eps={e:.2f}"] = res["resrec/grid"]
+        for reading, cfg in (
+            (p.reading, ProtectionConfig("advface", "resrec", p.epsilon)),
+            (other, ProtectionConfig("advface", "resrec", p.epsilon, other)),
+        ):
+            res = results[cfg]
+            vals = _merge(
+                _recon_values(res, "resrec", clean_emb, thr), _accuracy(res, clean_emb, sub)
+            )
+            vals["extra"]["reading"] = reading
+            rows.append(
+                make_row(
+                    "readings",
+                    d,
+                    "advface",
+                    attacker="resrec",
+                    shadow="resrec",
+                    epsilon=p.epsilon,
+                    **vals,
+                )
+            )
         adv = main["advface"]
         for a in ("resrec", "adaptive-resrec"):
             rows.append(
@@ -541,7 +576,8 @@ def _deviations(p: Profile) -> list[str]:
         "Sec. 5.1.2",
         "attacker training set: LFW images in no pair (5,532; same population as the test "
         "images) instead of CelebA; shadows: 6,264 CelebA crops instead of CASIA-WebFace",
-        f"decoder width {p.width}, {p.epochs} epochs, lr {p.lr}, "
+        f"decoders: recon profile {p.recon!r} (width override {p.width}), {p.epochs} epochs, "
+        f"lr {p.lr}, "
         f"training subset {p.train_limit or 'all'} images",
         "AgeDB-30: no offline copy; DuetFace baseline and the offline (retrained Psi) mode are "
         "not implemented",

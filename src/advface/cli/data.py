@@ -71,9 +71,10 @@ def prepare_command(
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from exc
+    fallback = aligned.meta.get("settings", {}).get("fallback", "already aligned crops")
     typer.echo(
         f"{dataset}: {len(aligned)} images, {aligned.n_fallback} no-face fallbacks "
-        f"(centred crop), {elapsed:.1f} s -> {out}"
+        f"({fallback}), {elapsed:.1f} s -> {out}"
     )
     if aligned.n_fallback:
         missed = [k for k, f in zip(aligned.keys, aligned.found, strict=True) if not f]

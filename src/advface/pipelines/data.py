@@ -23,7 +23,7 @@ def aligned_images(
     keys = list(keys)
     try:
         full = load_aligned(dataset, cache=cache)
-        if all(k in full._pos for k in keys):
+        if all(k in full for k in keys):
             idx = full.indices(keys)
             return full.take(keys), full.found[idx]
     except FileNotFoundError:

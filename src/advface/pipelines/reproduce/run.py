@@ -383,31 +383,11 @@ def reproduce(
     p = profile
     rows: list[dict] = []
 
-    # 1. Unprotected benchmark: accuracy and the operating thresholds used by SRRA.
-    fr: dict[str, dict] = {}
-    for d in p.datasets:
-        settings = dict(dataset=d, full=p.fr_full, folds=p.folds, ppf=p.pairs_per_fold)
-
-        def run_fr(d: str = d) -> dict:
-            kw = {} if p.fr_full else dict(folds=p.folds, pairs_per_fold=p.pairs_per_fold)
-            return eval_fr(
-                d,
-                data_root=ctx.root,
-                cache=cache,
-                model=facenet,
-                device=device,
-                progress=progress,
-                **kw,
-            )
-
-        ctx.log(f"unprotected benchmark on {d}")
-        fr[d] = ctx.stages.json("fr", settings, run_fr)
-
-    # 2. Attackers (LFW non-pair images) and shadows (CelebA).
+    # 1. Attackers (LFW non-pair images) and shadows (CelebA).
     attackers = {a: _train(ctx, "attacker", a, "lfw-nonpairs") for a in p.archs}
     shadows = {s: _train(ctx, "shadow", s, "celeba") for s in p.archs}
 
-    # 3. Adaptive attacker: knows AdvFace, runs it with its own shadow (its own clean ResRec)
+    # 2. Adaptive attacker: knows AdvFace, runs it with its own shadow (its own clean ResRec)
     #    on its training images and trains a ResRec on (x, protected feature) pairs.
     from advface.protection import build_protection
 
@@ -432,6 +412,26 @@ def reproduce(
         limit=p.adaptive_limit,
         epochs=p.adaptive_epochs,
     )
+
+    # 3. Unprotected benchmark: accuracy and the operating thresholds used by SRRA.
+    fr: dict[str, dict] = {}
+    for d in p.datasets:
+        settings = dict(dataset=d, full=p.fr_full, folds=p.folds, ppf=p.pairs_per_fold)
+
+        def run_fr(d: str = d) -> dict:
+            kw = {} if p.fr_full else dict(folds=p.folds, pairs_per_fold=p.pairs_per_fold)
+            return eval_fr(
+                d,
+                data_root=ctx.root,
+                cache=cache,
+                model=facenet,
+                device=device,
+                progress=progress,
+                **kw,
+            )
+
+        ctx.log(f"unprotected benchmark on {d}")
+        fr[d] = ctx.stages.json("fr", settings, run_fr)
 
     # 4. Protected features per dataset and setting.
     grids: dict[str, dict[str, np.ndarray]] = {}

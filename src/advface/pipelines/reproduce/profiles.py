@@ -72,21 +72,21 @@ PROFILES: dict[str, Profile] = {
         folds=10,
         pairs_per_fold=10,
         recon="cpu",
-        train_limit=1500,
-        epochs=3,
+        train_limit=1000,
+        epochs=2,
         train_batch=32,
         lr=1e-3,
         protect_batch=32,
         sweep=(0.0, 0.1, 0.2, 0.3),
         sweep_datasets=("lfw",),
-        adaptive_limit=400,
-        adaptive_epochs=3,
+        adaptive_limit=300,
+        adaptive_epochs=2,
         notes=(
             "cpu: narrow decoders (advface.models.recon 'cpu' profile: TransRec width 32, "
-            "ResRec width 16 x 2 blocks, URec width 16 x 2 levels) trained 3 epochs on "
-            "1,500-image subsets with lr 1e-3 (paper: 1e-4 on all of CelebA); protected "
+            "ResRec width 16 x 2 blocks, URec width 16 x 2 levels) trained 2 epochs on "
+            "1,000-image subsets with lr 1e-3 (paper: 1e-4 on all of CelebA); protected "
             "experiments on 10 pairs per fold (100 pairs) per dataset; the noise-bound sweep on "
-            "LFW only with 4 bounds; the adaptive attacker trains on 400 protected features",
+            "LFW only with 4 bounds; the adaptive attacker trains on 300 protected features",
         ),
     ),
     "paper": Profile(

@@ -48,6 +48,14 @@ def train_recon_command(
         float | None, typer.Option("--max-minutes", help="Stop and checkpoint after this time")
     ] = None,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips")] = True,
+    features: Annotated[
+        str,
+        typer.Option(
+            "--features",
+            help="clean | advface:SHADOW_CKPT[,epsilon=..] (adaptive attacker: trains on "
+            "features protected with its own shadow)",
+        ),
+    ] = "clean",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads")] = None,
     data_root: Annotated[Path | None, typer.Option("--data-root")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -79,6 +87,7 @@ def train_recon_command(
             settings=settings,
             limit=limit,
             resume=resume,
+            features=features,
             data_root=data_root,
         )
     except (ValueError, FileNotFoundError) as err:

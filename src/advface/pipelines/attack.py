@@ -25,13 +25,19 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 DATASETS: dict[str, str] = {"lfw": "lfw", "cfp-fp": "cfp"}
 
 
-def resolve_protection(name: str, **params: Any) -> FeatureFn | None:
-    """``none`` -> None; any other name -> ``build_protection(name, **params).protect``."""
-    if name == "none" and not params:
+def resolve_protection(
+    name: str, *, extractor: torch.nn.Module | None = None, **params: Any
+) -> FeatureFn | None:
+    """``none`` -> None; a name with ``params`` -> ``build_protection(name, **params)``;
+    otherwise a spec string such as ``advface:SHADOW_CKPT,epsilon=0.1`` (see
+    :mod:`advface.protection.spec`), built with the attack's own E."""
+    if name in ("none", "clean") and not params:
         return None
-    from advface.protection import build_protection
+    from advface.protection import build_protection, protection_from_spec
 
-    return build_protection(name, **params).protect
+    if params:
+        return build_protection(name, **params).protect
+    return protection_from_spec(name, extractor=extractor).protect
 
 
 def select_keys(keys: list[str], limit: int | None, seed: int = 0) -> list[str]:
@@ -144,11 +150,11 @@ def run_attack(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     t0 = time.perf_counter()
     recon, ckpt = load_checkpoint(attacker, device)
-    protect = resolve_protection(protection, **(protection_params or {}))
     root = resolve_root(data_root)
     keys = select_keys(load_protocol(dataset, root).unique_keys(), limit, seed)
     model = load_facenet(cache=cache).to(device).eval()
     extractor, _ = split_facenet(model)
+    protect = resolve_protection(protection, extractor=extractor, **(protection_params or {}))
     if thresholds is None:
         thresholds = system_thresholds(
             dataset,
@@ -262,6 +268,11 @@ def train_attacker(
     t0 = time.perf_counter()
     data = load_train_set(train_set, data_root=data_root, limit=limit)
     extractor, _ = split_facenet(load_facenet(cache=cache))
+    if feature_fn is None and features != "clean":
+        from advface.protection import feature_fn_from_spec
+
+        # The adaptive attacker: train on features protected as the server would store them.
+        feature_fn = feature_fn_from_spec(features, extractor=extractor, device=settings.device)
     result = train_recon(
         data.images,
         extractor,

@@ -121,6 +121,21 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
     cols = [*datasets, AGEDB]
     head = "| method | " + " | ".join(cols) + " |"
     sep = "|---" * (len(cols) + 1) + "|"
+    attackers = [r for r in rows if r["table"] == "attackers"]
+    if attackers:
+        lines += [
+            "## Attackers on unprotected features",
+            "",
+            "| dataset | attacker | SSIM | PSNR | MSE | SRRA | SRRA @ FAR=1e-3 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in attackers:
+            lines.append(
+                f"| {r['dataset']} | {r['attacker']} | {_fmt(r['ssim'], 'ssim')} | "
+                f"{_fmt(r['psnr'], 'psnr')} | {_fmt(r['mse'], 'mse')} | "
+                f"{_fmt(r['srra'], 'srra')} | {_fmt(r.get('srra_far_1e-3'), 'srra')} |"
+            )
+        lines.append("")
     lines += [
         "## Table 1 — reconstruction (ResRec attacker, ResRec shadow): SSIM / PSNR / MSE / SRRA",
         "",

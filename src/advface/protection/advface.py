@@ -305,7 +305,8 @@ class AdvFace(Protection):
         result = AdvFaceResult(z=z0, shadow_image=x_shadow, shadow_feature=z0)
         zt = z0
         step_size = min(self.alpha, self.epsilon) if self.reading == "per-step" else self.alpha
-        for _ in range(self.steps):
+        # With epsilon = 0 every reading keeps z~: skip the (costly) gradient steps.
+        for _ in range(self.steps if self.epsilon > 0 else 0):
             with torch.enable_grad():
                 zg = zt.detach().requires_grad_(True)
                 loss = self._loss(zg, x_shadow)

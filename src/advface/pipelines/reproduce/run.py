@@ -343,9 +343,10 @@ def _merge(a: dict, b: dict) -> dict:
     return {**a, **b, "extra": extra}
 
 
-def _configs(p: Profile) -> list[ProtectionConfig]:
+def _configs(p: Profile, dataset: str) -> list[ProtectionConfig]:
     cfgs = [ProtectionConfig("none"), ProtectionConfig("random"), ProtectionConfig("dp")]
-    cfgs += [ProtectionConfig("advface", s, p.epsilon) for s in p.archs]
+    shadows = p.archs if dataset in p.transfer_datasets else ("resrec",)
+    cfgs += [ProtectionConfig("advface", s, p.epsilon) for s in shadows]
     return cfgs
 
 
@@ -449,7 +450,7 @@ def reproduce(
         results: dict[ProtectionConfig, dict[str, np.ndarray]] = {}
         eps_list = sorted(set(p.sweep) | {p.epsilon}) if d in p.sweep_datasets else [p.epsilon]
         other = OTHER_READING[p.reading]
-        cfgs = _configs(p) + [ProtectionConfig("advface", "resrec", e) for e in eps_list]
+        cfgs = _configs(p, d) + [ProtectionConfig("advface", "resrec", e) for e in eps_list]
         cfgs.append(ProtectionConfig("advface", "resrec", p.epsilon, reading=other))
         for cfg in dict.fromkeys(cfgs):
             results[cfg] = (
@@ -477,7 +478,7 @@ def reproduce(
                 acc["extra"]["accuracy_full_protocol"] = thr["accuracy"]
             rows.append(make_row("table2", d, m, attacker=None, shadow=shadow, epsilon=eps, **acc))
             grids[d][m] = res["resrec/grid"]
-        for s in p.archs:
+        for s in p.archs if d in p.transfer_datasets else ():
             res = results[ProtectionConfig("advface", s, p.epsilon)]
             rows.append(
                 make_row(

@@ -158,6 +158,8 @@ def attack_command(
             batch_size=batch_size,
             device=device,
             grid=grid,
+            thresholds=thresholds,
+            threshold_pairs_per_fold=threshold_pairs,
             progress=progress and not as_json,
         )
     except (ValueError, FileNotFoundError) as err:

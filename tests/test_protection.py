@@ -199,7 +199,8 @@ def test_params_are_json_and_rebuild() -> None:
             again = build_protection(p.name, expected_shape=SMALL, **args)
             assert again.params() == p.params()
     adv = _advface(s, e).params()
-    assert adv["reading"] == "per-step" and adv["bn"] == "batch" and len(adv["shadow_sha256"]) == 64
+    assert adv["reading"] == "projected" and adv["bn"] == "batch"
+    assert len(adv["shadow_sha256"]) == 64
 
 
 # -- determinism and baselines ------------------------------------------------------------------
@@ -274,7 +275,7 @@ def test_per_step_reading_bounds_each_step_not_the_total() -> None:
     assert res.drift_linf > 0.2 + 1e-3  # drift accumulates beyond epsilon
     assert res.drift_linf <= 10 * 0.2 + 1e-5
     # epsilon < alpha: steps are clipped to epsilon.
-    small = _advface(s, e, steps=5, alpha=0.2, epsilon=0.05).run(z)
+    small = _advface(s, e, steps=5, alpha=0.2, epsilon=0.05, reading="per-step").run(z)
     assert max(small.step_linf) <= 0.05 + 1e-6 and small.drift_linf > 0.05 + 1e-4
 
 

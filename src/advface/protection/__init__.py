@@ -32,7 +32,7 @@ def build_protection(name: str, **params: Any) -> Protection:
     - ``dp``: ``epsilon_dp=1.0, sensitivity=0.2, seed``
     - ``advface``: ``shadow`` (module or checkpoint dir, required), ``extractor`` (module;
       default: E of the converted FaceNet), ``steps=40, alpha=0.2, epsilon=0.2,
-      reading="per-step"|"projected", bn="batch"|"sample"|"running", clamp_min=None, device``
+      reading="projected"|"per-step", bn="batch"|"sample"|"running", clamp_min=None, device``
 
     All take ``expected_shape=(64, 77, 77)``. Unknown names or parameters raise ``ValueError``.
     """

@@ -30,7 +30,7 @@ class Profile:
     steps: int = 40
     alpha: float = 0.2
     epsilon: float = 0.2
-    reading: str = "per-step"
+    reading: str = "projected"  # the library default; docs/results/cpu used "per-step"
     protect_batch: int = 32
     sweep: tuple[float, ...] = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
     sweep_datasets: tuple[str, ...] = ("lfw", "cfp-fp")

@@ -65,3 +65,28 @@ def test_smoke_profile_end_to_end_and_resumes(data_root, tmp_path):
     again = reproduce(get_profile("smoke"), out, progress=False)
     assert again["rows"] == res["rows"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # every stage reused
+    # Stages are keyed by what they depend on: a changed note or sweep recomputes nothing old.
+    reproduce(get_profile("smoke", notes=("other note",), sweep=(0.2,)), out, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert {p for p in (out / "cache").rglob("*") if p.is_file()} == set(stamps)
+
+
+def test_memo_features_protects_each_map_once():
+    import torch
+
+    from advface.pipelines.reproduce.run import MemoFeatures
+
+    calls: list[int] = []
+
+    def fn(z: torch.Tensor) -> torch.Tensor:
+        calls.append(len(z))
+        return z + 1
+
+    memo = MemoFeatures(fn)
+    z = torch.randn(4, 2, 3, 3)
+    first = memo(z)
+    again = memo(z[[2, 0]])
+    assert calls == [4]  # the second call found every map
+    assert torch.allclose(first, z + 1, atol=1e-2) and torch.equal(again, first[[2, 0]])
+    memo(torch.cat([z[:1], z[:1] + 5]))
+    assert calls == [4, 1]

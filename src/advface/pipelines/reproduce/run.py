@@ -9,6 +9,7 @@ reconstruction embeddings (for SRRA) and a few reconstructions for the figures.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ class Context:
     encoder: nn.Module
     head: nn.Module
     timings: dict[str, float] = field(default_factory=dict)
+    # Stage name of each trained network (by id of the module), so a stage that uses a network
+    # is keyed by that network's training settings rather than by the whole profile.
+    model_stage: dict[int, str] = field(default_factory=dict)
 
     def log(self, msg: str) -> None:
         if self.progress:
@@ -168,6 +172,7 @@ def _train(
         )
         ctx.timings[f"train {role} {arch} ({features})"] = round(time.perf_counter() - t0, 1)
     model, _ = load_checkpoint(ckpt, device=ctx.device)
+    ctx.model_stage[id(model)] = ckpt.name
     return model.eval()
 
 
@@ -189,8 +194,6 @@ class MemoFeatures:
         self.memo: dict[bytes, torch.Tensor] = {}
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        import hashlib
-
         # Keyed on fp16-rounded values: E's output for the same image can differ in the last
         # float32 bits between batch compositions (different conv blocking).
         keys = [hashlib.sha1(zi.half().cpu().numpy().tobytes()).digest() for zi in z]
@@ -200,6 +203,15 @@ class MemoFeatures:
             for i, zi in zip(todo, out, strict=True):
                 self.memo[keys[i]] = zi.to(torch.float16).cpu()
         return torch.stack([self.memo[k] for k in keys]).to(z.device, z.dtype)
+
+
+def _protection_settings(p: Profile, cfg: ProtectionConfig) -> dict:
+    """The profile settings a protection's output depends on."""
+    if cfg.method == "none":
+        return {}
+    if cfg.method in ("random", "dp"):
+        return dict(seed=p.seed)
+    return dict(steps=p.steps, alpha=p.alpha, reading=cfg.reading or p.reading, seed=p.seed)
 
 
 def _protection(ctx: Context, cfg: ProtectionConfig, shadows: dict[str, nn.Module]):
@@ -243,13 +255,18 @@ def _protect_stage(
     # Unprotected features: every attacker is replayed (the attack benchmark of issue 3).
     replayed = set(attackers) if cfg.method == "none" else set(REPLAYED) & set(attackers)
     p = ctx.profile
+    # Only what the stage's output depends on: a change elsewhere in the profile (a note, the
+    # sweep, another dataset) leaves it cached.
     settings = dict(
         dataset=dataset,
         cfg=cfg.__dict__,
-        n=len(images),
-        profile=p.to_dict(),
-        attackers=sorted(attackers),
+        images=hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16],
+        protection=_protection_settings(p, cfg),
+        shadow=ctx.model_stage[id(shadows[cfg.shadow])] if cfg.method == "advface" else None,
+        attackers={a: ctx.model_stage[id(net)] for a, net in sorted(attackers.items())},
         replayed=sorted(replayed),
+        batch=p.protect_batch,
+        grid_n=p.grid_n,
     )
 
     def compute() -> dict[str, np.ndarray]:
@@ -413,8 +430,9 @@ def reproduce(
         "attacker",
         "resrec",
         "lfw-nonpairs",
-        features="advface:own-resrec",
-        feature_fn=adaptive_prot.protect,
+        # The features depend on every AdvFace setting: a change retrains the adaptive attacker.
+        features=(f"advface:own-resrec:{p.reading}:eps{p.epsilon}:steps{p.steps}:alpha{p.alpha}"),
+        feature_fn=MemoFeatures(adaptive_prot.protect),
         limit=p.adaptive_limit,
         epochs=p.adaptive_epochs,
     )

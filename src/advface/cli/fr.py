@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from advface.cli._errors import user_errors
+
 
 def register(app: typer.Typer) -> None:
     app.command("eval-fr")(eval_fr_cmd)
@@ -46,7 +48,7 @@ def eval_fr_cmd(
     from advface.pipelines.eval_fr import eval_fr
     from advface.protection import protection_from_spec
 
-    try:
+    with user_errors():
         model = load_facenet(weights, cache=cache_dir)
         prot = None
         if protection.strip().lower() not in ("none", "clean"):
@@ -68,9 +70,6 @@ def eval_fr_cmd(
             device=device,
             progress=not as_json,
         )
-    except (ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
     if as_json:
         typer.echo(json.dumps(res))
         return

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from advface.cli._errors import user_errors
+
 
 def register(app: typer.Typer) -> None:
     app.command("protect")(protect_command)
@@ -59,7 +61,7 @@ def protect_command(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    try:
+    with user_errors():
         extractor = None
         if method == "advface" and shadow is None:  # fail before loading FaceNet
             raise ValueError("--method advface needs --shadow CKPT (a reconstruction checkpoint)")
@@ -90,9 +92,6 @@ def protect_command(
             overwrite=overwrite,
             progress=not as_json,
         )
-    except (ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
     if as_json:
         typer.echo(json.dumps(summary))
         return

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from advface.cli._errors import user_errors
+
 
 def register(app: typer.Typer) -> None:
     app.command("reproduce")(reproduce_cmd)
@@ -34,7 +36,7 @@ def reproduce_cmd(
     from advface.pipelines.reproduce.profiles import get_profile
     from advface.pipelines.reproduce.run import reproduce
 
-    try:
+    with user_errors():
         prof = get_profile(profile)
         res = reproduce(
             prof,
@@ -45,9 +47,6 @@ def reproduce_cmd(
             progress=not quiet,
             weights=weights,
         )
-    except (ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
     typer.echo(headline_table(res["rows"]))
     typer.echo(f"\nreport: {out / 'report.md'}  ({res['wall_s']:.0f} s)")
 
@@ -67,7 +66,7 @@ def stage_cmd(
     """Stage aligned faces + fp16 FaceNet into parts of at most PART_MIB for device calls."""
     from advface.pipelines.staging import STAGE_DATASETS, stage
 
-    try:
+    with user_errors():
         manifest = stage(
             out,
             data_root=data_root,
@@ -76,9 +75,6 @@ def stage_cmd(
             part_mib=part_mib,
             quality=quality,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
     for d, info in manifest["datasets"].items():
         typer.echo(
             f"{d}: {info['images']} faces, {info['jpeg_bytes'] / 2**20:.1f} MiB, "
@@ -96,9 +92,6 @@ def unstage_cmd(
     """Verify a stage's parts and write the staged data root (used on the device)."""
     from advface.pipelines.staging import unstage
 
-    try:
+    with user_errors():
         path = unstage(stage_dir, root)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
     typer.echo(str(path))

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from advface.cli._errors import user_errors
+
 keys_app = typer.Typer(help="API keys of the template service.", no_args_is_help=True)
 client_app = typer.Typer(help="Talk to a running template service.", no_args_is_help=True)
 
@@ -85,11 +87,8 @@ def serve_cmd(
         torch_threads=torch_threads,
     )
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    try:
+    with user_errors():
         app = create_app(settings)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
     from sqlalchemy.engine import make_url
 
     db = make_url(settings.db_url).render_as_string(hide_password=True)

@@ -74,7 +74,7 @@ def test_smoke_profile_end_to_end_and_resumes(data_root, tmp_path):
 def test_memo_features_protects_each_map_once():
     import torch
 
-    from advface.pipelines.reproduce.run import MemoFeatures
+    from advface.attacks.train import MemoFeatures
 
     calls: list[int] = []
 

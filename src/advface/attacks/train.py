@@ -9,6 +9,7 @@ are written atomically to the output directory.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,28 @@ from advface.models.recon.checkpoint import atomic_save_tensors
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+class MemoFeatures:
+    """Wrap a ``feature_fn`` so each distinct feature map is protected once, however many epochs
+    see it: an adaptive attacker's training set is a fixed set of protected features, as it
+    would be on disk (and re-running AdvFace every epoch would multiply its cost). Maps are
+    held in memory as float16 (0.76 MB each for 64x77x77)."""
+
+    def __init__(self, fn: FeatureFn) -> None:
+        self.fn = fn
+        self.memo: dict[bytes, torch.Tensor] = {}
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        # Keyed on fp16-rounded values: E's output for the same image can differ in the last
+        # float32 bits between batch compositions (different conv blocking).
+        keys = [hashlib.sha1(zi.half().cpu().numpy().tobytes()).digest() for zi in z]
+        todo = [i for i, k in enumerate(keys) if k not in self.memo]
+        if todo:
+            out = self.fn(z[todo])
+            for i, zi in zip(todo, out, strict=True):
+                self.memo[keys[i]] = zi.to(torch.float16).cpu()
+        return torch.stack([self.memo[k] for k in keys]).to(z.device, z.dtype)
 
 
 def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -269,10 +269,13 @@ def train_attacker(
     data = load_train_set(train_set, data_root=data_root, limit=limit)
     extractor, _ = split_facenet(load_facenet(cache=cache))
     if feature_fn is None and features != "clean":
+        from advface.attacks.train import MemoFeatures
         from advface.protection import feature_fn_from_spec
 
         # The adaptive attacker: train on features protected as the server would store them.
-        feature_fn = feature_fn_from_spec(features, extractor=extractor, device=settings.device)
+        feature_fn = MemoFeatures(
+            feature_fn_from_spec(features, extractor=extractor, device=settings.device)
+        )
     result = train_recon(
         data.images,
         extractor,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from advface.attacks.train import MemoFeatures
 from advface.pipelines.eval_fr import DATASETS, PairSubset, eval_fr, pair_scores, select_pairs
 from advface.pipelines.reproduce.profiles import Profile
 from advface.pipelines.reproduce.stages import StageCache
@@ -183,26 +184,6 @@ def _recon_cfg(p: Profile, arch: str) -> dict:
     if p.width is not None:
         cfg["width"] = p.width
     return cfg
-
-
-class MemoFeatures:
-    """Protect each distinct training feature map once (the adaptive attacker's training set is
-    a fixed set of protected features, as it would be on disk); keyed by the map's bytes."""
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-        self.memo: dict[bytes, torch.Tensor] = {}
-
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        # Keyed on fp16-rounded values: E's output for the same image can differ in the last
-        # float32 bits between batch compositions (different conv blocking).
-        keys = [hashlib.sha1(zi.half().cpu().numpy().tobytes()).digest() for zi in z]
-        todo = [i for i, k in enumerate(keys) if k not in self.memo]
-        if todo:
-            out = self.fn(z[todo])
-            for i, zi in zip(todo, out, strict=True):
-                self.memo[keys[i]] = zi.to(torch.float16).cpu()
-        return torch.stack([self.memo[k] for k in keys]).to(z.device, z.dtype)
 
 
 def _protection_settings(p: Profile, cfg: ProtectionConfig) -> dict:

@@ -21,7 +21,6 @@ The bottleneck batch norm (``last_bn``) is not folded in the graph and is copied
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import importlib.util
 import json
 import os
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advface.config import cache_dir
+from advface.fileio import sha256_file
 
 __all__ = [
     "ARCHITECTURE",
@@ -555,14 +555,6 @@ def facenet_pb_path() -> Path:
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _atomic_write(target: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename over ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -585,7 +577,7 @@ def _cached_default_state(cache: str | Path | None) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file, save_file
 
     pb_path = facenet_pb_path()
-    pb_sha = _sha256(pb_path)
+    pb_sha = sha256_file(pb_path)
     folder = cache_dir(cache) / "facenet"
     weights_file = folder / f"{DEFAULT_WEIGHTS_NAME}.safetensors"
     config_file = folder / f"{DEFAULT_WEIGHTS_NAME}.json"

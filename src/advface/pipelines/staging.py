@@ -19,19 +19,18 @@ and the fp16 weights' embedding error, and records both in the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 import shutil
 import tarfile
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from advface.fileio import atomic_folder, sha256_file
 
 STAGE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -45,14 +44,6 @@ IMAGE_DIRS = {
 STAGE_DATASETS = tuple(IMAGE_DIRS)
 _TAR_BLOCK = 512
 _MARGIN = 64 * 1024  # tar end-of-archive records and rounding
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _protocol_files(dataset: str, root: Path, keys: Sequence[str]) -> dict[str, bytes]:
@@ -179,10 +170,8 @@ def stage(
     if dest.exists():
         raise FileExistsError(f"{dest} exists; remove it or choose another folder")
     root = config.data_root(data_root)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     t0 = time.perf_counter()
-    try:
+    with atomic_folder(dest) as tmp:
         writer = _PartWriter(tmp, int(part_mib * 2**20))
         meta: dict[str, bytes] = {}
         report: dict[str, Any] = {}
@@ -231,7 +220,7 @@ def stage(
             "jpeg_quality": quality,
             "part_mib": part_mib,
             "weights": {"file": WEIGHTS_FILE, "dtype": "float16", **weights},
-            "parts": {p.name: {f.name: _sha256(f) for f in sorted(p.iterdir())} for p in parts},
+            "parts": {p.name: {f.name: sha256_file(f) for f in sorted(p.iterdir())} for p in parts},
             "seconds": round(time.perf_counter() - t0, 1),
         }
         for p in parts:
@@ -239,10 +228,6 @@ def stage(
             if size > part_mib * 2**20:
                 raise RuntimeError(f"{p.name} is {size / 2**20:.1f} MiB, over {part_mib}")
         (first / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -271,7 +256,7 @@ def verify(stage_dir: str | Path, parts: Sequence[str] | None = None) -> dict[st
             raise ValueError(f"{name} is not a part of stage {stage_dir}")
         for fname, digest in manifest["parts"][name].items():
             path = stage_dir / name / fname
-            if not path.is_file() or _sha256(path) != digest:
+            if not path.is_file() or sha256_file(path) != digest:
                 raise ValueError(f"{path} is missing or damaged (sha256 mismatch)")
     return manifest
 
@@ -291,9 +276,7 @@ def unstage(stage_dir: str | Path, root: str | Path) -> Path:
         if marker.is_file() and json.loads(marker.read_text()) == manifest:
             return root
         raise FileExistsError(f"{root} exists and was not made from {stage_dir}")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_folder(root) as tmp:
         for name in manifest["parts"]:
             for tar_name in ("meta.tar", "images.tar"):
                 path = stage_dir / name / tar_name
@@ -302,8 +285,4 @@ def unstage(stage_dir: str | Path, root: str | Path) -> Path:
                         tar.extractall(tmp, filter="data")
         shutil.copyfile(stage_dir / "part-00" / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
         (tmp / STAGED_MARKER).write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root

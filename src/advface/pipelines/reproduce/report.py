@@ -94,6 +94,33 @@ def _find(rows: Iterable[dict], **match) -> dict | None:
     return None
 
 
+RECON_KEYS = ("ssim", "psnr", "mse", "srra")
+
+
+def _paper_cells(
+    rows: list[dict],
+    flags: list[str],
+    datasets: list[str],
+    keys: tuple[str, ...],
+    ref: dict,
+    label: str,
+    **match: object,
+) -> list[str]:
+    """One table row's cells: per dataset, ``keys`` of the matching row beside the paper's
+    values (``ref[dataset]``: one value, or a tuple in ``keys`` order), then AgeDB's."""
+    cells = []
+    for d in datasets:
+        r = _find(rows, dataset=d, **match) or {}
+        theirs = ref.get(d)
+        theirs = theirs if isinstance(theirs, tuple) else (theirs,) * len(keys)
+        cells.append(
+            " / ".join(
+                _cell(r.get(k), theirs[i], k, flags, f"{label} {d}") for i, k in enumerate(keys)
+            )
+        )
+    return [*cells, NO_COPY]
+
+
 def render_markdown(meta: dict, rows: list[dict]) -> str:
     prof = meta["profile"]
     datasets = list(prof["datasets"])
@@ -143,17 +170,16 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
         sep,
     ]
     for m in ("none", "random", "dp", "advface"):
-        cells = []
-        for d in datasets:
-            r = _find(rows, table="table1", dataset=d, method=m) or {}
-            ref = paper.TABLE1[m].get(d, (None,) * 4)
-            cells.append(
-                " / ".join(
-                    _cell(r.get(k), ref[i], k, flags, f"table1 {m} {d}")
-                    for i, k in enumerate(("ssim", "psnr", "mse", "srra"))
-                )
-            )
-        cells.append(NO_COPY)
+        cells = _paper_cells(
+            rows,
+            flags,
+            datasets,
+            RECON_KEYS,
+            paper.TABLE1[m],
+            f"table1 {m}",
+            table="table1",
+            method=m,
+        )
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
 
     lines += [
@@ -164,15 +190,16 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
         sep,
     ]
     for m in ("none", "random", "dp", "advface"):
-        cells = []
-        for d in datasets:
-            r = _find(rows, table="table2", dataset=d, method=m) or {}
-            cells.append(
-                _cell(
-                    r.get("accuracy"), paper.TABLE2[m].get(d), "accuracy", flags, f"table2 {m} {d}"
-                )
-            )
-        cells.append(NO_COPY)
+        cells = _paper_cells(
+            rows,
+            flags,
+            datasets,
+            ("accuracy",),
+            paper.TABLE2[m],
+            f"table2 {m}",
+            table="table2",
+            method=m,
+        )
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("AdvFace (offline mode, retraining Psi): not implemented; no row.")
@@ -185,19 +212,10 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
         sep,
     ]
     for s in prof["archs"]:
-        cells = []
-        for d in datasets:
-            r = _find(rows, table="table3", dataset=d, shadow=s) or {}
-            cells.append(
-                _cell(
-                    r.get("accuracy"),
-                    paper.TABLE3.get(s, {}).get(d),
-                    "accuracy",
-                    flags,
-                    f"table3 {s} {d}",
-                )
-            )
-        cells.append(NO_COPY)
+        ref = paper.TABLE3.get(s, {})
+        cells = _paper_cells(
+            rows, flags, datasets, ("accuracy",), ref, f"table3 {s}", table="table3", shadow=s
+        )
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
 
     lines += [
@@ -209,18 +227,19 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
     ]
     for s in prof["archs"]:
         for a in prof["archs"]:
-            cells = []
             ref = paper.TABLE4.get((s, a), {})
-            for d in datasets:
-                r = _find(rows, table="table4", dataset=d, shadow=s, attacker=a) or {}
-                rr = ref.get(d, (None, None))
-                cells.append(
-                    " / ".join(
-                        _cell(r.get(k), rr[i], k, flags, f"table4 {s}->{a} {d}")
-                        for i, k in enumerate(("ssim", "psnr"))
-                    )
-                )
-            cells.append(NO_COPY)
+            label = f"table4 {s}->{a}"
+            cells = _paper_cells(
+                rows,
+                flags,
+                datasets,
+                ("ssim", "psnr"),
+                ref,
+                label,
+                table="table4",
+                shadow=s,
+                attacker=a,
+            )
             lines.append(f"| {s} | {a} | " + " | ".join(cells) + " |")
 
     sweep = [r for r in rows if r["table"] == "fig4"]

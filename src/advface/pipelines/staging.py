@@ -35,13 +35,7 @@ from advface.fileio import atomic_folder, sha256_file
 STAGE_FORMAT = 1
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "facenet-fp16.safetensors"
-# Where each dataset's images live under a data root (see advface.data.protocols).
-IMAGE_DIRS = {
-    "lfw": "lfw/lfw-deepfunneled",
-    "cfp": "cfp/Data/Images",
-    "celeba": "celeba/img_mtcnn160",
-}
-STAGE_DATASETS = tuple(IMAGE_DIRS)
+STAGE_DATASETS = ("lfw", "cfp", "celeba")
 _TAR_BLOCK = 512
 _MARGIN = 64 * 1024  # tar end-of-archive records and rounding
 
@@ -59,16 +53,6 @@ def _protocol_files(dataset: str, root: Path, keys: Sequence[str]) -> dict[str, 
     lines = (root / "celeba/identity_CelebA.txt").read_text().splitlines()
     kept = [ln for ln in lines if ln.split()[:1] and ln.split()[0] in wanted]
     return {"celeba/identity_CelebA.txt": ("\n".join(kept) + "\n").encode()}
-
-
-def _dataset_keys(dataset: str, root: Path) -> list[str]:
-    from advface.data.protocols import celeba_keys, cfp_keys, lfw_keys
-
-    if dataset == "lfw":
-        return lfw_keys(root)
-    if dataset == "cfp":
-        return cfp_keys(root)
-    return celeba_keys(root)[0]
 
 
 def _encode(image: np.ndarray, quality: int) -> tuple[bytes, np.ndarray]:
@@ -154,9 +138,10 @@ def stage(
     from tqdm.auto import tqdm
 
     from advface import config
+    from advface.data.prepare import dataset_spec
     from advface.pipelines.data import aligned_images
 
-    unknown = sorted(set(datasets) - set(IMAGE_DIRS))
+    unknown = sorted(set(datasets) - set(STAGE_DATASETS))
     if unknown or not datasets:
         raise ValueError(f"datasets must be a non-empty subset of {STAGE_DATASETS}, got {datasets}")
     if not 1 <= quality <= 100:
@@ -177,7 +162,8 @@ def stage(
         report: dict[str, Any] = {}
         probe = None
         for d in datasets:
-            keys = _dataset_keys(d, root)
+            spec = dataset_spec(d, data_root=root)  # every image, where the protocols look
+            keys, image_dir = spec.keys, spec.image_dir.relative_to(root).as_posix()
             images, found = aligned_images(d, keys, data_root=root, cache=cache, progress=progress)
             probe = images[:32] if probe is None else probe
             meta.update(_protocol_files(d, root, keys))
@@ -194,7 +180,7 @@ def stage(
                 err_sum += float(np.abs(diff).mean())
                 sq_sum += float((diff**2).mean())
                 nbytes += len(data)
-                writer.add(f"{IMAGE_DIRS[d]}/{key}", data)
+                writer.add(f"{image_dir}/{key}", data)
             mse = sq_sum / len(keys)
             report[d] = {
                 "images": len(keys),

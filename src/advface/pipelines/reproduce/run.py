@@ -226,6 +226,7 @@ def _protect_stage(
     ctx: Context,
     dataset: str,
     images: np.ndarray,
+    images_key: str,
     cfg: ProtectionConfig,
     shadows: dict[str, nn.Module],
     attackers: dict[str, nn.Module],
@@ -241,7 +242,7 @@ def _protect_stage(
     settings = dict(
         dataset=dataset,
         cfg=cfg.__dict__,
-        images=hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16],
+        images=images_key,
         protection=_protection_settings(p, cfg),
         shadow=ctx.model_stage[id(shadows[cfg.shadow])] if cfg.method == "advface" else None,
         attackers={a: ctx.model_stage[id(net)] for a, net in sorted(attackers.items())},
@@ -416,7 +417,7 @@ def reproduce(
         "resrec",
         "lfw-nonpairs",
         # The features depend on every AdvFace setting: a change retrains the adaptive attacker.
-        features=(f"advface:own-resrec:{p.reading}:eps{p.epsilon}:steps{p.steps}:alpha{p.alpha}"),
+        features=f"advface:own-resrec:{p.reading}:eps{p.epsilon}:steps{p.steps}:alpha{p.alpha}",
         feature_fn=MemoFeatures(adaptive_prot.protect),
         limit=p.adaptive_limit,
         epochs=p.adaptive_epochs,
@@ -448,7 +449,11 @@ def reproduce(
         sub, images = _subset(ctx, d)
         grids[d] = {"original": images[: p.grid_n]}
         thr = fr[d]
-        none_res = _protect_stage(ctx, d, images, ProtectionConfig("none"), shadows, attackers)
+        # The faces' content keys every protected-feature stage of this dataset (hashed once).
+        images_key = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+        none_res = _protect_stage(
+            ctx, d, images, images_key, ProtectionConfig("none"), shadows, attackers
+        )
         clean_emb = none_res["emb"]
         results: dict[ProtectionConfig, dict[str, np.ndarray]] = {}
         eps_list = sorted(set(p.sweep) | {p.epsilon}) if d in p.sweep_datasets else [p.epsilon]
@@ -459,7 +464,7 @@ def reproduce(
             results[cfg] = (
                 none_res
                 if cfg.method == "none"
-                else _protect_stage(ctx, d, images, cfg, shadows, attackers)
+                else _protect_stage(ctx, d, images, images_key, cfg, shadows, attackers)
             )
         for a in attackers:
             rows.append(

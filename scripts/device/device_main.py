@@ -24,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--data-root", required=True)
     r.add_argument("--weights", required=True)
     r.add_argument("--out", required=True)
+    b = sub.add_parser("bench", help="the robustness bench on the staged data root")
+    b.add_argument("--profile", default="gpu")
+    b.add_argument("--device", default="cuda")
+    b.add_argument("--dataset", action="append", help="lfw / cfp-fp (repeat)")
+    b.add_argument("--data-root", required=True)
+    b.add_argument("--weights", required=True)
+    b.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
     from advface.pipelines import staging
@@ -33,6 +40,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ok: {', '.join(args.parts) or 'all parts'} of {len(manifest['parts'])}")
     elif args.cmd == "unstage":
         print(staging.unstage(args.stage, args.root))
+    elif args.cmd == "bench":
+        from advface.pipelines.robustness import get_profile, run_bench
+        from advface.pipelines.robustness.report import summary
+
+        overrides = {"datasets": tuple(args.dataset)} if args.dataset else {}
+        res = run_bench(
+            get_profile(args.profile, **overrides),
+            args.out,
+            data_root=args.data_root,
+            device=args.device,
+            weights=args.weights,
+        )
+        print(summary(res["rows"]))
+        print(json.dumps({"wall_s": res["wall_s"], "device": res["device"]}))
     else:
         from advface.pipelines.reproduce.headline import headline_table
         from advface.pipelines.reproduce.profiles import get_profile

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Last device call (see docs/DEVICE.md): unstage the received parts, run `advface reproduce`
-# on the GPU for at most BUDGET_S seconds, and send back what exists in $OUT, also after a
-# timeout: every stage is cached under $WORK, so the next call on the warm machine resumes.
-#   PROFILE (paper)  DEVICE (cuda)  BUDGET_S (480)  PYTHON (python3)
+# (JOB=reproduce) or the robustness bench (JOB=bench) on the GPU for at most BUDGET_S seconds,
+# and send back what exists in $OUT, also after a timeout: every stage is cached under $WORK,
+# so the next call on the warm machine resumes.
+#   JOB (reproduce)  PROFILE (paper; gpu for bench)  DATASETS (bench: "lfw cfp-fp")
+#   DEVICE (cuda)  BUDGET_S (480)  PYTHON (python3)
 #   ADVFACE_STAGE_DIR (/root/advface-stage)  WORK (/root/advface-work)
 set -uo pipefail
 stage=${ADVFACE_STAGE_DIR:-/root/advface-stage}
@@ -15,13 +17,23 @@ export ADVFACE_CACHE_DIR=$work/cache ADVFACE_DATA_ROOT=$work/data
 (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
   --format=csv,noheader; "$py" -c "import torch; print('torch', torch.__version__)") \
   >"$out/device.txt" 2>&1
-"$py" scripts/device/device_main.py unstage "$stage" --root "$work/data" || exit 2
+[ -f "$work/data/advface-staged.json" ] ||
+  "$py" scripts/device/device_main.py unstage "$stage" --root "$work/data" || exit 2
+job=${JOB:-reproduce}
+extra=()
+if [ "$job" = bench ]; then
+  for d in ${DATASETS:-lfw cfp-fp}; do extra+=(--dataset "$d"); done
+  profile=${PROFILE:-gpu}
+else
+  profile=${PROFILE:-paper}
+fi
 t0=$(date +%s)
-timeout "${BUDGET_S:-480}" "$py" scripts/device/device_main.py reproduce \
-  --profile "${PROFILE:-paper}" --device "${DEVICE:-cuda}" --data-root "$work/data" \
-  --weights "$work/data/facenet-fp16.safetensors" --out "$work/run" >"$out/log.txt" 2>&1
+timeout "${BUDGET_S:-480}" "$py" scripts/device/device_main.py "$job" \
+  --profile "$profile" --device "${DEVICE:-cuda}" --data-root "$work/data" \
+  --weights "$work/data/facenet-fp16.safetensors" --out "$work/run" "${extra[@]}" \
+  >"$out/log.txt" 2>&1
 rc=$?
-echo "reproduce exit $rc after $(($(date +%s) - t0)) s" | tee -a "$out/device.txt"
+echo "$job exit $rc after $(($(date +%s) - t0)) s" | tee -a "$out/device.txt"
 tail -c 4000 "$out/log.txt"
 # Outputs (tables, report, figures) and the trained decoders, which a later session can carry
 # back into $WORK/run/cache to resume training elsewhere.

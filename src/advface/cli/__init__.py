@@ -19,6 +19,7 @@ app = typer.Typer(
 # Modules under advface.cli, each registering its commands on ``app``.
 _AREAS: tuple[str, ...] = (
     "attack",
+    "bench",
     "data",
     "fr",
     "protect",

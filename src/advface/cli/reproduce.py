@@ -62,6 +62,9 @@ def stage_cmd(
     ] = None,
     part_mib: Annotated[float, typer.Option(help="size of each part (one device call)")] = 48.0,
     quality: Annotated[int, typer.Option(help="JPEG quality of the staged faces")] = 95,
+    celeba_part: Annotated[
+        str, typer.Option(help="all | server | attacker half of CelebA's identities")
+    ] = "all",
 ) -> None:
     """Stage aligned faces + fp16 FaceNet into parts of at most PART_MIB for device calls."""
     from advface.pipelines.staging import STAGE_DATASETS, stage
@@ -74,6 +77,7 @@ def stage_cmd(
             datasets=tuple(dataset) if dataset else STAGE_DATASETS,
             part_mib=part_mib,
             quality=quality,
+            celeba_part=celeba_part,
         )
     for d, info in manifest["datasets"].items():
         typer.echo(

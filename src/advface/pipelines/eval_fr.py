@@ -62,6 +62,39 @@ def select_pairs(protocol, *, folds: int | None = None, pairs_per_fold: int | No
     )
 
 
+def sample_pairs(protocol, *, pairs_per_fold: int | None, seed: int = 0) -> PairSubset:
+    """A seeded random sample of ``pairs_per_fold`` pairs from every fold, half genuine and half
+    impostor (all pairs when ``pairs_per_fold`` is None): unlike :func:`select_pairs`, which
+    takes the first pairs (alphabetical names), a sample spans the whole protocol."""
+    if pairs_per_fold is None:
+        return select_pairs(protocol)
+    if pairs_per_fold < 2:
+        raise ValueError("pairs_per_fold must be >= 2")
+    rng = np.random.default_rng(seed)
+    issame = np.asarray(protocol.issame, dtype=bool)
+    fold = np.asarray(protocol.fold)
+    keep = np.zeros(len(issame), dtype=bool)
+    for f in np.unique(fold):
+        for same in (True, False):
+            ids = np.flatnonzero((fold == f) & (issame == same))
+            keep[rng.permutation(ids)[: pairs_per_fold // 2]] = True
+    sub = _SubProtocol(
+        [k for k, m in zip(protocol.keys_a, keep, strict=True) if m],
+        [k for k, m in zip(protocol.keys_b, keep, strict=True) if m],
+        issame[keep],
+        fold[keep],
+    )
+    return select_pairs(sub)
+
+
+@dataclass
+class _SubProtocol:
+    keys_a: list[str]
+    keys_b: list[str]
+    issame: np.ndarray
+    fold: np.ndarray
+
+
 def pair_scores(emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
     """Cosine similarity of L2-normalised embeddings."""
     return np.sum(emb_a * emb_b, axis=1).astype(np.float64)

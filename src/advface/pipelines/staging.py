@@ -43,7 +43,15 @@ _MARGIN = 64 * 1024  # tar end-of-archive records and rounding
 def _protocol_files(dataset: str, root: Path, keys: Sequence[str]) -> dict[str, bytes]:
     """The text files the protocols read, relative to the data root."""
     if dataset == "lfw":
-        return {"lfw/pairs.txt": (root / "lfw/pairs.txt").read_bytes()}
+        # CFP's names and image lists too: the LFW attackers leave out CFP's people, which
+        # needs only these files (no CFP image) on a machine that stages LFW alone.
+        names = (
+            "lfw/pairs.txt",
+            "cfp/Data/list_name.txt",
+            "cfp/Protocol/Pair_list_F.txt",
+            "cfp/Protocol/Pair_list_P.txt",
+        )
+        return {n: (root / n).read_bytes() for n in names if (root / n).is_file()}
     if dataset == "cfp":
         proto = root / "cfp/Protocol"
         files = sorted(p for p in proto.rglob("*.txt") if p.is_file())
@@ -128,9 +136,14 @@ def stage(
     datasets: Sequence[str] = STAGE_DATASETS,
     part_mib: float = 48.0,
     quality: int = 95,
+    celeba_part: str = "all",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write a stage into ``dest`` (which must not exist yet); returns the manifest.
+
+    ``celeba_part="server"`` stages only the server half of CelebA's identities
+    (:func:`advface.data.splits.celeba_split`), all the robustness bench needs of it: one
+    device call fewer.
 
     Uses (or builds) the full aligned caches of ``datasets``. Written into a temporary folder
     and renamed, so an interrupted run leaves no stage behind.
@@ -154,6 +167,8 @@ def stage(
     dest = Path(dest)
     if dest.exists():
         raise FileExistsError(f"{dest} exists; remove it or choose another folder")
+    if celeba_part not in ("all", "server", "attacker"):
+        raise ValueError(f"celeba_part must be all, server or attacker, got {celeba_part!r}")
     root = config.data_root(data_root)
     t0 = time.perf_counter()
     with atomic_folder(dest) as tmp:
@@ -164,6 +179,11 @@ def stage(
         for d in datasets:
             spec = dataset_spec(d, data_root=root)  # every image, where the protocols look
             keys, image_dir = spec.keys, spec.image_dir.relative_to(root).as_posix()
+            if d == "celeba" and celeba_part != "all":
+                from advface.data.splits import celeba_split
+
+                keep = set(celeba_split(root, celeba_part).keys)
+                keys = [k for k in keys if k in keep]
             images, found = aligned_images(d, keys, data_root=root, cache=cache, progress=progress)
             probe = images[:32] if probe is None else probe
             meta.update(_protocol_files(d, root, keys))
@@ -205,6 +225,7 @@ def stage(
             "datasets": report,
             "jpeg_quality": quality,
             "part_mib": part_mib,
+            "celeba_part": celeba_part,
             "weights": {"file": WEIGHTS_FILE, "dtype": "float16", **weights},
             "parts": {p.name: {f.name: sha256_file(f) for f in sorted(p.iterdir())} for p in parts},
             "seconds": round(time.perf_counter() - t0, 1),

@@ -18,6 +18,11 @@ class RandomPerturbation(Protection):
     an adversarial direction). Defaults follow the paper: 40 iterations, bound 0.2. The noise
     starts from the client feature z (not from a shadow feature) as the paper describes.
     No clamping to the feature domain: the paper's baseline has none.
+
+    ``reading="accumulated"`` (default, the paper's text) lets the rounds add up (per-element
+    spread about ``bound * sqrt(steps / 3)``); ``reading="projected"`` projects the running sum
+    onto {||z' - z||_inf <= epsilon} after every round, the same budget as AdvFace's projected
+    reading, so that the two are compared like for like.
     """
 
     name: ClassVar[str] = "random"
@@ -28,9 +33,13 @@ class RandomPerturbation(Protection):
         steps: int = 40,
         bound: float = 0.2,
         distribution: str = "uniform",
+        reading: str = "accumulated",
+        epsilon: float = 0.2,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.reading = check_choice("reading", reading, ("accumulated", "projected"))
+        self.epsilon = check_finite_number("epsilon", epsilon, low=0.0)
         self.steps = check_int("steps", steps, low=0)
         self.bound = check_finite_number("bound", bound, low=0.0)
         self.distribution = check_choice("distribution", distribution, ("uniform", "sign"))
@@ -43,7 +52,12 @@ class RandomPerturbation(Protection):
             if self.distribution == "sign":
                 n = torch.where(n >= 0, 1.0, -1.0).to(z.dtype)
             out.add_(n, alpha=self.bound)
+            if self.reading == "projected":
+                out = z + (out - z).clamp_(-self.epsilon, self.epsilon)
         return out
 
     def _params(self) -> dict[str, Any]:
-        return {"steps": self.steps, "bound": self.bound, "distribution": self.distribution}
+        out = {"steps": self.steps, "bound": self.bound, "distribution": self.distribution}
+        if self.reading == "projected":  # the legacy record stays unchanged
+            out.update(reading=self.reading, epsilon=self.epsilon)
+        return out

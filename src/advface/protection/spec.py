@@ -1,7 +1,8 @@
 """Protection specs on one string, for command lines and the adaptive attacker.
 
 Grammar: ``NAME[:SHADOW][,key=value...]``, e.g. ``none``, ``dp``, ``random,steps=20``,
-``advface:runs/shadow-resrec``, ``advface:runs/shadow,reading=projected,epsilon=0.1``.
+``advface:runs/shadow-resrec``, ``advface:runs/shadow,reading=projected,epsilon=0.1``,
+``embedding-shadow,generator=runs/gen,shadow=runs/shadow``.
 Values are parsed as JSON where possible (numbers, null, true/false), else kept as strings.
 """
 
@@ -46,6 +47,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         params[key] = value
     if name == "advface" and "shadow" not in params:
         raise ValueError(f"protection spec {spec!r}: advface needs a shadow, e.g. 'advface:CKPT'")
+    if name == "embedding-shadow" and not {"generator", "shadow"} <= set(params):
+        raise ValueError(
+            f"protection spec {spec!r}: embedding-shadow needs generator=CKPT and shadow=CKPT"
+        )
     return name, params
 
 
@@ -53,19 +58,24 @@ def protection_from_spec(
     spec: str,
     *,
     extractor: nn.Module | None = None,
+    head: nn.Module | None = None,
     device: str | torch.device | None = None,
 ) -> Protection:
-    """Build the protection a spec names; ``extractor``/``device`` are passed to AdvFace."""
+    """Build the protection a spec names; ``extractor``/``head``/``device`` are passed to the
+    protections that run networks (AdvFace takes no head)."""
     from advface.protection import build_protection
 
     name, params = parse_spec(spec)
-    if name == "advface":
+    if name in ("advface", "embedding-shadow"):
         if extractor is not None:
             params.setdefault("extractor", extractor)
+        if head is not None and name == "embedding-shadow":
+            params.setdefault("head", head)
         if device is not None:
             params.setdefault("device", device)
-        if not Path(str(params["shadow"])).exists():
-            raise ValueError(f"shadow checkpoint {params['shadow']} does not exist")
+        for what in ("shadow", "generator"):
+            if what in params and not Path(str(params[what])).exists():
+                raise ValueError(f"{what} checkpoint {params[what]} does not exist")
     return build_protection(name, **params)
 
 

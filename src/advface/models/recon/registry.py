@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._blocks import FEATURE_CHANNELS, FEATURE_SIZE
+from .embdec import EmbDec
 from .resrec import ResRec
 from .transrec import TransRec
 from .urec import URec
@@ -18,6 +19,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "transrec": TransRec,
     "resrec": ResRec,
     "urec": URec,
+    "embdec": EmbDec,
 }
 
 #: Named configurations: the constructors' defaults are the CPU profile (narrow: a full-width
@@ -27,11 +29,13 @@ PROFILES: dict[str, dict[str, dict[str, int]]] = {
         "transrec": {"width": 32, "depth": 0},
         "resrec": {"width": 16, "blocks": 2},
         "urec": {"width": 16, "levels": 2},
+        "embdec": {"width": 16},
     },
     "gpu": {
         "transrec": {"width": 64, "depth": 2},
         "resrec": {"width": 64, "blocks": 8},
         "urec": {"width": 64, "levels": 3},
+        "embdec": {"width": 64},
     },
 }
 
@@ -76,7 +80,8 @@ def full_config(arch: str, **cfg: object) -> dict[str, object]:
 
 
 def estimate_flops(model: nn.Module, size: int = FEATURE_SIZE) -> int:
-    """Forward FLOPs (2 x multiply-accumulates of convolutions) for one (64, size, size) input.
+    """Forward FLOPs (2 x multiply-accumulates of convolutions) for one (64, size, size) input
+    (or the model's own ``input_shape``, e.g. an embedding for EmbDec).
 
     Counts only convolutions and transposed convolutions, which dominate; BN/ReLU are ignored.
     Training costs about 3x this (forward + backward).
@@ -103,7 +108,8 @@ def estimate_flops(model: nn.Module, size: int = FEATURE_SIZE) -> int:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, FEATURE_CHANNELS, size, size))
+            shape = getattr(model, "input_shape", (FEATURE_CHANNELS, size, size))
+            model(torch.zeros(1, *shape))
     finally:
         for h in handles:
             h.remove()

@@ -1,0 +1,144 @@
+"""Optimisation-based inversion: recover a face from a stored feature with no training.
+
+Given stored features z' (N,64,77,77), find images x (N,3,160,160) in [0,1] minimising
+
+    ||E(x) - z'||^2 / numel  +  id_weight * (1 - cos(Psi(E(x)), Psi(z')))  +  tv_weight * TV(x)
+
+by Adam on an unconstrained parameter (x = sigmoid(p)), started from ``init`` (default: a grey
+image; the attacker's mean face is a stronger start). E is three convolutions, so the feature
+term nearly determines x on unprotected features; the identity term uses only what Psi reads
+and is what remains against a protection that keeps Psi's embedding. TV is the anisotropic
+total variation (mean absolute difference of neighbouring pixels), the image prior.
+Defaults: 200 steps, lr 0.05, tv_weight 0.05, id_weight 0.1. Cost: ``steps`` forward+backward
+passes of E (about 1 GFLOP per image and step), plus Psi's when ``id_weight > 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advface.attacks.train import unit_to_facenet
+
+
+def total_variation(x: Tensor) -> Tensor:
+    """Mean absolute difference of vertically and horizontally adjacent pixels, per image (N,)."""
+    dv = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+    dh = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
+    return dv + dh
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    """Hyper-parameters of :class:`FeatureInversion` (validated on construction)."""
+
+    steps: int = 200
+    lr: float = 0.05
+    tv_weight: float = 0.05
+    id_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        for name in ("lr", "tv_weight", "id_weight"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not v >= 0 or v != v or v == float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.lr == 0:
+            raise ValueError("lr must be > 0")
+
+
+class FeatureInversion(nn.Module):
+    """Callable attacker: ``inv(z_stored) -> x`` in [0,1], same interface as a trained decoder.
+
+    Args:
+        extractor: E, FaceNet input (N,3,160,160) -> (N,64,77,77); frozen here.
+        head: Psi, (N,64,77,77) -> (N,512); only used when ``settings.id_weight > 0``.
+        settings: :class:`InversionSettings`.
+        init: optional start image (3,160,160) in [0,1], e.g. the attacker's mean face.
+    """
+
+    def __init__(
+        self,
+        extractor: nn.Module,
+        head: nn.Module | None = None,
+        settings: InversionSettings | None = None,
+        init: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.settings = settings or InversionSettings()
+        if self.settings.id_weight > 0 and head is None:
+            raise ValueError("id_weight > 0 needs the head Psi")
+        self.extractor = extractor.eval()
+        self.head = head.eval() if head is not None else None
+        for p in self.parameters():
+            p.requires_grad_(False)
+        if init is not None and (init.shape != (3, 160, 160) or not init.is_floating_point()):
+            raise ValueError(f"init must be a float image (3,160,160), got {tuple(init.shape)}")
+        self.register_buffer("init", init.clamp(0.01, 0.99) if init is not None else None)
+
+    def forward(self, z: Tensor) -> Tensor:
+        s = self.settings
+        n = len(z)
+        start = self.init if self.init is not None else torch.full((3, 160, 160), 0.5)
+        start = start.to(z.device, torch.float32).expand(n, -1, -1, -1)
+        param = torch.logit(start.clamp(0.01, 0.99)).clone()
+        with torch.inference_mode(False), torch.enable_grad():
+            z = z.detach().float().clone()
+            target_e = F.normalize(self.head(z), dim=1).detach() if s.id_weight > 0 else None
+            param.requires_grad_(True)
+            opt = torch.optim.Adam([param], lr=s.lr)
+            for _ in range(s.steps):
+                x = torch.sigmoid(param)
+                zx = self.extractor(unit_to_facenet(x))
+                loss = (zx - z).pow(2).flatten(1).mean(1)
+                if target_e is not None:
+                    loss = loss + s.id_weight * (1 - F.cosine_similarity(self.head(zx), target_e))
+                if s.tv_weight > 0:
+                    loss = loss + s.tv_weight * total_variation(x)
+                opt.zero_grad(set_to_none=True)
+                loss.sum().backward()
+                opt.step()
+        return torch.sigmoid(param).detach()
+
+
+class MeanFace(nn.Module):
+    """The mean-face floor: every "reconstruction" is the attacker's mean training face (no
+    information about the input). ``MeanFace(images)`` with uint8 (N,160,160,3)."""
+
+    def __init__(self, mean_image: Tensor) -> None:
+        super().__init__()
+        if mean_image.shape != (3, 160, 160):
+            raise ValueError(f"mean image must be (3,160,160), got {tuple(mean_image.shape)}")
+        self.register_buffer("mean_image", mean_image.float().clamp(0, 1))
+
+    @classmethod
+    def from_images(cls, images) -> MeanFace:
+        import numpy as np
+
+        arr = np.asarray(images)
+        if arr.ndim != 4 or arr.shape[1:] != (160, 160, 3) or arr.dtype != np.uint8 or not len(arr):
+            raise ValueError(f"expected uint8 faces (N,160,160,3), got {arr.dtype} {arr.shape}")
+        mean = torch.from_numpy(arr.astype(np.float64).mean(0) / 255.0).permute(2, 0, 1)
+        return cls(mean.float())
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.mean_image.to(z.device).expand(len(z), -1, -1, -1).clone()
+
+
+class EmbeddingAttack(nn.Module):
+    """An embedding decoder used against stored features: x = D_att(Psi(z')). With the decoder
+    trained on clean embeddings this is the embedding floor when z' = z, and a replay of what
+    the server's own Psi reads from any protected z'."""
+
+    def __init__(self, decoder: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder.eval()
+        self.head = head.eval()
+
+    @torch.no_grad()
+    def forward(self, z: Tensor) -> Tensor:
+        return self.decoder(self.head(z))

@@ -1,0 +1,186 @@
+"""From the bench's arrays to rows: reconstruction, replay (SRRA, chance) and accuracy."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from advface.pipelines.robustness.models import BenchContext
+
+DATASET_OF = {"lfw": "lfw", "cfp-fp": "cfp"}
+
+
+@dataclass
+class ProtocolEval:
+    """The (sampled) pair protocol with clean embeddings and the system's thresholds."""
+
+    dataset: str
+    keys: list[str]
+    idx_a: np.ndarray
+    idx_b: np.ndarray
+    issame: np.ndarray
+    fold: np.ndarray
+    clean: np.ndarray  # (len(keys), 512)
+    threshold: float
+    threshold_far: float
+    chance: float  # impostor pairs accepted at ``threshold`` (FAR): SRRA of a random face
+    chance_far: float
+    clean_accuracy: dict
+    key: str
+    full: bool
+
+    @property
+    def stored(self) -> np.ndarray:
+        """Indices (into ``keys``) of the stored side's distinct images."""
+        return np.unique(self.idx_a)
+
+    def stored_images(self, ctx: BenchContext) -> np.ndarray:
+        from advface.pipelines.data import aligned_images
+
+        keys = [self.keys[i] for i in self.stored]
+        return aligned_images(
+            DATASET_OF[self.dataset],
+            keys,
+            data_root=ctx.root,
+            cache=ctx.data_cache,
+            progress=ctx.progress,
+        )[0]
+
+
+def _verification(scores: np.ndarray, issame: np.ndarray, fold: np.ndarray) -> dict:
+    from advface.metrics.verification import evaluate_pairs
+
+    r = evaluate_pairs(scores, issame, fold)
+    half = 1.96 * r.accuracy_std / np.sqrt(len(np.unique(fold)))
+    return {
+        "accuracy": r.accuracy,
+        "accuracy_std": r.accuracy_std,
+        "accuracy_ci95": [r.accuracy - half, r.accuracy + half],
+        "threshold": r.threshold,
+        "threshold_far": r.far_threshold,
+        "n_pairs": int(len(scores)),
+    }
+
+
+def clean_protocol(ctx: BenchContext, dataset: str, embed: Callable) -> ProtocolEval:
+    """Clean embeddings of the profile's pairs (all, or a seeded stratified sample), the
+    operating threshold (10-fold), the FAR = 1e-3 threshold and the chance acceptance rates."""
+    from advface.data.protocols import load_protocol
+    from advface.pipelines.data import aligned_images
+    from advface.pipelines.eval_fr import pair_scores, sample_pairs
+
+    p = ctx.profile
+    sub = sample_pairs(
+        load_protocol(dataset, ctx.root), pairs_per_fold=p.pairs_per_fold, seed=p.seed
+    )
+    key = hashlib.sha256("\n".join(sub.keys).encode()).hexdigest()[:16]
+    settings = dict(dataset=dataset, keys=key, weights=ctx.weights_sha)
+
+    def compute() -> dict[str, np.ndarray]:
+        images = aligned_images(
+            DATASET_OF[dataset],
+            sub.keys,
+            data_root=ctx.root,
+            cache=ctx.data_cache,
+            progress=ctx.progress,
+        )[0]
+        return {"emb": embed(ctx, images, f"{dataset} clean pairs")}
+
+    clean = ctx.stages.arrays(f"clean-{dataset}", settings, compute)["emb"]
+    scores = pair_scores(clean[sub.idx_a], clean[sub.idx_b])
+    ver = _verification(scores, sub.issame, sub.fold)
+    impostor = scores[~sub.issame]
+    return ProtocolEval(
+        dataset=dataset,
+        keys=sub.keys,
+        idx_a=sub.idx_a,
+        idx_b=sub.idx_b,
+        issame=sub.issame,
+        fold=sub.fold,
+        clean=clean,
+        threshold=ver["threshold"],
+        threshold_far=ver["threshold_far"],
+        chance=float(np.mean(impostor >= ver["threshold"])),
+        chance_far=float(np.mean(impostor >= ver["threshold_far"])),
+        clean_accuracy=ver,
+        key=key,
+        full=p.pairs_per_fold is None,
+    )
+
+
+def _row(dataset: str, method: str, attacker: str | None, **values) -> dict:
+    return {
+        "table": "robustness",
+        "dataset": dataset,
+        "method": method,
+        "attacker": attacker,
+        **values,
+    }
+
+
+def recon_rows(
+    dataset: str,
+    method: str,
+    results: dict[str, dict[str, np.ndarray]],
+    clean_emb: np.ndarray,
+    proto: ProtocolEval,
+    *,
+    attacker: str | None = None,
+) -> list[dict]:
+    """One row per attacker: SSIM / PSNR / MSE (mean, 95% CI), SRRA at both thresholds."""
+    from advface.metrics.image import proportion_ci, summarize
+
+    rows = []
+    for a, res in results.items():
+        vals: dict = {}
+        for k in ("ssim", "psnr", "mse"):
+            s = summarize(res[f"{a}/{k}"])
+            vals[k], vals[f"{k}_ci95"] = s.mean, [s.ci_low, s.ci_high]
+        rec = res[f"{a}/emb"]
+        rec = rec / np.maximum(np.linalg.norm(rec, axis=1, keepdims=True), 1e-12)
+        sim = np.sum(rec * clean_emb[: len(rec)], axis=1)
+        n = len(sim)
+        hits = int(np.sum(sim >= proto.threshold))
+        vals.update(
+            srra=hits / n,
+            srra_ci95=list(proportion_ci(hits, n)),
+            srra_far=float(np.mean(sim >= proto.threshold_far)),
+            chance_srra=proto.chance,
+            chance_srra_far=proto.chance_far,
+            threshold=proto.threshold,
+            threshold_far=proto.threshold_far,
+            replay_cosine=float(np.mean(sim)),
+            n_images=n,
+        )
+        rows.append(_row(dataset, method if attacker is None else attacker, a, **vals))
+    return rows
+
+
+def accuracy_rows(
+    dataset: str, method: str, stored_emb: np.ndarray, proto: ProtocolEval
+) -> list[dict]:
+    """Online verification: the stored side protected, the probe side clean."""
+    from advface.pipelines.eval_fr import pair_scores
+
+    pos = {int(i): j for j, i in enumerate(proto.stored)}
+    a = stored_emb[[pos[int(i)] for i in proto.idx_a]]
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    ver = _verification(pair_scores(a, proto.clean[proto.idx_b]), proto.issame, proto.fold)
+    identity = np.sum(a * proto.clean[proto.idx_a], axis=1)
+    return [
+        _row(
+            dataset,
+            method,
+            None,
+            accuracy=ver["accuracy"],
+            accuracy_std=ver["accuracy_std"],
+            accuracy_ci95=ver["accuracy_ci95"],
+            n_pairs=ver["n_pairs"],
+            full_protocol=proto.full,
+            clean_accuracy=proto.clean_accuracy["accuracy"],
+            stored_identity_cosine=float(np.mean(identity)),
+        )
+    ]

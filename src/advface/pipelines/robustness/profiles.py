@@ -1,0 +1,112 @@
+"""Sizes of the robustness bench: a seconds-long smoke run, a 2-core CPU run, a GPU run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class BenchProfile:
+    """Every size and setting the bench depends on (recorded in ``results.json``)."""
+
+    name: str
+    datasets: tuple[str, ...] = ("lfw", "cfp-fp")
+    # Decoders (attackers, the server's shadow S and generator D): advface.models.recon profile.
+    recon: str = "gpu"
+    width: int | None = None  # overrides the recon profile's width (smoke)
+    train_limit: int | None = None  # images per training set (None: all)
+    epochs: int = 10
+    max_minutes: float | None = None  # per decoder: the same time budget for every attacker
+    train_batch: int = 64
+    lr: float = 1e-3
+    # Adaptive attackers: protected copies of their training images.
+    adaptive_limit: int | None = None
+    # Reconstruction test images per dataset (seeded sample of the test people's images).
+    test_n: int | None = 1000
+    inversion_n: int = 64  # optimisation-based inversion is slow: first n test images
+    inversion_steps: int = 200
+    # Verification pairs per fold (None: the full protocol), a seeded stratified sample.
+    pairs_per_fold: int | None = None
+    # AdvFace and the baselines (same projected l_inf budget).
+    steps: int = 40
+    alpha: float = 0.2
+    epsilon: float = 0.2
+    # embedding-shadow.
+    es_steps: int = 20
+    es_alpha: float = 0.05
+    es_epsilon: float = 0.2
+    es_identity_weight: float = 1.0
+    protect_batch: int = 64
+    grid_n: int = 6
+    seed: int = 0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PROFILES: dict[str, BenchProfile] = {
+    "smoke": BenchProfile(
+        name="smoke",
+        datasets=("lfw",),
+        recon="cpu",
+        width=4,
+        train_limit=24,
+        epochs=1,
+        train_batch=8,
+        adaptive_limit=16,
+        test_n=6,
+        inversion_n=2,
+        inversion_steps=2,
+        pairs_per_fold=2,
+        steps=2,
+        es_steps=2,
+        protect_batch=8,
+        grid_n=2,
+        notes=("smoke: tiny sizes to exercise every stage; the numbers mean nothing",),
+    ),
+    "cpu": BenchProfile(
+        name="cpu",
+        recon="cpu",
+        train_limit=1500,
+        epochs=3,
+        train_batch=32,
+        adaptive_limit=300,
+        test_n=100,
+        inversion_n=24,
+        inversion_steps=150,
+        pairs_per_fold=20,
+        protect_batch=32,
+        notes=(
+            "cpu: narrow decoders (recon profile 'cpu') trained 3 epochs on 1,500-image subsets "
+            "(adaptive attackers: 300 protected images); reconstruction on 100 test images per "
+            "dataset (inversion on 24); accuracy on a seeded sample of 20 pairs per fold "
+            "(200 pairs, stratified over folds and genuine/impostor)",
+        ),
+    ),
+    "gpu": BenchProfile(
+        name="gpu",
+        recon="gpu",
+        train_limit=None,
+        epochs=12,
+        max_minutes=1.0,
+        train_batch=64,
+        adaptive_limit=2000,
+        test_n=1000,
+        inversion_n=128,
+        inversion_steps=300,
+        pairs_per_fold=None,
+        protect_batch=128,
+        notes=(
+            "gpu: GPU-width decoders on every image of the training splits (at most 1 minute "
+            "each), adaptive attackers on 2,000 protected images; reconstruction on 1,000 test "
+            "images per dataset (inversion on 128); accuracy on the full protocols",
+        ),
+    ),
+}
+
+
+def get_profile(name: str, **overrides) -> BenchProfile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown bench profile {name!r}; choose one of {sorted(PROFILES)}")
+    return replace(PROFILES[name], **overrides) if overrides else PROFILES[name]

@@ -1,0 +1,462 @@
+"""``run_bench``: the robustness bench's stages, cached under ``OUT/cache`` and resumable.
+
+1. splits (identity-disjoint, checked by name) and the trained networks (:mod:`.models`);
+2. per dataset: clean embeddings of every protocol image (operating thresholds, chance SRRA),
+   then per protection the test images' protected features, each attacker's reconstructions
+   (SSIM / PSNR / MSE, replayed embeddings) and the stored side of the pairs (accuracy);
+3. rows (``table: "robustness"``), report and figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from advface.pipelines.reproduce.stages import StageCache
+from advface.pipelines.robustness.models import (
+    EVAL_CODE,
+    PROTECTION_CODE,
+    TRAIN_CODE,
+    BenchContext,
+    code_fingerprint,
+    embedding_features,
+    train_model,
+)
+from advface.pipelines.robustness.profiles import BenchProfile
+
+METHODS: tuple[str, ...] = ("none", "random", "dp", "advface", "embedding-shadow")
+#: Protections whose output depends on server secrets (an adaptive attacker may have them or not).
+SECRET_METHODS = ("advface", "embedding-shadow")
+DATASETS = {"lfw": "lfw", "cfp-fp": "cfp"}
+
+
+@dataclass
+class Networks:
+    """Trained networks and their cache keys."""
+
+    server_shadow: nn.Module
+    server_generator: nn.Module
+    recon: nn.Module  # the paper's attacker R (also the attacker's own shadow)
+    emb_decoder: nn.Module  # F: the embedding floor (also the attacker's own generator)
+    keys: dict[str, str]
+    mean_face: torch.Tensor
+
+
+# -- protections --------------------------------------------------------------------------------
+
+
+def build_method(
+    ctx: BenchContext,
+    method: str,
+    *,
+    shadow: nn.Module | None = None,
+    generator: nn.Module | None = None,
+):
+    """A protection with the bench's settings; ``shadow``/``generator`` pick whose networks
+    (the server's, or an adaptive attacker's own)."""
+    from advface.protection import build_protection
+
+    p = ctx.profile
+    if method == "none":
+        return build_protection("none")
+    if method == "random":
+        # AdvFace's budget with a random direction: sign steps of alpha, projected to epsilon.
+        return build_protection(
+            "random",
+            steps=p.steps,
+            bound=p.alpha,
+            distribution="sign",
+            reading="projected",
+            epsilon=p.epsilon,
+        )
+    if method == "dp":
+        return build_protection("dp")
+    if method == "advface":
+        return build_protection(
+            "advface",
+            shadow=shadow,
+            extractor=ctx.encoder,
+            steps=p.steps,
+            alpha=p.alpha,
+            epsilon=p.epsilon,
+            reading="projected",
+            device=ctx.device,
+        )
+    if method == "embedding-shadow":
+        return build_protection(
+            "embedding-shadow",
+            generator=generator,
+            shadow=shadow,
+            extractor=ctx.encoder,
+            head=ctx.head,
+            steps=p.es_steps,
+            alpha=p.es_alpha,
+            epsilon=p.es_epsilon,
+            identity_weight=p.es_identity_weight,
+            device=ctx.device,
+        )
+    raise ValueError(f"unknown method {method!r}")
+
+
+def method_settings(p: BenchProfile, method: str) -> dict:
+    """The profile settings a method's output depends on (for cache keys)."""
+    if method == "embedding-shadow":
+        return dict(s=p.es_steps, a=p.es_alpha, e=p.es_epsilon, w=p.es_identity_weight)
+    if method in ("advface", "random"):
+        return dict(s=p.steps, a=p.alpha, e=p.epsilon)
+    return {}
+
+
+def _server_protection(ctx: BenchContext, nets: Networks, method: str):
+    return build_method(ctx, method, shadow=nets.server_shadow, generator=nets.server_generator)
+
+
+# -- networks -----------------------------------------------------------------------------------
+
+
+def _train_networks(ctx: BenchContext, server_split, attacker_split) -> Networks:
+    from advface.attacks.inversion import MeanFace
+    from advface.attacks.train import MemoFeatures
+
+    server_shadow, k_ss = train_model(ctx, "server-shadow", "resrec", server_split)
+    server_gen, k_sg = train_model(
+        ctx,
+        "server-generator",
+        "embdec",
+        server_split,
+        features="embedding",
+        feature_fn=MemoFeatures(embedding_features(ctx.head)),
+    )
+    recon, k_r = train_model(ctx, "attacker-resrec", "resrec", attacker_split)
+    emb_dec, k_f = train_model(
+        ctx,
+        "attacker-embedding",
+        "embdec",
+        attacker_split,
+        features="embedding",
+        feature_fn=MemoFeatures(embedding_features(ctx.head)),
+    )
+    mean = MeanFace.from_images(ctx.images(attacker_split)).mean_image
+    keys = {
+        "server-shadow": k_ss,
+        "server-generator": k_sg,
+        "attacker-resrec": k_r,
+        "attacker-embedding": k_f,
+    }
+    return Networks(server_shadow, server_gen, recon, emb_dec, keys, mean)
+
+
+def _adaptive_attackers(ctx: BenchContext, nets: Networks, split) -> dict[str, nn.Module]:
+    """ResRec decoders trained on protected features: per method, with the attacker's own
+    networks ("adaptive-own") and with the server's leaked ones ("adaptive-leaked")."""
+    from advface.attacks.train import MemoFeatures
+
+    p = ctx.profile
+    adaptive_split = split.sample(p.adaptive_limit, p.seed + 1)
+    out: dict[str, nn.Module] = {}
+    for method in METHODS[1:]:
+        variants = ("own", "leaked") if method in SECRET_METHODS else ("leaked",)
+        for v in variants:
+            if v == "own":
+                prot = build_method(ctx, method, shadow=nets.recon, generator=nets.emb_decoder)
+                dep = {k: nets.keys[k] for k in ("attacker-resrec", "attacker-embedding")}
+            else:
+                prot = _server_protection(ctx, nets, method)
+                dep = {k: nets.keys[k] for k in ("server-shadow", "server-generator")}
+            dep = dep if method in SECRET_METHODS else {}
+            model, _ = train_model(
+                ctx,
+                f"adaptive-{v}-{method}",
+                "resrec",
+                adaptive_split,
+                features=f"{method}:{method_settings(p, method)}",
+                feature_fn=MemoFeatures(prot.protect),
+                depends=dep,
+                code=TRAIN_CODE + PROTECTION_CODE,
+            )
+            out[f"{method}/adaptive-{v}"] = model
+    return out
+
+
+# -- evaluation stages --------------------------------------------------------------------------
+
+
+def _batches(n: int, size: int, desc: str, ctx: BenchContext):
+    return tqdm(range(0, n, size), desc=desc, disable=not ctx.progress, unit="batch")
+
+
+@torch.no_grad()
+def _embed_clean(ctx: BenchContext, images: np.ndarray, desc: str) -> np.ndarray:
+    from advface.models.facenet import preprocess
+
+    out = []
+    bs = ctx.profile.protect_batch
+    for s in _batches(len(images), bs, desc, ctx):
+        out.append(ctx.facenet(preprocess(images[s : s + bs]).to(ctx.device)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def _replay(ctx: BenchContext, rec: torch.Tensor) -> torch.Tensor:
+    return ctx.facenet(rec * 255.0 / 128.0 - 127.5 / 128.0).float()
+
+
+def _attack_stage(
+    ctx: BenchContext,
+    name: str,
+    key: dict,
+    images: np.ndarray,
+    protect: Callable[[torch.Tensor], torch.Tensor],
+    attackers: dict[str, nn.Module],
+    limits: dict[str, int],
+) -> dict[str, np.ndarray]:
+    """Protect the test images, run every attacker, keep per-image metrics and replays."""
+    from advface.metrics.image import image_metrics
+    from advface.models.facenet import preprocess
+
+    p = ctx.profile
+
+    def compute() -> dict[str, np.ndarray]:
+        out: dict[str, list[np.ndarray]] = {}
+        t0 = time.perf_counter()
+        bs = p.protect_batch
+        for s in _batches(len(images), bs, name, ctx):
+            batch = images[s : s + bs]
+            target = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255).to(ctx.device)
+            with torch.no_grad():
+                zp = protect(ctx.encoder(preprocess(batch).to(ctx.device)))
+            for a, net in attackers.items():
+                take = min(len(batch), max(0, limits.get(a, len(images)) - s))
+                if not take:
+                    continue
+                rec = net(zp[:take]).clamp(0, 1)
+                m = image_metrics(rec, target[:take])
+                for k in ("ssim", "psnr", "mse"):
+                    out.setdefault(f"{a}/{k}", []).append(m[k].cpu().numpy())
+                out.setdefault(f"{a}/emb", []).append(_replay(ctx, rec).cpu().numpy())
+                keep = max(0, p.grid_n - s)
+                if keep:
+                    grid = (rec[:keep] * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+                    out.setdefault(f"{a}/grid", []).append(grid)
+        ctx.timings[name] = round(time.perf_counter() - t0, 1)
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    return ctx.stages.arrays(name, key, compute)
+
+
+def _stored_embeddings(
+    ctx: BenchContext, name: str, key: dict, images: np.ndarray, protect
+) -> np.ndarray:
+    """Psi(protect(E(x))) for the stored side of the pairs."""
+    from advface.models.facenet import preprocess
+
+    def compute() -> dict[str, np.ndarray]:
+        out, bs, t0 = [], ctx.profile.protect_batch, time.perf_counter()
+        for s in _batches(len(images), bs, name, ctx):
+            with torch.no_grad():
+                z = ctx.encoder(preprocess(images[s : s + bs]).to(ctx.device))
+            zp = protect(z)
+            with torch.no_grad():
+                out.append(ctx.head(zp).float().cpu().numpy())
+        ctx.timings[name] = round(time.perf_counter() - t0, 1)
+        return {"emb": np.concatenate(out)}
+
+    return ctx.stages.arrays(name, key, compute)["emb"]
+
+
+# -- the bench ----------------------------------------------------------------------------------
+
+
+def _context(
+    profile: BenchProfile, out: Path, data_root, cache, device: str, progress: bool, weights
+) -> BenchContext:
+    from advface.config import data_root as resolve_root
+    from advface.models.facenet import load_facenet
+    from advface.models.split import split_facenet
+    from advface.protection.advface import fingerprint
+
+    dev = torch.device(device)
+    facenet = load_facenet(weights, cache=cache).to(dev).eval()
+    for prm in facenet.parameters():
+        prm.requires_grad_(False)
+    enc, head = split_facenet(facenet)
+    return BenchContext(
+        profile=profile,
+        out=out,
+        stages=StageCache(out / "cache"),
+        root=resolve_root(data_root),
+        data_cache=Path(cache) if cache else None,
+        device=dev,
+        progress=progress,
+        facenet=facenet,
+        encoder=enc,
+        head=head,
+        weights_sha=fingerprint(facenet)[:16],
+    )
+
+
+def _test_split(ctx: BenchContext, dataset: str):
+    from advface.data.splits import IdentitySplit, cfp_identities, lfw_test_split
+
+    if dataset == "lfw":
+        split = lfw_test_split(ctx.root)
+    else:
+        names = cfp_identities(ctx.root)
+        split = IdentitySplit("cfp-test", "cfp", list(names), list(names.values()))
+    return split.sample(ctx.profile.test_n, ctx.profile.seed)
+
+
+def run_bench(
+    profile: BenchProfile,
+    out: str | Path,
+    *,
+    data_root: str | Path | None = None,
+    cache: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    weights: str | Path | None = None,
+) -> dict:
+    """Run (or resume) the bench and write ``results.json``, CSV, report and figures."""
+    from advface import __version__
+    from advface.data.splits import celeba_split, check_identity_disjoint, lfw_attacker_split
+    from advface.pipelines.robustness import report
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(profile.seed)
+    ctx = _context(profile, out, data_root, cache, device, progress, weights)
+    p = profile
+    attacker_split = lfw_attacker_split(ctx.root).sample(p.train_limit, p.seed)
+    server_split = celeba_split(ctx.root, "server").sample(p.train_limit, p.seed)
+    check_identity_disjoint(server_split, [celeba_split(ctx.root, "attacker")])
+    nets = _train_networks(ctx, server_split, attacker_split)
+    adaptive = _adaptive_attackers(ctx, nets, attacker_split)
+    rows: list[dict] = []
+    grids: dict[str, dict[str, np.ndarray]] = {}
+    for d in p.datasets:
+        d_rows, grids[d] = _evaluate_dataset(ctx, d, nets, adaptive)
+        rows += d_rows
+    meta = {
+        "profile": p.to_dict(),
+        "device": str(ctx.device)
+        if ctx.device.type == "cpu"
+        else torch.cuda.get_device_name(ctx.device),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "advface_version": __version__,
+        "torch_version": torch.__version__,
+        "splits": {
+            "attacker": {
+                "name": attacker_split.name,
+                "images": len(attacker_split),
+                "people": len(attacker_split.people),
+                **attacker_split.notes,
+            },
+            "server": {
+                "name": server_split.name,
+                "images": len(server_split),
+                "people": len(server_split.people),
+            },
+        },
+        "training": ctx.training,
+        "stage_seconds": ctx.timings,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    meta["figures"] = report.write_figures(out, rows, grids)
+    report.write_all(out, meta, rows)
+    return {**meta, "rows": rows}
+
+
+def _attackers_for(
+    ctx: BenchContext, nets: Networks, adaptive: dict[str, nn.Module], method: str
+) -> dict[str, nn.Module]:
+    from advface.attacks.inversion import EmbeddingAttack, FeatureInversion, InversionSettings
+
+    p = ctx.profile
+    attackers: dict[str, nn.Module] = {"paper-resrec": nets.recon}
+    attackers.update({k.split("/", 1)[1]: m for k, m in adaptive.items() if k.startswith(method)})
+    attackers["embedding"] = EmbeddingAttack(nets.emb_decoder, ctx.head)
+    attackers["inversion"] = FeatureInversion(
+        ctx.encoder,
+        ctx.head,
+        InversionSettings(steps=p.inversion_steps),
+        init=nets.mean_face,
+    )
+    return attackers
+
+
+def _evaluate_dataset(
+    ctx: BenchContext, dataset: str, nets: Networks, adaptive: dict[str, nn.Module]
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    from advface.attacks.inversion import MeanFace
+    from advface.pipelines.robustness.metrics import accuracy_rows, clean_protocol, recon_rows
+
+    p = ctx.profile
+    code = code_fingerprint(EVAL_CODE)
+    proto = clean_protocol(ctx, dataset, _embed_clean)
+    test = _test_split(ctx, dataset)
+    images = ctx.images(test)
+    img_key = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+    clean_emb = _embed_clean(ctx, images, f"{dataset} test embeddings")
+    rows: list[dict] = []
+    grid: dict[str, np.ndarray] = {"original": images[: p.grid_n]}
+    base_key = dict(
+        dataset=dataset,
+        images=img_key,
+        weights=ctx.weights_sha,
+        code=code,
+        nets=nets.keys,
+        batch=p.protect_batch,
+        inv=(p.inversion_n, p.inversion_steps),
+        grid=p.grid_n,
+    )
+    # Floors: the embedding decoder on clean embeddings, and the mean face.
+    floors = {
+        "floor-embedding": _attackers_for(ctx, nets, {}, "none")["embedding"],
+        "floor-mean-face": MeanFace(nets.mean_face),
+    }
+    res = _attack_stage(ctx, f"floors-{dataset}", base_key, images, lambda z: z, floors, {})
+    for f in floors:
+        rows += recon_rows(dataset, f, {f: res}, clean_emb, proto, attacker=f)
+        grid[f] = res[f"{f}/grid"]
+    for method in METHODS:
+        prot = _server_protection(ctx, nets, method)
+        attackers = _attackers_for(ctx, nets, adaptive, method)
+        key = {
+            **base_key,
+            "method": method,
+            "params": prot.params(),
+            "attackers": sorted(attackers),
+            "adaptive": {
+                a: ctx.training.get(f"{a}-{method}", {}).get("key")
+                for a in attackers
+                if a.startswith("adaptive")
+            },
+        }
+        res = _attack_stage(
+            ctx,
+            f"attack-{dataset}-{method}",
+            key,
+            images,
+            prot.protect,
+            attackers,
+            {"inversion": p.inversion_n},
+        )
+        rows += recon_rows(dataset, method, {a: res for a in attackers}, clean_emb, proto)
+        for a in attackers:
+            grid[f"{method}|{a}"] = res[f"{a}/grid"]
+        stored_key = {**base_key, "method": method, "params": prot.params(), "pairs": proto.key}
+        emb = _stored_embeddings(
+            ctx, f"stored-{dataset}-{method}", stored_key, proto.stored_images(ctx), prot.protect
+        )
+        rows += accuracy_rows(dataset, method, emb, proto)
+    return rows, grid

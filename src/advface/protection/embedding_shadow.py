@@ -1,0 +1,211 @@
+"""Embedding-shadow: stored features computed from the embedding alone, never from z.
+
+AdvFace's shadow image S(z) is computed from the full feature z, so it carries the face and an
+attacker who trains on protected features learns to undo the perturbation. Here the stored
+feature is a function of the embedding e = Psi(z) and of fresh randomness only:
+
+    e   = Psi(z)                                   (the only thing read from z)
+    x~  = D(e)                                     (server's embedding-to-image generator)
+    z~  = E(x~)
+    z_0 = z~ + u,  u ~ U[-epsilon, epsilon]        (random start: the randomness r)
+    z_{t+1} = Proj_eps( z_t + alpha * sign(g_rec/|g_rec| + lambda g_id/|g_id|) )
+
+(Proj_eps: onto {||z - z~||_inf <= epsilon})
+
+with g_rec the gradient of AdvFace's loss ||S(z_t) - x~||_1 (S: the server's shadow
+reconstructor) and g_id the gradient of cos(Psi(z_t), e), each normalised by its mean absolute
+value so that ``identity_weight`` (lambda) balances them whatever their scales. Every step
+depends on (e, u) alone, so by the data-processing inequality no attacker of the stored z_T can
+learn more about the face than an attacker of e: the *embedding floor*. Two feature maps with
+the same embedding get identically distributed outputs (:meth:`EmbeddingShadow.protect_embedding`
+is the core and takes only e).
+
+Shapes: z (N,64,77,77) -> (N,64,77,77); e (N,512); D: (N,512) -> (N,3,160,160) in [0,1];
+S: (N,64,77,77) -> (N,3,160,160); E: FaceNet input -> (N,64,77,77); Psi: (N,64,77,77) -> (N,512).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advface.protection.advface import (
+    BN_MODES,
+    _frozen_copy,
+    _swap_norms,
+    facenet_standardize,
+    fingerprint,
+    load_shadow,
+)
+from advface.protection.base import Protection, check_choice, check_finite_number, check_int
+
+#: ``sign``: alpha * sign(g) (AdvFace's step); ``scaled``: alpha * g / mean|g| (the same mean
+#: step, larger where the gradient is larger).
+STEP_RULES: tuple[str, ...] = ("sign", "scaled")
+
+
+def _default_split() -> tuple[nn.Module, nn.Module]:
+    from advface.models.facenet import load_facenet
+    from advface.models.split import split_facenet
+
+    return split_facenet(load_facenet())
+
+
+def _module(value: nn.Module | str | Path, what: str) -> tuple[nn.Module, dict[str, Any]]:
+    if isinstance(value, str | Path):
+        module, info = load_shadow(value)
+        return module, {f"{what}_path": info["shadow_path"]}
+    if not isinstance(value, nn.Module):
+        raise ValueError(f"{what} must be a torch module or a checkpoint path, got {value!r}")
+    return value, {}
+
+
+class EmbeddingShadow(Protection):
+    """The ``embedding-shadow`` protection (see the module docstring for the algorithm).
+
+    Args:
+        generator: D, embedding -> image in [0,1] (module or EmbDec checkpoint directory),
+            trained by the server on its own faces.
+        shadow: S, feature -> image (module or checkpoint), the reconstructor PGD works against.
+        extractor, head: E and Psi; default the converted FaceNet split at conv2d_2b.
+        steps: PGD iterations T (default 20).
+        alpha: step size (default 0.05).
+        epsilon: l_inf radius around z~ of the random start and of every iterate (default 0.2,
+            AdvFace's bound).
+        identity_weight: lambda, weight of the normalised identity gradient (default 1.0;
+            0 = AdvFace's objective alone started from D(e)).
+        random_start: draw u (default True); without it the output is a deterministic function
+            of e.
+        bn: statistics of S's BatchNorm layers as in AdvFace (default ``"sample"``: each face
+            is protected as if alone, whatever else is in its batch).
+        device: where the networks run (default CPU).
+
+    Costs per face and step one forward+backward of S and of Psi (Psi dominates: about 4
+    GFLOPs for FaceNet), plus one forward of D and E.
+    """
+
+    name: ClassVar[str] = "embedding-shadow"
+
+    def __init__(
+        self,
+        generator: nn.Module | str | Path,
+        shadow: nn.Module | str | Path,
+        extractor: nn.Module | None = None,
+        head: nn.Module | None = None,
+        *,
+        steps: int = 20,
+        alpha: float = 0.05,
+        epsilon: float = 0.2,
+        identity_weight: float = 1.0,
+        random_start: bool = True,
+        bn: str = "sample",
+        step_rule: str = "sign",
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.step_rule = check_choice("step_rule", step_rule, STEP_RULES)
+        self.steps = check_int("steps", steps, low=0)
+        self.alpha = check_finite_number("alpha", alpha, low=0.0)
+        self.epsilon = check_finite_number("epsilon", epsilon, low=0.0)
+        self.identity_weight = check_finite_number("identity_weight", identity_weight, low=0.0)
+        if not isinstance(random_start, bool):
+            raise ValueError(f"random_start must be a bool, got {random_start!r}")
+        self.random_start = random_start
+        self.bn = check_choice("bn", bn, BN_MODES)
+        gen, self._info = _module(generator, "generator")
+        sha, info = _module(shadow, "shadow")
+        self._info.update(info)
+        if (extractor is None) != (head is None):
+            raise ValueError("give both extractor and head, or neither (the FaceNet default)")
+        if extractor is None:
+            extractor, head = _default_split()
+        for name, m in (("extractor", extractor), ("head", head)):
+            if not isinstance(m, nn.Module):
+                raise ValueError(f"{name} must be a torch module, got {type(m).__name__}")
+        self.fingerprints = {
+            "generator_sha256": fingerprint(gen),
+            "shadow_sha256": fingerprint(sha),
+            "extractor_sha256": fingerprint(extractor),
+            "head_sha256": fingerprint(head),
+        }
+        self.generator = _frozen_copy(gen)
+        self.shadow = _frozen_copy(sha)
+        _swap_norms(self.shadow, self.bn)
+        self.extractor = _frozen_copy(extractor)
+        self.head = _frozen_copy(head)
+        self.device = torch.device("cpu")
+        self.to(device if device is not None else "cpu")
+
+    def to(self, device: str | torch.device) -> EmbeddingShadow:
+        """Move every network to ``device`` (returns self)."""
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"bad device {device!r}: {exc}") from exc
+        for m in (self.generator, self.shadow, self.extractor, self.head):
+            m.to(dev)
+        self.device = dev
+        return self
+
+    # -- the protection ---------------------------------------------------------------------
+
+    def _protect(self, z: Tensor, generator: torch.Generator | None) -> Tensor:
+        z = z.to(self.device, torch.float32)
+        e = self.head(z)
+        return self._from_embedding(e, generator)
+
+    def protect_embedding(self, e: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """The core: stored features (N,64,77,77) from embeddings e (N,512) and randomness."""
+        if not isinstance(e, Tensor) or e.ndim != 2 or not e.is_floating_point():
+            raise ValueError(f"embeddings must be a floating tensor (N, D), got {e!r:.60}")
+        if not bool(torch.isfinite(e).all()):
+            raise ValueError("embeddings must be finite")
+        if generator is None and self.seed is not None:
+            generator = torch.Generator().manual_seed(self.seed)
+        with torch.inference_mode(False), torch.no_grad():
+            return self._from_embedding(e.detach().to(self.device, torch.float32), generator)
+
+    def _from_embedding(self, e: Tensor, generator: torch.Generator | None) -> Tensor:
+        e = F.normalize(e, dim=1)
+        x_shadow = self.generator(e)
+        z0 = self.extractor(facenet_standardize(x_shadow))
+        zt = z0
+        if self.random_start and self.epsilon > 0:
+            zt = z0 + self.epsilon * self._noise_like(z0, generator, "uniform")
+        for _ in range(self.steps if self.epsilon > 0 else 0):
+            with torch.enable_grad():
+                zg = zt.detach().requires_grad_(True)
+                rec = (self.shadow(zg) - x_shadow).abs().sum()
+                (g_rec,) = torch.autograd.grad(rec, zg)
+                g = _unit(g_rec)
+                if self.identity_weight > 0:
+                    ident = F.cosine_similarity(self.head(zg), e, dim=1).sum()
+                    (g_id,) = torch.autograd.grad(ident, zg)
+                    g = g + self.identity_weight * _unit(g_id)
+            step = g.sign() if self.step_rule == "sign" else _unit(g)
+            zt = z0 + (zt + self.alpha * step - z0).clamp(-self.epsilon, self.epsilon)
+        return zt.detach()
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "alpha": self.alpha,
+            "epsilon": self.epsilon,
+            "identity_weight": self.identity_weight,
+            "random_start": self.random_start,
+            "bn": self.bn,
+            "step_rule": self.step_rule,
+            **self.fingerprints,
+            **self._info,
+        }
+
+
+def _unit(g: Tensor) -> Tensor:
+    """g divided by its mean absolute value per sample (so two gradients can be mixed)."""
+    scale = g.abs().flatten(1).mean(1).clamp_min(1e-20)
+    return g / scale.view(-1, *([1] * (g.dim() - 1)))

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from advface.attacks.inversion import (
+    EmbeddingAttack,
+    FeatureInversion,
+    InversionSettings,
+    MeanFace,
+    total_variation,
+)
+
+
+def test_total_variation_is_zero_on_flat_images():
+    flat = torch.full((2, 3, 8, 8), 0.3)
+    assert torch.allclose(total_variation(flat), torch.zeros(2))
+    noisy = torch.rand(2, 3, 8, 8)
+    assert (total_variation(noisy) > 0.1).all()
+
+
+def test_inversion_recovers_an_image_from_its_features():
+    torch.manual_seed(0)
+    extractor = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU())
+    target = torch.rand(2, 3, 160, 160) * 0.5 + 0.25
+    with torch.no_grad():
+        z = extractor((target * 255 - 127.5) / 128)
+    few = FeatureInversion(extractor, settings=InversionSettings(steps=2, id_weight=0.0))
+    many = FeatureInversion(
+        extractor, settings=InversionSettings(steps=150, tv_weight=0.0, id_weight=0.0)
+    )
+    err_few = (few(z) - target).abs().mean()
+    err_many = (many(z) - target).abs().mean()
+    assert err_many < 0.8 * err_few
+    assert many(z).min() >= 0 and many(z).max() <= 1
+
+
+def test_inversion_settings_are_validated():
+    with pytest.raises(ValueError, match="steps"):
+        InversionSettings(steps=0)
+    with pytest.raises(ValueError, match="tv_weight"):
+        InversionSettings(tv_weight=-1.0)
+    with pytest.raises(ValueError, match="head"):
+        FeatureInversion(nn.Identity(), None, InversionSettings(id_weight=0.5))
+    with pytest.raises(ValueError, match="init"):
+        FeatureInversion(nn.Identity(), None, InversionSettings(id_weight=0), torch.zeros(3, 4, 4))
+
+
+def test_mean_face_ignores_its_input():
+    images = np.stack([np.full((160, 160, 3), v, np.uint8) for v in (0, 100, 200)])
+    floor = MeanFace.from_images(images)
+    out = floor(torch.randn(4, 64, 77, 77))
+    assert out.shape == (4, 3, 160, 160)
+    assert torch.allclose(out, torch.full_like(out, 100 / 255), atol=1e-6)
+    with pytest.raises(ValueError):
+        MeanFace.from_images(images.astype(np.float32))
+
+
+def test_embedding_attack_decodes_what_psi_reads():
+    head = nn.Sequential(nn.Flatten(), nn.Linear(4, 512))
+    decoder = nn.Sequential(nn.Linear(512, 3 * 160 * 160), nn.Unflatten(1, (3, 160, 160)))
+    z = torch.randn(2, 1, 2, 2)
+    out = EmbeddingAttack(decoder, head)(z)
+    assert torch.allclose(out, decoder(head(z)))

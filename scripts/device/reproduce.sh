@@ -4,7 +4,7 @@
 # and send back what exists in $OUT, also after a timeout: every stage is cached under $WORK,
 # so the next call on the warm machine resumes.
 #   JOB (reproduce)  PROFILE (paper; gpu for bench)  DATASETS (bench: "lfw cfp-fp")
-#   DEVICE (cuda)  BUDGET_S (480)  PYTHON (python3)
+#   DEVICE (cuda)  BUDGET_S (480)  PYTHON (python3)  MODELS (1: also return the decoders)
 #   ADVFACE_STAGE_DIR (/root/advface-stage)  WORK (/root/advface-work)
 set -uo pipefail
 stage=${ADVFACE_STAGE_DIR:-/root/advface-stage}
@@ -38,7 +38,7 @@ tail -c 4000 "$out/log.txt"
 # Outputs (tables, report, figures) and the trained decoders, which a later session can carry
 # back into $WORK/run/cache to resume training elsewhere.
 tar czf "$out/results.tar.gz" -C "$work/run" --exclude=./cache . 2>/dev/null
-(cd "$work/run/cache" 2>/dev/null && ls -d model-* >/dev/null 2>&1 &&
+[ "${MODELS:-1}" = 1 ] && (cd "$work/run/cache" 2>/dev/null && ls -d model-* >/dev/null 2>&1 &&
   tar czf "$out/models.tar.gz" --exclude='optimizer.safetensors' model-*)
 ls -la "$out"
 exit $rc

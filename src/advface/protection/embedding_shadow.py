@@ -74,8 +74,10 @@ class EmbeddingShadow(Protection):
         extractor, head: E and Psi; default the converted FaceNet split at conv2d_2b.
         steps: PGD iterations T (default 20).
         alpha: step size (default 0.05).
-        epsilon: l_inf radius around z~ of the random start and of every iterate (default 0.2,
-            AdvFace's bound).
+        epsilon: l_inf radius around z~ of the random start and of every iterate (default 0.5:
+            on LFW, 10 steps reached a mean cos(Psi(z'), e) of 0.55 at 0.2 and 0.66 at 0.5;
+            20 steps at 0.5 reached 0.82). It bounds how far the stored feature is from a
+            generated face's, not what it reveals (that is bounded by e whatever epsilon is).
         identity_weight: lambda, weight of the normalised identity gradient (default 1.0;
             0 = AdvFace's objective alone started from D(e)).
         random_start: draw u (default True); without it the output is a deterministic function
@@ -99,7 +101,7 @@ class EmbeddingShadow(Protection):
         *,
         steps: int = 20,
         alpha: float = 0.05,
-        epsilon: float = 0.2,
+        epsilon: float = 0.5,
         identity_weight: float = 1.0,
         random_start: bool = True,
         bn: str = "sample",

@@ -34,6 +34,9 @@ from advface.pipelines.robustness.models import (
 from advface.pipelines.robustness.profiles import BenchProfile
 
 METHODS: tuple[str, ...] = ("none", "random", "dp", "advface", "embedding-shadow")
+#: Evaluation order: the unprotected baseline, then the two methods this bench is about, so a
+#: run stopped by a time limit has measured what matters most.
+ORDER: tuple[str, ...] = ("none", "embedding-shadow", "advface", "random", "dp")
 #: Protections whose output depends on server secrets (an adaptive attacker may have them or not).
 SECRET_METHODS = ("advface", "embedding-shadow")
 DATASETS = {"lfw": "lfw", "cfp-fp": "cfp"}
@@ -155,35 +158,36 @@ def _train_networks(ctx: BenchContext, server_split, attacker_split) -> Networks
     return Networks(server_shadow, server_gen, recon, emb_dec, keys, mean)
 
 
-def _adaptive_attackers(ctx: BenchContext, nets: Networks, split) -> dict[str, nn.Module]:
-    """ResRec decoders trained on protected features: per method, with the attacker's own
-    networks ("adaptive-own") and with the server's leaked ones ("adaptive-leaked")."""
+def _adaptive_attackers(
+    ctx: BenchContext, nets: Networks, split, method: str
+) -> dict[str, nn.Module]:
+    """ResRec decoders trained on ``method``'s protected features: with the attacker's own
+    networks ("adaptive-own") and with the server's leaked ones and settings
+    ("adaptive-leaked"); a method without secrets has the leaked variant only."""
     from advface.attacks.train import MemoFeatures
 
+    if method == "none":
+        return {}
     p = ctx.profile
     adaptive_split = split.sample(p.adaptive_limit, p.seed + 1)
     out: dict[str, nn.Module] = {}
-    for method in METHODS[1:]:
-        variants = ("own", "leaked") if method in SECRET_METHODS else ("leaked",)
-        for v in variants:
-            if v == "own":
-                prot = build_method(ctx, method, shadow=nets.recon, generator=nets.emb_decoder)
-                dep = {k: nets.keys[k] for k in ("attacker-resrec", "attacker-embedding")}
-            else:
-                prot = _server_protection(ctx, nets, method)
-                dep = {k: nets.keys[k] for k in ("server-shadow", "server-generator")}
-            dep = dep if method in SECRET_METHODS else {}
-            model, _ = train_model(
-                ctx,
-                f"adaptive-{v}-{method}",
-                "resrec",
-                adaptive_split,
-                features=f"{method}:{method_settings(p, method)}",
-                feature_fn=MemoFeatures(prot.protect),
-                depends=dep,
-                code=TRAIN_CODE + PROTECTION_CODE,
-            )
-            out[f"{method}/adaptive-{v}"] = model
+    for v in ("own", "leaked") if method in SECRET_METHODS else ("leaked",):
+        if v == "own":
+            prot = build_method(ctx, method, shadow=nets.recon, generator=nets.emb_decoder)
+            dep = {k: nets.keys[k] for k in ("attacker-resrec", "attacker-embedding")}
+        else:
+            prot = _server_protection(ctx, nets, method)
+            dep = {k: nets.keys[k] for k in ("server-shadow", "server-generator")}
+        out[f"adaptive-{v}"], _ = train_model(
+            ctx,
+            f"adaptive-{v}-{method}",
+            "resrec",
+            adaptive_split,
+            features=f"{method}:{method_settings(p, method)}",
+            feature_fn=MemoFeatures(prot.protect),
+            depends=dep if method in SECRET_METHODS else {},
+            code=TRAIN_CODE + PROTECTION_CODE,
+        )
     return out
 
 
@@ -326,7 +330,6 @@ def run_bench(
     weights: str | Path | None = None,
 ) -> dict:
     """Run (or resume) the bench and write ``results.json``, CSV, report and figures."""
-    from advface import __version__
     from advface.data.splits import celeba_split, check_identity_disjoint, lfw_attacker_split
     from advface.pipelines.robustness import report
 
@@ -334,46 +337,59 @@ def run_bench(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(profile.seed)
+    if str(device).startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     ctx = _context(profile, out, data_root, cache, device, progress, weights)
     p = profile
     attacker_split = lfw_attacker_split(ctx.root).sample(p.train_limit, p.seed)
     server_split = celeba_split(ctx.root, "server").sample(p.train_limit, p.seed)
     check_identity_disjoint(server_split, [celeba_split(ctx.root, "attacker")])
     nets = _train_networks(ctx, server_split, attacker_split)
-    adaptive = _adaptive_attackers(ctx, nets, attacker_split)
-    rows: list[dict] = []
-    grids: dict[str, dict[str, np.ndarray]] = {}
-    for d in p.datasets:
-        d_rows, grids[d] = _evaluate_dataset(ctx, d, nets, adaptive)
-        rows += d_rows
-    meta = {
-        "profile": p.to_dict(),
-        "device": str(ctx.device)
-        if ctx.device.type == "cpu"
-        else torch.cuda.get_device_name(ctx.device),
+    evals = {d: _prepare_dataset(ctx, d, nets) for d in p.datasets}
+    rows = [r for ev in evals.values() for r in ev.rows]
+    splits = {
+        "attacker": {
+            "name": attacker_split.name,
+            "images": len(attacker_split),
+            "people": len(attacker_split.people),
+            **attacker_split.notes,
+        },
+        "server": {
+            "name": server_split.name,
+            "images": len(server_split),
+            "people": len(server_split.people),
+        },
+    }
+    # One method at a time (its adaptive attackers, then every dataset), results written after
+    # each: a run stopped by a time limit keeps what it finished.
+    for i, method in enumerate(ORDER):
+        adaptive = _adaptive_attackers(ctx, nets, attacker_split, method)
+        for ev in evals.values():
+            rows += _evaluate_method(ctx, ev, nets, adaptive, method)
+        meta = _meta(ctx, splits, t_start, complete=i == len(ORDER) - 1)
+        report.write_all(out, meta, rows)
+    grids = {d: ev.grid for d, ev in evals.items()}
+    meta["figures"] = report.write_figures(out, rows, grids)
+    report.write_all(out, meta, rows)
+    return {**meta, "rows": rows}
+
+
+def _meta(ctx: BenchContext, splits: dict, t_start: float, *, complete: bool) -> dict:
+    from advface import __version__
+
+    dev = ctx.device
+    return {
+        "profile": ctx.profile.to_dict(),
+        "complete": complete,
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "advface_version": __version__,
         "torch_version": torch.__version__,
-        "splits": {
-            "attacker": {
-                "name": attacker_split.name,
-                "images": len(attacker_split),
-                "people": len(attacker_split.people),
-                **attacker_split.notes,
-            },
-            "server": {
-                "name": server_split.name,
-                "images": len(server_split),
-                "people": len(server_split.people),
-            },
-        },
+        "splits": splits,
         "training": ctx.training,
         "stage_seconds": ctx.timings,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    meta["figures"] = report.write_figures(out, rows, grids)
-    report.write_all(out, meta, rows)
-    return {**meta, "rows": rows}
 
 
 def _attackers_for(
@@ -383,7 +399,7 @@ def _attackers_for(
 
     p = ctx.profile
     attackers: dict[str, nn.Module] = {"paper-resrec": nets.recon}
-    attackers.update({k.split("/", 1)[1]: m for k, m in adaptive.items() if k.startswith(method)})
+    attackers.update(adaptive)
     attackers["embedding"] = EmbeddingAttack(nets.emb_decoder, ctx.head)
     attackers["inversion"] = FeatureInversion(
         ctx.encoder,
@@ -394,69 +410,87 @@ def _attackers_for(
     return attackers
 
 
-def _evaluate_dataset(
-    ctx: BenchContext, dataset: str, nets: Networks, adaptive: dict[str, nn.Module]
-) -> tuple[list[dict], dict[str, np.ndarray]]:
+@dataclass
+class DatasetEval:
+    """One dataset's test faces, pairs and clean embeddings, and what was measured so far."""
+
+    dataset: str
+    proto: object  # metrics.ProtocolEval
+    images: np.ndarray
+    clean_emb: np.ndarray
+    base_key: dict
+    grid: dict[str, np.ndarray]
+    rows: list[dict]
+
+
+def _prepare_dataset(ctx: BenchContext, dataset: str, nets: Networks) -> DatasetEval:
+    """Clean protocol, test faces, and the floors (embedding decoder on clean e; mean face)."""
     from advface.attacks.inversion import MeanFace
-    from advface.pipelines.robustness.metrics import accuracy_rows, clean_protocol, recon_rows
+    from advface.pipelines.robustness.metrics import clean_protocol, recon_rows
 
     p = ctx.profile
-    code = code_fingerprint(EVAL_CODE)
     proto = clean_protocol(ctx, dataset, _embed_clean)
-    test = _test_split(ctx, dataset)
-    images = ctx.images(test)
+    images = ctx.images(_test_split(ctx, dataset))
     img_key = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
     clean_emb = _embed_clean(ctx, images, f"{dataset} test embeddings")
-    rows: list[dict] = []
-    grid: dict[str, np.ndarray] = {"original": images[: p.grid_n]}
     base_key = dict(
         dataset=dataset,
         images=img_key,
         weights=ctx.weights_sha,
-        code=code,
+        code=code_fingerprint(EVAL_CODE),
         nets=nets.keys,
         batch=p.protect_batch,
         inv=(p.inversion_n, p.inversion_steps),
         grid=p.grid_n,
     )
-    # Floors: the embedding decoder on clean embeddings, and the mean face.
+    ev = DatasetEval(
+        dataset, proto, images, clean_emb, base_key, {"original": images[: p.grid_n]}, []
+    )
     floors = {
         "floor-embedding": _attackers_for(ctx, nets, {}, "none")["embedding"],
         "floor-mean-face": MeanFace(nets.mean_face),
     }
     res = _attack_stage(ctx, f"floors-{dataset}", base_key, images, lambda z: z, floors, {})
     for f in floors:
-        rows += recon_rows(dataset, f, {f: res}, clean_emb, proto, attacker=f)
-        grid[f] = res[f"{f}/grid"]
-    for method in METHODS:
-        prot = _server_protection(ctx, nets, method)
-        attackers = _attackers_for(ctx, nets, adaptive, method)
-        key = {
-            **base_key,
-            "method": method,
-            "params": prot.params(),
-            "attackers": sorted(attackers),
-            "adaptive": {
-                a: ctx.training.get(f"{a}-{method}", {}).get("key")
-                for a in attackers
-                if a.startswith("adaptive")
-            },
-        }
-        res = _attack_stage(
-            ctx,
-            f"attack-{dataset}-{method}",
-            key,
-            images,
-            prot.protect,
-            attackers,
-            {"inversion": p.inversion_n},
-        )
-        rows += recon_rows(dataset, method, {a: res for a in attackers}, clean_emb, proto)
-        for a in attackers:
-            grid[f"{method}|{a}"] = res[f"{a}/grid"]
-        stored_key = {**base_key, "method": method, "params": prot.params(), "pairs": proto.key}
-        emb = _stored_embeddings(
-            ctx, f"stored-{dataset}-{method}", stored_key, proto.stored_images(ctx), prot.protect
-        )
-        rows += accuracy_rows(dataset, method, emb, proto)
-    return rows, grid
+        ev.rows += recon_rows(dataset, f, {f: res}, clean_emb, proto, attacker=f)
+        ev.grid[f] = res[f"{f}/grid"]
+    return ev
+
+
+def _evaluate_method(
+    ctx: BenchContext,
+    ev: DatasetEval,
+    nets: Networks,
+    adaptive: dict[str, nn.Module],
+    method: str,
+) -> list[dict]:
+    """Every attacker against ``method`` on one dataset, and its verification accuracy."""
+    from advface.pipelines.robustness.metrics import accuracy_rows, recon_rows
+
+    p, d = ctx.profile, ev.dataset
+    prot = _server_protection(ctx, nets, method)
+    attackers = _attackers_for(ctx, nets, adaptive, method)
+    key = {
+        **ev.base_key,
+        "method": method,
+        "params": prot.params(),
+        "attackers": sorted(attackers),
+        "adaptive": {a: ctx.training[f"{a}-{method}"]["key"] for a in adaptive},
+    }
+    res = _attack_stage(
+        ctx,
+        f"attack-{d}-{method}",
+        key,
+        ev.images,
+        prot.protect,
+        attackers,
+        {"inversion": p.inversion_n},
+    )
+    rows = recon_rows(d, method, {a: res for a in attackers}, ev.clean_emb, ev.proto)
+    for a in attackers:
+        ev.grid[f"{method}|{a}"] = res[f"{a}/grid"]
+    stored_key = {**ev.base_key, "method": method, "params": prot.params(), "pairs": ev.proto.key}
+    emb = _stored_embeddings(
+        ctx, f"stored-{d}-{method}", stored_key, ev.proto.stored_images(ctx), prot.protect
+    )
+    return rows + accuracy_rows(d, method, emb, ev.proto)

@@ -1,0 +1,111 @@
+import json
+
+import pytest
+
+from advface.pipelines.robustness import PROFILES, get_profile
+from advface.pipelines.robustness.models import code_fingerprint
+from advface.pipelines.robustness.report import render, strongest, summary
+from advface.pipelines.robustness.run import METHODS, ORDER
+
+
+def test_profiles_and_order():
+    assert set(PROFILES) == {"smoke", "cpu", "gpu"}
+    assert sorted(ORDER) == sorted(METHODS)
+    assert get_profile("cpu", test_n=7).test_n == 7
+    with pytest.raises(ValueError, match="unknown bench profile"):
+        get_profile("huge")
+
+
+def test_code_fingerprint_follows_the_sources(tmp_path, monkeypatch):
+    a = code_fingerprint(("protection",))
+    assert a == code_fingerprint(("protection",))
+    assert a != code_fingerprint(("attacks/train.py",))
+
+
+def _row(method, attacker, ssim, **kw):
+    return {
+        "table": "robustness",
+        "dataset": "lfw",
+        "method": method,
+        "attacker": attacker,
+        "ssim": ssim,
+        "psnr": 10.0,
+        "mse": 0.1,
+        "srra": 0.5,
+        "srra_far": 0.25,
+        "chance_srra": 0.01,
+        "chance_srra_far": 0.001,
+        "threshold": 0.4,
+        "threshold_far": 0.5,
+        "n_images": 4,
+        **kw,
+    }
+
+
+def test_report_names_the_strongest_attacker():
+    rows = [
+        _row("none", "paper-resrec", 0.8),
+        _row("none", "inversion", 0.9),
+        _row("floor-embedding", "floor-embedding", 0.4),
+        {
+            "table": "robustness",
+            "dataset": "lfw",
+            "method": "none",
+            "attacker": None,
+            "accuracy": 0.99,
+            "accuracy_ci95": [0.98, 1.0],
+            "n_pairs": 6000,
+            "full_protocol": True,
+            "stored_identity_cosine": 1.0,
+        },
+    ]
+    assert strongest(rows, "lfw", "none")["attacker"] == "inversion"
+    meta = {
+        "profile": get_profile("smoke").to_dict(),
+        "device": "cpu",
+        "machine": "x",
+        "wall_s": 1.0,
+        "complete": True,
+        "splits": {"attacker": {"images": 3, "people": 2}, "server": {"images": 2, "people": 1}},
+        "training": {
+            "attacker-resrec": {
+                "train_set": "a",
+                "n_train": 3,
+                "epochs": 1,
+                "seconds": 1.0,
+                "identity_overlap_with_test": 0,
+                "loss_curve": [0.2],
+            }
+        },
+    }
+    md = render(meta, rows)
+    assert "| none | inversion | 0.900" in md and "6000 (full)" in md
+    assert "inversion" in summary(rows)
+
+
+@pytest.mark.data
+def test_smoke_bench_end_to_end_and_resumes(data_root, tmp_path):
+    from advface.pipelines.robustness import run_bench
+
+    out = tmp_path / "bench"
+    res = run_bench(get_profile("smoke"), out, progress=False)
+    data = json.loads((out / "results.json").read_text())
+    assert data["complete"] and {r["table"] for r in data["rows"]} == {"robustness"}
+    recon = {(r["method"], r["attacker"]) for r in data["rows"] if r.get("ssim") is not None}
+    for m in METHODS:
+        assert {(m, "paper-resrec"), (m, "inversion"), (m, "embedding")} <= recon
+        acc = [r for r in data["rows"] if r["method"] == m and r.get("accuracy") is not None]
+        assert len(acc) == 1 and acc[0]["n_pairs"] == 20
+    for m in ("advface", "embedding-shadow"):
+        assert {(m, "adaptive-own"), (m, "adaptive-leaked")} <= recon
+    assert {("random", "adaptive-leaked"), ("dp", "adaptive-leaked")} <= recon
+    assert ("floor-embedding", "floor-embedding") in recon
+    assert ("floor-mean-face", "floor-mean-face") in recon
+    for role, t in data["training"].items():
+        if role.startswith(("attacker", "adaptive")):
+            assert t["identity_overlap_with_test"] == 0, role
+    assert (out / "report.md").is_file() and (out / "frontier.png").is_file()
+    # Resumes: a second run recomputes nothing and gives the same rows.
+    again = run_bench(get_profile("smoke"), out, progress=False)
+    assert again["stage_seconds"] == {}
+    assert [r.get("ssim") for r in again["rows"]] == [r.get("ssim") for r in res["rows"]]

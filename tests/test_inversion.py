@@ -62,3 +62,28 @@ def test_embedding_attack_decodes_what_psi_reads():
     z = torch.randn(2, 1, 2, 2)
     out = EmbeddingAttack(decoder, head)(z)
     assert torch.allclose(out, decoder(head(z)))
+
+
+def test_embedding_inversion_sees_only_the_embedding():
+    from advface.attacks.inversion import EmbeddingInversion
+
+    torch.manual_seed(0)
+    extractor = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU())
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 8))
+    target = torch.rand(2, 3, 160, 160)
+    with torch.no_grad():
+        z = extractor((target * 255 - 127.5) / 128)
+    settings = InversionSettings(steps=60, feature_weight=0.0, id_weight=1.0, tv_weight=0.0)
+    attack = EmbeddingInversion(FeatureInversion(extractor, head, settings))
+    out = attack(z)
+    with torch.no_grad():
+        got = head(extractor((out * 255 - 127.5) / 128))
+        cos = torch.nn.functional.cosine_similarity(got, head(z))
+    assert (cos > 0.9).all()
+    # The same result from the embedding alone: the feature map itself is never used.
+    again = attack.inv.from_embedding(head(z))
+    assert torch.allclose(out, again, atol=1e-5)
+    with pytest.raises(ValueError, match="both be 0"):
+        InversionSettings(feature_weight=0.0, id_weight=0.0)
+    with pytest.raises(ValueError, match="feature_weight=0"):
+        EmbeddingInversion(FeatureInversion(extractor, head, InversionSettings()))

@@ -2,15 +2,19 @@
 
 Given stored features z' (N,64,77,77), find images x (N,3,160,160) in [0,1] minimising
 
-    ||E(x) - z'||^2 / numel  +  id_weight * (1 - cos(Psi(E(x)), Psi(z')))  +  tv_weight * TV(x)
+    feature_weight * ||E(x) - z'||^2 / numel  +  id_weight * (1 - cos(Psi(E(x)), e))
+        +  tv_weight * TV(x)        with e = Psi(z') (or a given embedding)
 
 by Adam on an unconstrained parameter (x = sigmoid(p)), started from ``init`` (default: a grey
 image; the attacker's mean face is a stronger start). E is three convolutions, so the feature
 term nearly determines x on unprotected features; the identity term uses only what Psi reads
 and is what remains against a protection that keeps Psi's embedding. TV is the anisotropic
 total variation (mean absolute difference of neighbouring pixels), the image prior.
-Defaults: 200 steps, lr 0.05, tv_weight 0.05, id_weight 0.1. Cost: ``steps`` forward+backward
-passes of E (about 1 GFLOP per image and step), plus Psi's when ``id_weight > 0``.
+Defaults: 200 steps, lr 0.05, tv_weight 0.05, id_weight 0.1, feature_weight 1. With
+``feature_weight=0`` the attack sees only the embedding: :meth:`FeatureInversion.from_embedding`
+is then the optimisation-based replay that any stored embedding allows (the embedding floor's
+replay). Cost: ``steps`` forward+backward passes of E (about 1 GFLOP per image and step), plus
+Psi's when ``id_weight > 0``.
 """
 
 from __future__ import annotations
@@ -39,16 +43,19 @@ class InversionSettings:
     lr: float = 0.05
     tv_weight: float = 0.05
     id_weight: float = 0.1
+    feature_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        for name in ("lr", "tv_weight", "id_weight"):
+        for name in ("lr", "tv_weight", "id_weight", "feature_weight"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or not v >= 0 or v != v or v == float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0")
+        if self.feature_weight == 0 and self.id_weight == 0:
+            raise ValueError("feature_weight and id_weight cannot both be 0 (nothing to match)")
 
 
 class FeatureInversion(nn.Module):
@@ -81,20 +88,34 @@ class FeatureInversion(nn.Module):
         self.register_buffer("init", init.clamp(0.01, 0.99) if init is not None else None)
 
     def forward(self, z: Tensor) -> Tensor:
+        target_e = None
+        if self.settings.id_weight > 0:
+            with torch.no_grad():
+                target_e = F.normalize(self.head(z.detach().float()), dim=1)
+        return self._invert(z.detach().float(), target_e, len(z), z.device)
+
+    def from_embedding(self, e: Tensor) -> Tensor:
+        """Images whose embedding matches ``e`` (N,512): the replay any stored embedding allows
+        (needs ``feature_weight=0``)."""
+        if self.settings.feature_weight > 0:
+            raise ValueError("from_embedding needs feature_weight=0 (no feature map to match)")
+        target = F.normalize(e.detach().float(), dim=1)
+        return self._invert(None, target, len(e), e.device)
+
+    def _invert(self, z: Tensor | None, target_e: Tensor | None, n: int, device) -> Tensor:
         s = self.settings
-        n = len(z)
         start = self.init if self.init is not None else torch.full((3, 160, 160), 0.5)
-        start = start.to(z.device, torch.float32).expand(n, -1, -1, -1)
+        start = start.to(device, torch.float32).expand(n, -1, -1, -1)
         param = torch.logit(start.clamp(0.01, 0.99)).clone()
         with torch.inference_mode(False), torch.enable_grad():
-            z = z.detach().float().clone()
-            target_e = F.normalize(self.head(z), dim=1).detach() if s.id_weight > 0 else None
             param.requires_grad_(True)
             opt = torch.optim.Adam([param], lr=s.lr)
             for _ in range(s.steps):
                 x = torch.sigmoid(param)
                 zx = self.extractor(unit_to_facenet(x))
-                loss = (zx - z).pow(2).flatten(1).mean(1)
+                loss = torch.zeros(n, device=device)
+                if z is not None and s.feature_weight > 0:
+                    loss = loss + s.feature_weight * (zx - z).pow(2).flatten(1).mean(1)
                 if target_e is not None:
                     loss = loss + s.id_weight * (1 - F.cosine_similarity(self.head(zx), target_e))
                 if s.tv_weight > 0:
@@ -103,6 +124,22 @@ class FeatureInversion(nn.Module):
                 loss.sum().backward()
                 opt.step()
         return torch.sigmoid(param).detach()
+
+
+class EmbeddingInversion(nn.Module):
+    """The embedding floor's replay: optimise an image to Psi's embedding of the stored feature,
+    seeing nothing else (``inv`` must have ``feature_weight=0``)."""
+
+    def __init__(self, inv: FeatureInversion) -> None:
+        super().__init__()
+        if inv.settings.feature_weight != 0 or inv.head is None:
+            raise ValueError("EmbeddingInversion needs a FeatureInversion with feature_weight=0")
+        self.inv = inv
+
+    def forward(self, z: Tensor) -> Tensor:
+        with torch.no_grad():
+            e = self.inv.head(z.detach().float())
+        return self.inv.from_embedding(e)
 
 
 class MeanFace(nn.Module):

@@ -42,8 +42,9 @@ def build_protection(name: str, **params: Any) -> Protection:
       default: E of the converted FaceNet), ``steps=40, alpha=0.2, epsilon=0.2,
       reading="projected"|"per-step", bn="batch"|"sample"|"running", clamp_min=None, device``
     - ``embedding-shadow``: ``generator`` and ``shadow`` (modules or checkpoint dirs, required),
-      ``extractor``/``head`` (default: the converted FaceNet's E and Psi), ``steps=20,
-      alpha=0.05, epsilon=0.5, identity_weight=1.0, random_start=True, bn="sample", device``
+      ``extractor``/``head`` (default: the converted FaceNet's E and Psi), ``steps=30,
+      alpha=0.1, epsilon=1.0, decay=True, identity_weight=1.0, random_start=True,
+      bn="sample", step_rule="sign", device``
 
     All take ``expected_shape=(64, 77, 77)``. Unknown names or parameters raise ``ValueError``.
     """

@@ -33,9 +33,9 @@ class BenchProfile:
     alpha: float = 0.2
     epsilon: float = 0.2
     # embedding-shadow.
-    es_steps: int = 20
-    es_alpha: float = 0.05
-    es_epsilon: float = 0.5
+    es_steps: int = 30
+    es_alpha: float = 0.1
+    es_epsilon: float = 1.0
     es_identity_weight: float = 1.0
     protect_batch: int = 64
     grid_n: int = 6
@@ -69,21 +69,21 @@ PROFILES: dict[str, BenchProfile] = {
     "cpu": BenchProfile(
         name="cpu",
         recon="cpu",
-        train_limit=500,
-        epochs=4,
+        train_limit=300,
+        epochs=5,
         train_batch=32,
         adaptive_limit=None,
-        test_n=100,
-        inversion_n=24,
-        inversion_steps=150,
+        test_n=64,
+        inversion_n=12,
+        inversion_steps=100,
         pairs_per_fold=20,
         protect_batch=32,
         notes=(
-            "cpu: narrow decoders (recon profile 'cpu') trained 4 epochs on 500-image subsets "
-            "(every attacker, adaptive ones included, on the same 500 people-disjoint images); "
-            "reconstruction on 100 test images per "
-            "dataset (inversion on 24); accuracy on a seeded sample of 20 pairs per fold "
-            "(200 pairs, stratified over folds and genuine/impostor)",
+            "cpu: narrow decoders (recon profile 'cpu') trained 5 epochs on 300 "
+            "people-disjoint LFW images (every attacker, adaptive ones included, on the same "
+            "300); reconstruction on 64 test images per dataset (inversion on 12, 100 steps); "
+            "accuracy on a seeded sample of 20 pairs per fold (200 pairs, stratified over "
+            "folds and genuine/impostor)",
         ),
     ),
     "gpu": BenchProfile(

@@ -8,7 +8,7 @@ import numpy as np
 
 from advface.pipelines.reproduce.report import write_csvs, write_json
 
-FLOORS = ("floor-embedding", "floor-mean-face")
+FLOORS = ("floor-embedding", "floor-embedding-inversion", "floor-mean-face")
 
 
 def _recon(rows: list[dict], dataset: str) -> list[dict]:
@@ -52,7 +52,7 @@ def write_figures(out: Path, rows: list[dict], grids: dict[str, dict[str, np.nda
             if best and acc:
                 ax.scatter(100 * acc["accuracy"], best["ssim"], label=f"{d} {m}")
                 ax.annotate(m, (100 * acc["accuracy"], best["ssim"]), fontsize=6)
-        for f, style in zip(FLOORS, ("--", ":"), strict=True):
+        for f, style in zip(FLOORS, ("--", "-.", ":"), strict=True):
             fl = strongest(rows, d, f)
             if fl:
                 ax.axhline(fl["ssim"], ls=style, lw=1, color="grey")

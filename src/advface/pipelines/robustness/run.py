@@ -424,8 +424,14 @@ class DatasetEval:
 
 
 def _prepare_dataset(ctx: BenchContext, dataset: str, nets: Networks) -> DatasetEval:
-    """Clean protocol, test faces, and the floors (embedding decoder on clean e; mean face)."""
-    from advface.attacks.inversion import MeanFace
+    """Clean protocol, test faces, and the floors: what the clean embedding e alone gives (a
+    decoder trained on e; an image optimised to e), and the mean face (nothing)."""
+    from advface.attacks.inversion import (
+        EmbeddingInversion,
+        FeatureInversion,
+        InversionSettings,
+        MeanFace,
+    )
     from advface.pipelines.robustness.metrics import clean_protocol, recon_rows
 
     p = ctx.profile
@@ -448,9 +454,25 @@ def _prepare_dataset(ctx: BenchContext, dataset: str, nets: Networks) -> Dataset
     )
     floors = {
         "floor-embedding": _attackers_for(ctx, nets, {}, "none")["embedding"],
+        "floor-embedding-inversion": EmbeddingInversion(
+            FeatureInversion(
+                ctx.encoder,
+                ctx.head,
+                InversionSettings(steps=p.inversion_steps, feature_weight=0.0, id_weight=1.0),
+                init=nets.mean_face,
+            )
+        ),
         "floor-mean-face": MeanFace(nets.mean_face),
     }
-    res = _attack_stage(ctx, f"floors-{dataset}", base_key, images, lambda z: z, floors, {})
+    res = _attack_stage(
+        ctx,
+        f"floors-{dataset}",
+        base_key,
+        images,
+        lambda z: z,
+        floors,
+        {"floor-embedding-inversion": p.inversion_n},
+    )
     for f in floors:
         ev.rows += recon_rows(dataset, f, {f: res}, clean_emb, proto, attacker=f)
         ev.grid[f] = res[f"{f}/grid"]

@@ -146,3 +146,34 @@ def test_random_projected_reading_respects_the_budget():
     assert proj.params()["reading"] == "projected"
     with pytest.raises(ValueError, match="reading"):
         build_protection("random", reading="sideways")
+
+
+def test_protect_options_build_embedding_shadow_from_checkpoints(tmp_path, random_facenet):
+    from advface.models.recon import build_recon, save_checkpoint
+    from advface.models.split import split_facenet
+    from advface.pipelines.protect import build_from_options
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "gen", build_recon("embdec", width=2), "embdec", {"width": 2})
+    save_checkpoint(
+        tmp_path / "s",
+        build_recon("resrec", width=2, blocks=0),
+        "resrec",
+        {"width": 2, "blocks": 0},
+    )
+    enc, head = split_facenet(random_facenet)
+    prot = build_from_options(
+        "embedding-shadow",
+        shadow=tmp_path / "s",
+        generator=tmp_path / "gen",
+        steps=1,
+        extractor=enc,
+        head=head,
+    )
+    out = prot.protect(torch.rand(1, 64, 77, 77))
+    assert out.shape == (1, 64, 77, 77) and torch.isfinite(out).all()
+    assert prot.params()["generator_path"].endswith("gen")
+    with pytest.raises(ValueError, match="--generator"):
+        build_from_options("embedding-shadow", shadow=tmp_path / "s", extractor=enc, head=head)
+    with pytest.raises(ValueError, match="--generator"):
+        build_from_options("advface", shadow=tmp_path / "s", generator=tmp_path / "gen")

@@ -52,9 +52,8 @@ def eval_fr_cmd(
         model = load_facenet(weights, cache=cache_dir)
         prot = None
         if protection.strip().lower() not in ("none", "clean"):
-            prot = protection_from_spec(
-                protection, extractor=split_facenet(model)[0], device=device
-            )
+            enc, head = split_facenet(model)
+            prot = protection_from_spec(protection, extractor=enc, head=head, device=device)
         res = eval_fr(
             dataset,
             protection=prot,

@@ -18,9 +18,9 @@ def register(app: typer.Typer) -> None:
 def protect_command(
     src: Annotated[Path, typer.Argument(help="safetensors with tensor z (N,64,77,77)")],
     dst: Annotated[Path, typer.Argument(help="output safetensors (written atomically)")],
-    method: Annotated[str, typer.Option("--method", help="advface | random | dp | none")] = (
-        "advface"
-    ),
+    method: Annotated[
+        str, typer.Option("--method", help="advface | embedding-shadow | random | dp | none")
+    ] = ("advface"),
     shadow: Annotated[
         Path | None, typer.Option("--shadow", help="shadow reconstruction checkpoint (advface)")
     ] = None,
@@ -37,6 +37,12 @@ def protect_command(
     ] = None,
     bn: Annotated[
         str | None, typer.Option("--bn", help="shadow BN statistics: batch | sample | running")
+    ] = None,
+    generator: Annotated[
+        Path | None,
+        typer.Option(
+            "--generator", help="embedding-to-image generator checkpoint (embedding-shadow)"
+        ),
     ] = None,
     clamp_min: Annotated[
         float | None, typer.Option("--clamp-min", help="clamp AdvFace iterates (e.g. 0)")
@@ -62,14 +68,17 @@ def protect_command(
     if threads is not None:
         torch.set_num_threads(threads)
     with user_errors():
-        extractor = None
-        if method == "advface" and shadow is None:  # fail before loading FaceNet
-            raise ValueError("--method advface needs --shadow CKPT (a reconstruction checkpoint)")
-        if method == "advface":
+        extractor = head = None
+        networks = method in ("advface", "embedding-shadow")
+        if networks and shadow is None:  # fail before loading FaceNet
+            raise ValueError(f"--method {method} needs --shadow CKPT (a reconstruction checkpoint)")
+        if method == "embedding-shadow" and generator is None:
+            raise ValueError("--method embedding-shadow needs --generator CKPT (an EmbDec)")
+        if networks:
             from advface.models.facenet import load_facenet
             from advface.models.split import split_facenet
 
-            extractor, _ = split_facenet(load_facenet(weights))
+            extractor, head = split_facenet(load_facenet(weights))
         protection = build_from_options(
             method,
             shadow=shadow,
@@ -80,8 +89,10 @@ def protect_command(
             bn=bn,
             clamp_min=clamp_min,
             epsilon_dp=epsilon_dp,
+            generator=generator,
             extractor=extractor,
-            device=device if method == "advface" else None,
+            head=head,
+            device=device if networks else None,
         )
         summary = protect_file(
             src,

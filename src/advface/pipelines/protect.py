@@ -36,7 +36,9 @@ def build_from_options(
     bn: str | None = None,
     clamp_min: float | None = None,
     epsilon_dp: float | None = None,
+    generator: str | Path | None = None,
     extractor: torch.nn.Module | None = None,
+    head: torch.nn.Module | None = None,
     device: str | None = None,
     seed: int | None = None,
 ) -> Protection:
@@ -55,12 +57,16 @@ def build_from_options(
         "bn": bn,
         "clamp_min": clamp_min,
         "epsilon_dp": epsilon_dp,
+        "generator": generator,
     }
     rename = {
         "none": {},
         "random": {"steps": "steps", "epsilon": "bound"},
         "dp": {"epsilon": "sensitivity", "epsilon_dp": "epsilon_dp"},
-        "advface": {k: k for k in given if k != "epsilon_dp"},
+        "advface": {k: k for k in given if k not in ("epsilon_dp", "generator")},
+        "embedding-shadow": {
+            k: k for k in ("shadow", "generator", "steps", "alpha", "epsilon", "bn")
+        },
     }
     if method not in rename:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(rename)}")
@@ -71,10 +77,16 @@ def build_from_options(
     params: dict[str, Any] = {
         rename[method][k]: v for k, v in given.items() if v is not None and k in rename[method]
     }
-    if method == "advface":
+    if method in ("advface", "embedding-shadow"):
         if shadow is None:
-            raise ValueError("--method advface needs --shadow CKPT (a reconstruction checkpoint)")
+            raise ValueError(f"--method {method} needs --shadow CKPT (a reconstruction checkpoint)")
         params["shadow"] = str(shadow)
+        if method == "embedding-shadow":
+            if generator is None:
+                raise ValueError("--method embedding-shadow needs --generator CKPT (an EmbDec)")
+            params["generator"] = str(generator)
+            if head is not None:
+                params["head"] = head
         if extractor is not None:
             params["extractor"] = extractor
         if device is not None:

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from advface.cli import app as cli_app
 from advface.protection import build_protection
 from advface.service import payload
 from advface.service.app import Service, create_app
 from advface.service.backend import Backend, toy_backend
+from advface.service.sdk import AdvFaceClient
 from advface.service.settings import ServiceSettings
 from advface.service.store import Base, Store
 
@@ -133,3 +138,62 @@ def harness(db_url: str, toy: Backend) -> Iterator[Harness]:
     finally:
         cm.__exit__(None, None, None)
         h.store.close()
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """The response is the error envelope with this status and code; returns the body."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    err = body["error"]
+    assert err["code"] == code and err["status"] == status and err["message"], body
+    return body
+
+
+def sdk_client(h: Harness, backend: Backend | None = None) -> AdvFaceClient:
+    """An SDK client of the harness's app (in process), as the harness's first tenant."""
+    extractor = backend.extractor if backend is not None else None
+    return AdvFaceClient(
+        "http://testserver", h.key, transport=h.client._transport, retries=0, extractor=extractor
+    )
+
+
+async def asgi_request(
+    app: Any,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    receive: Callable[[], Awaitable[dict[str, Any]]],
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """One request straight through the ASGI app, with full control over the body stream."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(msg: dict[str, Any]) -> None:
+        sent.append(msg)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "state": {},
+    }
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    hdrs = {k.decode(): v.decode() for k, v in start["headers"]}
+    return start["status"], hdrs, json.loads(body)
+
+
+def cli_key(db_url: str, tenant: str = "acme") -> str:
+    """A new API key made by ``advface keys create``."""
+    r = CliRunner().invoke(cli_app, ["keys", "create", tenant, "--db-url", db_url])
+    assert r.exit_code == 0, r.output
+    return r.output.strip().splitlines()[-1]

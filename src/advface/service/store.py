@@ -7,10 +7,12 @@ never persisted - the service recomputes them into memory at start-up (``gallery
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -30,7 +32,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -105,6 +107,16 @@ class TemplateRow:
     blob: bytes = b""
 
 
+@dataclass(frozen=True)
+class KeyInfo:
+    """What ``advface keys list`` shows of a key: never the secret or its digest."""
+
+    key_id: str
+    tenant: str
+    created_at: datetime
+    revoked: bool
+
+
 class IdempotencyConflict(Exception):
     """An idempotency key was reused with a different request body or subject."""
 
@@ -125,11 +137,47 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL, synchronous=FULL, foreign keys and a busy timeout."""
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL; ``None`` for other databases and in-memory SQLite."""
+    u = make_url(normalise_url(url))
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    if u.database.startswith("file:"):
+        return None  # URI filenames: SQLite parses them itself
+    return Path(u.database)
+
+
+def make_private_sqlite(path: Path) -> None:
+    """Create the database file (and its folder) readable by the owner only.
+
+    It holds the API key digests and the protected templates. SQLite creates the ``-wal`` and
+    ``-shm`` files with the main file's mode, so 0600 here makes all three 0600; files left
+    with a wider mode by an earlier version are tightened.
+    """
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for f in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if f.exists() and f.stat().st_mode & 0o077:
+            f.chmod(0o600)
+
+
+def make_engine(url: str, timeout: float = 10.0) -> Engine:
+    """Create an engine; SQLite gets WAL, synchronous=FULL, foreign keys and a busy timeout.
+
+    ``timeout``: seconds to wait for a locked SQLite file or a PostgreSQL connection. SQL
+    parameters are hidden from errors, so no subject id or key digest reaches a log.
+    """
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        path = sqlite_path(url)
+        if path is not None:
+            make_private_sqlite(path)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": timeout},
+            hide_parameters=True,
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - trivial
@@ -141,14 +189,22 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(
+        url,
+        pool_pre_ping=True,  # a dropped connection is replaced instead of failing a request
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=timeout,
+        hide_parameters=True,
+        connect_args={"connect_timeout": max(1, round(timeout))},
+    )
 
 
 class Store:
     """Repository: every public method is one transaction."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = make_engine(url)
+    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
+        self.engine = make_engine(url, timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         Base.metadata.create_all(self.engine)
 
@@ -156,10 +212,10 @@ class Store:
         self.engine.dispose()
 
     def ping(self) -> bool:
-        """True when the database answers."""
+        """True when the database answers (a real table read, not just an open connection)."""
         try:
             with self.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+                conn.execute(text("SELECT 1 FROM api_keys LIMIT 1"))
             return True
         except Exception:  # noqa: BLE001 - readiness must report, not raise
             return False
@@ -190,7 +246,20 @@ class Store:
                 return None
             return row.tenant_id
 
+    def list_keys(self) -> list[KeyInfo]:
+        """Every API key with its tenant (never the digest), oldest first."""
+        with self._sessions() as s:
+            rows = s.execute(
+                select(ApiKey.key_id, Tenant.name, ApiKey.created_at, ApiKey.revoked)
+                .join(Tenant, Tenant.id == ApiKey.tenant_id)
+                .order_by(ApiKey.created_at, ApiKey.key_id)
+            ).all()
+        return [
+            KeyInfo(k, t, c if c.tzinfo else c.replace(tzinfo=UTC), bool(r)) for k, t, c, r in rows
+        ]
+
     def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key (it then gets 401); False when there is no such key."""
         with self._sessions.begin() as s:
             row = s.get(ApiKey, key_id)
             if row is None:

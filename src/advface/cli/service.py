@@ -120,6 +120,52 @@ def keys_create(
     typer.echo(token)
 
 
+@keys_app.command("list")
+def keys_list(
+    db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL]")] = None,
+) -> None:
+    """List API keys (id, tenant, created, revoked; one JSON line each). Secrets are never shown:
+    only their hashes are stored."""
+    from advface.service.store import Store
+
+    store = Store(_settings(db_url=db_url).db_url)
+    try:
+        for k in store.list_keys():
+            _print(
+                {
+                    "key_id": k.key_id,
+                    "tenant": k.tenant,
+                    "created_at": k.created_at.isoformat(),
+                    "revoked": k.revoked,
+                }
+            )
+    finally:
+        store.close()
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="key id (the 12 hex digits after afk_)")],
+    db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL]")] = None,
+) -> None:
+    """Revoke an API key: requests with it get 401 from then on."""
+    import re
+
+    from advface.service.store import Store
+
+    if not re.fullmatch(r"[0-9a-f]{12}", key_id):
+        raise typer.BadParameter("KEY_ID must be the 12 hex digits of a key id (advface keys list)")
+    store = Store(_settings(db_url=db_url).db_url)
+    try:
+        found = store.revoke_key(key_id)
+    finally:
+        store.close()
+    if not found:
+        typer.echo(f"error: no API key {key_id}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"revoked {key_id}")
+
+
 def _client(url: str, api_key: str, backend: str = "facenet") -> Any:
     from advface.service.backend import load_backend
     from advface.service.sdk import AdvFaceClient

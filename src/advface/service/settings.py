@@ -42,6 +42,17 @@ class ServiceSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     torch_threads: int = 0  # 0: leave torch's default
+    # Slow-client limits: seconds to send the request line and headers, and the whole body.
+    header_timeout: float = 10.0
+    read_timeout: float = 30.0
+    # Request bodies buffered at once (each up to max_body_bytes); more get a 503.
+    max_concurrent_uploads: int = 16
+    # Token bucket per API key (requests/second, burst); rate_limit 0 turns it off.
+    # In-process state: each worker process limits on its own.
+    rate_limit: float = 20.0
+    rate_burst: int = 40
+    # Seconds to wait for a locked SQLite file or a PostgreSQL connection before a 503.
+    db_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.db_url:
@@ -60,6 +71,13 @@ class ServiceSettings:
             raise ValueError(f"backend must be 'facenet' or 'toy', got {self.backend!r}")
         if not isinstance(self.protection_params, dict):
             raise ValueError("protection_params must be a JSON object")
+        for name in ("header_timeout", "read_timeout", "db_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_concurrent_uploads < 1 or self.rate_burst < 1:
+            raise ValueError("max_concurrent_uploads and rate_burst must be >= 1")
+        if self.rate_limit < 0:
+            raise ValueError(f"rate_limit must be >= 0 (0: off), got {self.rate_limit}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -27,6 +28,18 @@ from advface.service import payload
 from advface.service.auth import API_KEY_HEADER
 
 ImageLike = str | Path | np.ndarray
+
+
+def path_segment(value: str) -> str:
+    """``value`` as exactly one URL path segment.
+
+    Every reserved character is percent-encoded ("/" too), and so are dots: "." and ".." are
+    dot-segments that HTTP clients resolve away, so an id like "x/../victim" or ".." would
+    otherwise address another resource.
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError("an id must be a non-empty string")
+    return quote(value, safe="").replace(".", "%2E")
 
 
 # -- exceptions -----------------------------------------------------------------------------
@@ -292,7 +305,8 @@ class AdvFaceClient:
 
     def delete_subject(self, subject_id: str) -> int:
         """Delete a subject; returns how many templates went with it."""
-        return int(self._request("DELETE", f"/v1/subjects/{subject_id}")["deleted_templates"])
+        d = self._request("DELETE", f"/v1/subjects/{path_segment(subject_id)}")
+        return int(d["deleted_templates"])
 
     def enroll(
         self,
@@ -305,12 +319,14 @@ class AdvFaceClient:
         """Enroll one face; every retry reuses one idempotency key, so nothing is duplicated."""
         data = self.payload(image, aligned=aligned)
         key = idempotency_key or uuid.uuid4().hex
-        d = self._binary(f"/v1/subjects/{subject_id}/templates", data, {"Idempotency-Key": key})
+        url = f"/v1/subjects/{path_segment(subject_id)}/templates"
+        d = self._binary(url, data, {"Idempotency-Key": key})
         return Template(**d)
 
     def verify(self, subject_id: str, image: ImageLike, *, aligned: bool = False) -> Verification:
         """1:1 verification of a fresh probe against the subject's templates."""
-        d = self._binary(f"/v1/subjects/{subject_id}/verify", self.payload(image, aligned=aligned))
+        url = f"/v1/subjects/{path_segment(subject_id)}/verify"
+        d = self._binary(url, self.payload(image, aligned=aligned))
         return Verification(**d)
 
     def identify(
@@ -323,10 +339,10 @@ class AdvFaceClient:
         return [Candidate(**c) for c in d["candidates"]]
 
     def get_template(self, template_id: str) -> Template:
-        return Template(**self._request("GET", f"/v1/templates/{template_id}"))
+        return Template(**self._request("GET", f"/v1/templates/{path_segment(template_id)}"))
 
     def delete_template(self, template_id: str) -> None:
-        self._request("DELETE", f"/v1/templates/{template_id}")
+        self._request("DELETE", f"/v1/templates/{path_segment(template_id)}")
 
 
 def payload_content_type() -> str:

@@ -16,6 +16,13 @@ client_app = typer.Typer(help="Talk to a running template service.", no_args_is_
 UrlOpt = Annotated[str, typer.Option(envvar="ADVFACE_URL", help="service base URL")]
 KeyOpt = Annotated[str, typer.Option(envvar="ADVFACE_API_KEY", help="tenant API key")]
 AlignedOpt = Annotated[bool, typer.Option(help="images are already 160x160 aligned crops")]
+NoFaceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-no-face",
+        help="send images in which MTCNN finds no face (centre crop) instead of refusing them",
+    ),
+]
 BackendOpt = Annotated[
     str,
     typer.Option(
@@ -202,15 +209,18 @@ def client_enroll(
     create: Annotated[bool, typer.Option(help="create the subject if missing")] = True,
     aligned: AlignedOpt = False,
     backend: BackendOpt = "facenet",
+    allow_no_face: NoFaceOpt = False,
 ) -> None:
     """Align, extract E(x) here, and enroll each image for SUBJECT (one JSON line each)."""
 
     def go() -> None:
         with _client(url, api_key, backend) as c:
+            # Every image is checked (readable, has a face) before anything is sent.
+            feats = [c.features(i, aligned=aligned, allow_no_face=allow_no_face) for i in images]
             if create:
                 c.create_subject(subject, exist_ok=True)
-            for img in images:
-                _print(c.enroll(subject, img, aligned=aligned))
+            for z in feats:
+                _print(c.enroll(subject, z))
 
     _run(go)
 
@@ -223,13 +233,14 @@ def client_verify(
     api_key: KeyOpt = "",
     aligned: AlignedOpt = False,
     backend: BackendOpt = "facenet",
+    allow_no_face: NoFaceOpt = False,
 ) -> None:
     """1:1: is IMAGE the enrolled SUBJECT? Exit code 0 for a match, 3 for no match."""
     result: list[Any] = []
 
     def go() -> None:
         with _client(url, api_key, backend) as c:
-            result.append(c.verify(subject, image, aligned=aligned))
+            result.append(c.verify(subject, image, aligned=aligned, allow_no_face=allow_no_face))
             _print(result[0])
 
     _run(go)
@@ -245,12 +256,14 @@ def client_identify(
     top_k: int = 5,
     aligned: AlignedOpt = False,
     backend: BackendOpt = "facenet",
+    allow_no_face: NoFaceOpt = False,
 ) -> None:
     """1:N: the TOP_K most similar enrolled subjects."""
 
     def go() -> None:
         with _client(url, api_key, backend) as c:
-            _print([vars(x) for x in c.identify(image, top_k, aligned=aligned)])
+            found = c.identify(image, top_k, aligned=aligned, allow_no_face=allow_no_face)
+            _print([vars(x) for x in found])
 
     _run(go)
 

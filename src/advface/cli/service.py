@@ -67,13 +67,35 @@ def serve_cmd(
     torch_threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (0: default)")
     ] = None,
+    header_timeout: Annotated[
+        float | None,
+        typer.Option(help="seconds to receive a request's headers [ADVFACE_HEADER_TIMEOUT, 10]"),
+    ] = None,
+    read_timeout: Annotated[
+        float | None,
+        typer.Option(help="seconds to receive a request's body [ADVFACE_READ_TIMEOUT, 30]"),
+    ] = None,
+    max_concurrent_uploads: Annotated[
+        int | None,
+        typer.Option(help="bodies read at once; more get 503 [ADVFACE_MAX_CONCURRENT_UPLOADS, 16]"),
+    ] = None,
+    rate_limit: Annotated[
+        float | None,
+        typer.Option(help="requests/second per API key, 0: off [ADVFACE_RATE_LIMIT, 20]"),
+    ] = None,
+    rate_burst: Annotated[
+        int | None, typer.Option(help="burst per API key [ADVFACE_RATE_BURST, 40]")
+    ] = None,
+    db_timeout: Annotated[
+        float | None,
+        typer.Option(help="seconds to wait for a locked/unreachable DB [ADVFACE_DB_TIMEOUT, 10]"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Run the template service (one process: the embedding gallery lives in its memory)."""
     import logging
 
-    import uvicorn
-
+    from advface.service import server
     from advface.service.app import create_app
 
     params = None
@@ -92,6 +114,12 @@ def serve_cmd(
         max_body_bytes=max_body_bytes,
         backend=backend,
         torch_threads=torch_threads,
+        header_timeout=header_timeout,
+        read_timeout=read_timeout,
+        max_concurrent_uploads=max_concurrent_uploads,
+        rate_limit=rate_limit,
+        rate_burst=rate_burst,
+        db_timeout=db_timeout,
     )
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     with user_errors():
@@ -106,7 +134,7 @@ def serve_cmd(
         err=True,
     )
     # One worker: the gallery is per process; more workers would each hold a stale copy.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, workers=1)
+    server.run(app, settings, log_level)
 
 
 @keys_app.command("create")

@@ -93,11 +93,6 @@ def serve_cmd(
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Run the template service (one process: the embedding gallery lives in its memory)."""
-    import logging
-
-    from advface.service import server
-    from advface.service.app import create_app
-
     params = None
     if protection_params is not None:
         try:
@@ -121,6 +116,16 @@ def serve_cmd(
         rate_burst=rate_burst,
         db_timeout=db_timeout,
     )
+    _serve(settings, log_level)
+
+
+def _serve(settings: Any, log_level: str) -> None:
+    """Build the app (bad settings: ``error: ...``, exit 2) and run it under uvicorn."""
+    import logging
+
+    from advface.service import server
+    from advface.service.app import create_app
+
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     with user_errors():
         app = create_app(settings)

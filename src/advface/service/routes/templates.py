@@ -43,6 +43,45 @@ def _commit(
         return row, created
 
 
+async def _enroll(
+    svc: Service, tenant_id: int, subject_id: str, body: bytes, idempotency_key: str | None
+) -> Any:
+    """validate -> protect -> store, or replay an idempotent retry (see the route)."""
+    if idempotency_key is not None and not _IDEM_RE.fullmatch(idempotency_key):
+        raise ServiceError(
+            400, "invalid_idempotency_key", "Idempotency-Key must be 1-128 printable ASCII"
+        )
+    digest = hashlib.sha256(body).hexdigest()
+    if idempotency_key is not None:
+        prior = await run_in_threadpool(svc.store.find_idempotent, tenant_id, idempotency_key)
+        if prior is not None:
+            return _replay(prior, subject_id, digest, idempotency_key)
+    if not await run_in_threadpool(svc.store.subject_exists, tenant_id, subject_id):
+        raise ServiceError(404, "unknown_subject", f"no subject {subject_id!r}")
+    blob, emb = await run_in_threadpool(svc.protect_and_embed, body)
+    try:
+        row, created = await run_in_threadpool(
+            _commit,
+            svc,
+            tenant_id,
+            subject_id,
+            blob,
+            emb,
+            protection=svc.protection_name,
+            protection_params=svc.protection_params,
+            model_version=svc.backend.version,
+            request_sha256=digest,
+            idempotency_key=idempotency_key,
+        )
+    except NotFound:  # deleted while we were computing
+        raise ServiceError(404, "unknown_subject", f"no subject {subject_id!r}") from None
+    except IdempotencyConflict:
+        raise _conflict(idempotency_key) from None
+    if not created:
+        return JSONResponse(template_out(row, True).model_dump(), status_code=200)
+    return template_out(row)
+
+
 def router() -> APIRouter:
     r = APIRouter(prefix="/v1", tags=["templates"])
 
@@ -69,39 +108,7 @@ def router() -> APIRouter:
         With an ``Idempotency-Key`` header a retry returns the stored template (200) instead of
         storing a second one; reusing a key for a different request is a 409.
         """
-        if idempotency_key is not None and not _IDEM_RE.fullmatch(idempotency_key):
-            raise ServiceError(
-                400, "invalid_idempotency_key", "Idempotency-Key must be 1-128 printable ASCII"
-            )
-        digest = hashlib.sha256(body).hexdigest()
-        if idempotency_key is not None:
-            prior = await run_in_threadpool(svc.store.find_idempotent, tenant_id, idempotency_key)
-            if prior is not None:
-                return _replay(prior, subject_id, digest, idempotency_key)
-        if not await run_in_threadpool(svc.store.subject_exists, tenant_id, subject_id):
-            raise ServiceError(404, "unknown_subject", f"no subject {subject_id!r}")
-        blob, emb = await run_in_threadpool(svc.protect_and_embed, body)
-        try:
-            row, created = await run_in_threadpool(
-                _commit,
-                svc,
-                tenant_id,
-                subject_id,
-                blob,
-                emb,
-                protection=svc.protection_name,
-                protection_params=svc.protection_params,
-                model_version=svc.backend.version,
-                request_sha256=digest,
-                idempotency_key=idempotency_key,
-            )
-        except NotFound:  # deleted while we were computing
-            raise ServiceError(404, "unknown_subject", f"no subject {subject_id!r}") from None
-        except IdempotencyConflict:
-            raise _conflict(idempotency_key) from None
-        if not created:
-            return JSONResponse(template_out(row, True).model_dump(), status_code=200)
-        return template_out(row)
+        return await _enroll(svc, tenant_id, subject_id, body, idempotency_key)
 
     @r.get(
         "/templates/{template_id}",

@@ -1,7 +1,9 @@
 """SQLAlchemy schema and repository for tenants, keys, subjects and protected templates.
 
-Only protected feature maps (compressed blobs, see ``payload``) are written; Psi embeddings are
-never persisted - the service recomputes them into memory at start-up (``gallery``).
+Each template is a protected feature map (compressed blob, see ``payload``) plus, in
+``template_embeddings``, Psi's embedding of that stored map, keyed by the Psi version that
+computed it. The embedding is a function of the stored map, so it reveals nothing the map does
+not; keeping it means start-up loads vectors instead of running Psi over every template.
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import (
     Boolean,
     DateTime,
@@ -72,6 +75,23 @@ class Subject(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+# SQLite change log of the embeddings (``index_changes``), written by triggers in the same
+# transaction as every insert, update or (cascaded) delete of an embedding. SQLite commits
+# writers one at a time, so ``seq`` order is commit order: a worker that has applied every change
+# up to ``seq`` holds exactly the database's state, and catches up by reading what follows.
+_SQLITE_CHANGE_LOG = (
+    "CREATE TABLE IF NOT EXISTS index_changes ("
+    "seq INTEGER PRIMARY KEY AUTOINCREMENT, template_id VARCHAR(32) NOT NULL, "
+    "version VARCHAR(128) NOT NULL)",
+    *(
+        f"CREATE TRIGGER IF NOT EXISTS trg_embedding_{op.lower()} AFTER {op} "
+        f"ON template_embeddings BEGIN INSERT INTO index_changes (template_id, version) "
+        f"VALUES ({row}.template_id, {row}.version); END"
+        for op, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD"))
+    ),
+)
+
+
 class Template(Base):
     __tablename__ = "templates"
     __table_args__ = (
@@ -90,6 +110,44 @@ class Template(Base):
     # SHA-256 of the client's request payload: tells an honest retry from a reused key.
     request_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class TemplateEmbedding(Base):
+    """Psi embedding (float32, unit norm) of a stored protected map, per Psi version."""
+
+    __tablename__ = "template_embeddings"
+    __table_args__ = (Index("ix_embeddings_tenant_version", "tenant_id", "version"),)
+    template_id: Mapped[str] = mapped_column(
+        ForeignKey("templates.id", ondelete="CASCADE"), primary_key=True
+    )
+    # A new Psi version gets its own rows (``advface reembed``) while the old one keeps serving.
+    version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)  # denormalised: tenant-filtered scans
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # little-endian float32
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One stored embedding with what identification reports about it."""
+
+    template_id: str
+    tenant_id: int
+    subject_id: str
+    vector: np.ndarray
+
+
+def encode_vector(v: np.ndarray) -> bytes:
+    """float32 little-endian bytes of a 1-D vector."""
+    return np.ascontiguousarray(np.asarray(v, "<f4").reshape(-1)).tobytes()
+
+
+def decode_vector(b: bytes) -> np.ndarray:
+    return np.frombuffer(b, "<f4").astype(np.float32)
+
+
+# (template_id, tenant_id, version, vector)
+VectorRow = tuple[str, int, str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -206,7 +264,18 @@ class Store:
     def __init__(self, url: str, *, timeout: float = 10.0) -> None:
         self.engine = make_engine(url, timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Creates what is missing: a database of an earlier version gains the embeddings table
+        # (its templates are then embedded once, see ``core.Service.backfill``).
         Base.metadata.create_all(self.engine)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        if self.is_sqlite:
+            with self.engine.begin() as conn:
+                for ddl in _SQLITE_CHANGE_LOG:
+                    conn.execute(text(ddl))
+        # Called inside every transaction that writes embeddings, with
+        # ``[(template_id, tenant_id, version, vector)]``: an index kept in the database
+        # (pgvector) is written atomically with them.
+        self.vector_writer: Callable[[Session, list[VectorRow]], None] | None = None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -350,8 +419,10 @@ class Store:
         model_version: str,
         request_sha256: str,
         idempotency_key: str | None = None,
+        embedding: tuple[str, np.ndarray] | None = None,
     ) -> tuple[TemplateRow, bool]:
-        """Store one protected template in one transaction.
+        """Store one protected template (and ``(version, vector)``, its embedding) in one
+        transaction.
 
         Returns ``(row, created)``; ``created`` is False when ``idempotency_key`` was already used
         for the same request (then nothing is written). Raises ``NotFound`` for an unknown subject
@@ -373,6 +444,8 @@ class Store:
                 )
                 s.add(t)
                 s.flush()
+                if embedding is not None:
+                    self._write_vectors(s, [(t.id, tenant_id, embedding[0], embedding[1])])
                 return _row(t, subject_id), True
         except IntegrityError:
             # Lost a race with a concurrent retry using the same idempotency key.
@@ -422,6 +495,144 @@ class Store:
             )
             for t, sid in s.execute(q):
                 yield _row(t, sid, with_blob=True)
+
+    # -- embeddings ---------------------------------------------------------------------
+    def _write_vectors(self, s: Session, rows: list[VectorRow]) -> None:
+        for tid, tenant, version, vec in rows:
+            s.add(
+                TemplateEmbedding(
+                    template_id=tid, version=version, tenant_id=tenant, vector=encode_vector(vec)
+                )
+            )
+        s.flush()
+        if self.vector_writer is not None and rows:
+            self.vector_writer(s, rows)
+
+    def put_embeddings(self, version: str, items: Sequence[tuple[str, np.ndarray]]) -> int:
+        """Store (or replace) the ``version`` embeddings of these templates, one transaction.
+
+        Templates deleted meanwhile are skipped; returns how many were written.
+        """
+        ids = [tid for tid, _ in items]
+        with self._sessions.begin() as s:
+            tenants = dict(
+                s.execute(select(Template.id, Template.tenant_id).where(Template.id.in_(ids))).all()
+            )
+            s.execute(
+                delete(TemplateEmbedding).where(
+                    TemplateEmbedding.version == version, TemplateEmbedding.template_id.in_(ids)
+                )
+            )
+            rows = [(t, tenants[t], version, v) for t, v in items if t in tenants]
+            self._write_vectors(s, rows)
+            return len(rows)
+
+    def missing_embeddings(
+        self, version: str, model_version: str, after: str = "", batch: int = 64
+    ) -> list[tuple[str, bytes]]:
+        """``(template_id, blob)`` of templates of ``model_version`` with no ``version``
+        embedding, in id order after ``after`` (so a batch loop is resumable and terminates)."""
+        with self._sessions() as s:
+            has = select(TemplateEmbedding.template_id).where(
+                TemplateEmbedding.template_id == Template.id, TemplateEmbedding.version == version
+            )
+            q = (
+                select(Template.id, Template.blob)
+                .where(Template.model_version == model_version, Template.id > after)
+                .where(~has.exists())
+                .order_by(Template.id)
+                .limit(batch)
+            )
+            return [(t, b) for t, b in s.execute(q).all()]
+
+    def count_missing_embeddings(self, version: str, model_version: str) -> int:
+        with self._sessions() as s:
+            has = select(TemplateEmbedding.template_id).where(
+                TemplateEmbedding.template_id == Template.id, TemplateEmbedding.version == version
+            )
+            q = (
+                select(func.count())
+                .select_from(Template)
+                .where(Template.model_version == model_version, ~has.exists())
+            )
+            return int(s.scalar(q) or 0)
+
+    def count_other_models(self, model_version: str) -> int:
+        """Templates whose maps come from another extractor E (not comparable, skipped)."""
+        with self._sessions() as s:
+            q = select(func.count()).select_from(Template)
+            return int(s.scalar(q.where(Template.model_version != model_version)) or 0)
+
+    def drop_other_embeddings(self, keep_version: str) -> int:
+        """Delete the embeddings of every version but ``keep_version`` (after a rollout)."""
+        with self._sessions.begin() as s:
+            q = delete(TemplateEmbedding).where(TemplateEmbedding.version != keep_version)
+            return int(s.execute(q).rowcount or 0)
+
+    def _embedded_query(self, version: str) -> Any:
+        return (
+            select(
+                TemplateEmbedding.template_id,
+                TemplateEmbedding.tenant_id,
+                Subject.subject_id,
+                TemplateEmbedding.vector,
+            )
+            .join(Template, Template.id == TemplateEmbedding.template_id)
+            .join(Subject, Subject.id == Template.subject_pk)
+            .where(TemplateEmbedding.version == version)
+        )
+
+    def iter_embeddings(
+        self, version: str, tenant_id: int | None = None, batch: int = 4096
+    ) -> Iterator[Embedded]:
+        """Stored ``version`` embeddings (all tenants, or one), streamed."""
+        q = self._embedded_query(version).execution_options(yield_per=batch)
+        if tenant_id is not None:
+            q = q.where(TemplateEmbedding.tenant_id == tenant_id)
+        with self._sessions() as s:
+            for tid, tenant, sid, vec in s.execute(q):
+                yield Embedded(tid, tenant, sid, decode_vector(vec))
+
+    def embeddings_of(self, version: str, template_ids: Sequence[str]) -> list[Embedded]:
+        """The ``version`` embeddings of these templates that still exist."""
+        q = self._embedded_query(version).where(TemplateEmbedding.template_id.in_(template_ids))
+        with self._sessions() as s:
+            return [Embedded(t, n, sid, decode_vector(v)) for t, n, sid, v in s.execute(q)]
+
+    def subject_embeddings(self, tenant_id: int, subject_id: str, version: str) -> np.ndarray:
+        """(n, d) ``version`` embeddings of one subject's templates (n may be 0)."""
+        q = self._embedded_query(version).where(
+            TemplateEmbedding.tenant_id == tenant_id, Subject.subject_id == subject_id
+        )
+        with self._sessions() as s:
+            rows = [decode_vector(r[3]) for r in s.execute(q)]
+        return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+
+    # -- SQLite change log --------------------------------------------------------------
+    def change_bounds(self) -> tuple[int, int]:
+        """(first, last) ``seq`` in the change log; (0, 0) when it is empty."""
+        with self.engine.connect() as conn:
+            lo, hi = conn.execute(text("SELECT min(seq), max(seq) FROM index_changes")).one()
+        return int(lo or 0), int(hi or 0)
+
+    def changes_after(self, seq: int, limit: int = 10_000) -> list[tuple[int, str, str]]:
+        """``(seq, template_id, version)`` logged after ``seq``, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT seq, template_id, version FROM index_changes WHERE seq > :s "
+                    "ORDER BY seq LIMIT :n"
+                ),
+                {"s": seq, "n": limit},
+            ).all()
+        return [(int(a), b, c) for a, b, c in rows]
+
+    def prune_changes(self, keep: int) -> int:
+        """Drop all but the last ``keep`` log entries (a worker further behind reloads)."""
+        with self.engine.begin() as conn:
+            hi = conn.execute(text("SELECT max(seq) FROM index_changes")).scalar() or 0
+            q = text("DELETE FROM index_changes WHERE seq <= :s")
+            return int(conn.execute(q, {"s": int(hi) - keep}).rowcount or 0)
 
 
 def _row(t: Template, subject_id: str, *, with_blob: bool = False) -> TemplateRow:

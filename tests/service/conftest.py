@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 from typer.testing import CliRunner
 
 from advface.cli import app as cli_app
@@ -57,8 +58,10 @@ def pg_base_url() -> Iterator[str]:
     name = f"advface_t_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
-    base, _, _ = url.rpartition("/")
-    yield f"{base}/{name}"
+    from sqlalchemy.engine import make_url
+
+    # make_url keeps query parameters (a Unix-socket ``?host=``) that string splitting would cut.
+    yield make_url(url).set(database=name).render_as_string(hide_password=False)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
@@ -70,6 +73,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
         return
     url = request.getfixturevalue("pg_base_url")
     store = Store(url)
+    with store.engine.begin() as conn:  # the pgvector table references the embeddings
+        conn.execute(text("DROP TABLE IF EXISTS template_vectors"))
     Base.metadata.drop_all(store.engine)  # every test starts from an empty schema
     store.close()
     yield url
@@ -104,8 +109,9 @@ class Harness:
         )
 
     def state(self) -> tuple[int, int]:
-        """(templates in the DB, templates in the in-memory gallery)."""
-        return self.store.count_templates(), len(self.service.gallery)
+        """(templates in the DB, templates in the identification index, after a refresh)."""
+        self.service.refresh()
+        return self.store.count_templates(), self.service.index.count()
 
 
 def make_harness(

@@ -18,33 +18,64 @@ from fastapi import FastAPI
 
 from advface.service.backend import Backend, load_backend
 from advface.service.core import Service
+from advface.service.dbindex import PgVectorIndex, PgVectorUnavailable, SqlExactIndex
 from advface.service.errors import ServiceError, install_error_handlers
 from advface.service.guard import GuardLimits, RequestGuard, TokenBucket
+from advface.service.index import HnswIndex, VectorIndex
 from advface.service.routes import ops, recognition, subjects, templates
 from advface.service.settings import ServiceSettings
 from advface.service.store import Store
 
-__all__ = ["API_VERSION", "Service", "ServiceError", "create_app"]
+__all__ = ["API_VERSION", "Service", "ServiceError", "build_index", "create_app"]
 
 log = logging.getLogger("advface.service")
 
 API_VERSION = "v1"
 
 
+def build_index(settings: ServiceSettings, store: Store, backend: Backend) -> VectorIndex:
+    """The identification index ``settings.vector_index`` names for this database.
+
+    ``auto``: in-process HNSW with SQLite; pgvector with PostgreSQL, or - where the server has
+    no pgvector - an exact scan of the stored embeddings (logged as a warning).
+    """
+    choice, dim, version = settings.vector_index, backend.embedding_dim, backend.embedding_version
+    postgres = store.engine.dialect.name == "postgresql"
+    if store.is_sqlite:
+        if choice == "pgvector":
+            raise ValueError("--vector-index pgvector needs a PostgreSQL database")
+        return SqlExactIndex(store, dim, version) if choice == "exact" else HnswIndex(dim)
+    if choice == "hnsw":
+        # The in-process index follows SQLite's change log; PostgreSQL has no such log here.
+        raise ValueError(
+            "--vector-index hnsw needs SQLite; use pgvector (or exact) with PostgreSQL"
+        )
+    if choice == "exact" or not postgres:
+        return SqlExactIndex(store, dim, version)
+    try:
+        return PgVectorIndex(store, dim, version)
+    except PgVectorUnavailable as exc:
+        if choice == "pgvector":
+            raise
+        log.warning("%s Falling back to an exact scan per identification.", exc)
+        return SqlExactIndex(store, dim, version)
+
+
 def _lifespan(svc: Service, in_background: bool) -> Any:
-    """Start-up: rebuild the gallery (in a thread, so ``/health`` answers at once)."""
+    """Start-up: embed what has no embedding, load the index (in a thread, so ``/health``
+    answers at once)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         def run() -> None:
             try:
-                svc.rebuild()
+                svc.startup()
             except Exception as exc:  # noqa: BLE001 - reported by /ready, not fatal
-                log.exception("gallery rebuild failed")
+                log.exception("start-up failed")
                 svc.startup_error = f"{type(exc).__name__}: {exc}"
 
         if in_background:
-            threading.Thread(target=run, name="gallery-rebuild", daemon=True).start()
+            threading.Thread(target=run, name="index-load", daemon=True).start()
         else:
             run()
         yield
@@ -62,8 +93,8 @@ def create_app(
 ) -> FastAPI:
     """Build the service app. Collaborators not given are built from ``settings``.
 
-    The gallery rebuild runs at start-up (lifespan) in a thread, so ``/health`` answers at once
-    and ``/ready`` turns 200 when the in-memory embeddings are complete.
+    Start-up (lifespan) runs in a thread, so ``/health`` answers at once and ``/ready`` turns
+    200 when every template has an embedding and the index is loaded.
     """
     settings = settings or ServiceSettings.from_env()
     if settings.torch_threads > 0:
@@ -73,11 +104,13 @@ def create_app(
 
         protection = build_protection(settings.protection, **settings.protection_params)
     store = store or Store(settings.db_url, timeout=settings.db_timeout)
+    backend = backend or load_backend(settings.backend)
     svc = Service(
         settings=settings,
         store=store,
-        backend=backend or load_backend(settings.backend),
+        backend=backend,
         protection=protection,
+        index=build_index(settings, store, backend),
         protection_name=str(getattr(protection, "name", settings.protection)),
         protection_params=dict(protection.params()) if hasattr(protection, "params") else {},
     )

@@ -1,10 +1,12 @@
-"""The service's shared state: store, networks, protection and the in-memory gallery."""
+"""The service's shared state: store, networks, protection and the vector index."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -14,12 +16,114 @@ import torch
 
 from advface.service import payload
 from advface.service.backend import Backend
-from advface.service.gallery import Gallery
+from advface.service.index import Hit, VectorIndex, top_subjects
 from advface.service.schemas import TemplateOut
 from advface.service.settings import ServiceSettings
-from advface.service.store import Store
+from advface.service.store import Embedded, Store
 
 log = logging.getLogger("advface.service")
+
+
+def embed_missing(
+    store: Store,
+    backend: Backend,
+    *,
+    batch: int = 32,
+    lock: threading.Lock | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Compute and store the embeddings of templates that have none for this Psi version.
+
+    Each batch is its own transaction, so an interrupted run resumes where it stopped. Only
+    templates of this E (``model_version``) are embedded. Returns ``(embedded, corrupt)``.
+    """
+    version, done, corrupt, after = backend.embedding_version, 0, 0, ""
+    while rows := store.missing_embeddings(version, backend.version, after, batch):
+        after = rows[-1][0]
+        ids, maps = [], []
+        for tid, blob in rows:
+            try:
+                maps.append(payload.decode(blob, expected_shape=backend.feature_shape))
+                ids.append(tid)
+            except payload.PayloadError:
+                log.error("stored template %s is corrupt; skipped", tid)
+                corrupt += 1
+        if ids:
+            z = torch.from_numpy(np.stack(maps))
+            if lock is None:
+                emb = backend.embed(z).numpy()
+            else:
+                with lock:
+                    emb = backend.embed(z).numpy()
+            done += store.put_embeddings(version, list(zip(ids, emb, strict=True)))
+        if on_batch is not None:
+            on_batch(len(rows))
+    return done, corrupt
+
+
+def _add_grouped(index: VectorIndex, rows: Iterable[Embedded], chunk: int = 4096) -> int:
+    """Add embeddings to ``index`` in per-tenant chunks (batched HNSW inserts)."""
+    pending: dict[int, list[tuple[str, str, np.ndarray]]] = defaultdict(list)
+    n = 0
+    for r in rows:
+        items = pending[r.tenant_id]
+        items.append((r.template_id, r.subject_id, r.vector))
+        n += 1
+        if len(items) >= chunk:
+            index.add(r.tenant_id, items)
+            pending[r.tenant_id] = []
+    for tenant, items in pending.items():
+        index.add(tenant, items)
+    return n
+
+
+class IndexSync:
+    """Keeps an in-process index equal to a SQLite database by replaying its change log.
+
+    Every worker process holds its own index; before each search it reads the log's last
+    ``seq`` (one indexed query) and applies what other workers (or ``advface reembed``)
+    committed since. A worker that fell behind a pruned log reloads everything.
+    """
+
+    def __init__(self, store: Store, index: VectorIndex, version: str, keep: int = 100_000):
+        self.store, self.index, self.version, self.keep = store, index, version, keep
+        self.seq = 0
+        self._lock = threading.Lock()
+
+    def reload(self) -> int:
+        with self._lock:
+            return self._reload_locked()
+
+    def _reload_locked(self) -> int:
+        # The log position is read first: whatever commits while we load is replayed again
+        # later, and replaying is idempotent (remove, then add what the database has).
+        _, hi = self.store.change_bounds()
+        self.index.clear()
+        n = _add_grouped(self.index, self.store.iter_embeddings(self.version))
+        self.seq = hi
+        return n
+
+    def catch_up(self) -> int:
+        """Apply the changes committed since the last call; returns how many were read."""
+        with self._lock:
+            lo, hi = self.store.change_bounds()
+            if hi <= self.seq:
+                return 0
+            if lo > self.seq + 1:  # entries we never saw were pruned
+                log.warning("index change log pruned past this worker; reloading")
+                self._reload_locked()
+                return hi - self.seq
+            seen = 0
+            while changes := self.store.changes_after(self.seq):
+                ids = sorted({tid for _, tid, v in changes if v == self.version})
+                if ids:
+                    self.index.remove(ids)
+                    _add_grouped(self.index, self.store.embeddings_of(self.version, ids))
+                self.seq = changes[-1][0]
+                seen += len(changes)
+            if hi - lo > 2 * self.keep:
+                self.store.prune_changes(self.keep)
+            return seen
 
 
 @dataclass
@@ -30,61 +134,65 @@ class Service:
     store: Store
     backend: Backend
     protection: Any
-    gallery: Gallery = field(default_factory=Gallery)
+    index: VectorIndex
     ready: threading.Event = field(default_factory=threading.Event)
+    # Start-up: embedding templates that had none (migration, new Psi), then loading the index.
     rebuild_seconds: float = 0.0
-    # Process CPU time of the rebuild: comparable across runs on a shared, loaded machine.
+    # Process CPU time of the start-up: comparable across runs on a shared, loaded machine.
     rebuild_cpu_seconds: float = 0.0
+    backfilled_templates: int = 0
     skipped_templates: int = 0
     # Protection and Psi share the few CPU cores; running them one at a time keeps latency
     # predictable and keeps stateful protections (BN statistics per batch) thread-safe.
     compute_lock: threading.Lock = field(default_factory=threading.Lock)
-    # DB commit and gallery update of one write happen together (no stale gallery entries).
-    write_lock: threading.Lock = field(default_factory=threading.Lock)
     startup_error: str | None = None
     # What enrollments record about the protection applied to them.
     protection_name: str = "none"
     protection_params: dict[str, Any] = field(default_factory=dict)
+    sync: IndexSync | None = None
 
-    def rebuild(self) -> None:
-        """Recompute the in-memory embeddings of every stored template (start-up)."""
+    def __post_init__(self) -> None:
+        if not self.index.in_database:
+            self.sync = IndexSync(self.store, self.index, self.backend.embedding_version)
+
+    def startup(self) -> None:
+        """Embed templates stored without an embedding of this Psi, then load the index."""
         t0, c0 = time.perf_counter(), time.process_time()
-        batch: list[tuple[int, str, str, np.ndarray]] = []
-        skipped = 0
-
-        def flush() -> None:
-            z = torch.from_numpy(np.stack([b[3] for b in batch]))
-            with self.compute_lock:
-                emb = self.backend.embed(z).numpy()
-            for (tenant, tid, sid, _), e in zip(batch, emb, strict=True):
-                self.gallery.add(tenant, tid, sid, e)
-            batch.clear()
-
-        for row in self.store.iter_templates():
-            if row.model_version != self.backend.version:
-                skipped += 1  # features of another E are not comparable under this Psi
-                continue
-            try:
-                z = payload.decode(row.blob, expected_shape=self.backend.feature_shape)
-            except payload.PayloadError:
-                log.error("stored template %s is corrupt; skipped", row.template_id)
-                skipped += 1
-                continue
-            batch.append((row.tenant_id, row.template_id, row.subject_id, z))
-            if len(batch) >= self.settings.rebuild_batch:
-                flush()
-        if batch:
-            flush()
-        self.skipped_templates = skipped
+        done, corrupt = embed_missing(
+            self.store, self.backend, batch=self.settings.rebuild_batch, lock=self.compute_lock
+        )
+        self.backfilled_templates = done
+        self.skipped_templates = corrupt + self.store.count_other_models(self.backend.version)
+        if self.sync is not None:
+            self.sync.reload()
         self.rebuild_seconds = time.perf_counter() - t0
         self.rebuild_cpu_seconds = time.process_time() - c0
         log.info(
-            "gallery rebuilt: %d templates in %.2fs (%d skipped)",
-            len(self.gallery),
+            "index ready: %d templates in %.2fs (%d embedded now, %d skipped)",
+            self.index.count(),
             self.rebuild_seconds,
-            skipped,
+            done,
+            self.skipped_templates,
         )
         self.ready.set()
+
+    def refresh(self) -> None:
+        """Bring an in-process index up to date with the database (other workers' writes)."""
+        if self.sync is not None:
+            self.sync.catch_up()
+
+    def identify(self, tenant_id: int, probe: np.ndarray, top_k: int) -> list[Hit]:
+        """Top-k subjects of the tenant by their best template's cosine score."""
+        self.refresh()
+        return top_subjects(self.index, tenant_id, probe, top_k)
+
+    def verify(self, tenant_id: int, subject_id: str, probe: np.ndarray) -> tuple[float, int]:
+        """Best cosine of ``probe`` over the subject's stored embeddings (exact), and their
+        count - read from the database, so every worker answers the same."""
+        mat = self.store.subject_embeddings(tenant_id, subject_id, self.backend.embedding_version)
+        if not len(mat):
+            return float("nan"), 0
+        return float((mat @ np.asarray(probe, np.float32).reshape(-1)).max()), len(mat)
 
     # -- compute (runs in a worker thread) ----------------------------------------------
     def _embed_checked(self, z: np.ndarray) -> np.ndarray:

@@ -79,6 +79,8 @@ class Ready(BaseModel):
     status: str
     templates: int
     skipped_templates: int
+    backfilled_templates: int
+    vector_index: str
     rebuild_seconds: float
     rebuild_cpu_seconds: float
     model_version: str

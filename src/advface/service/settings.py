@@ -10,6 +10,7 @@ from typing import Any
 from advface.config import cache_dir
 
 ENV_PREFIX = "ADVFACE_"
+VECTOR_INDEXES = ("auto", "hnsw", "pgvector", "exact")
 
 
 def default_db_url() -> str:
@@ -53,6 +54,10 @@ class ServiceSettings:
     rate_burst: int = 40
     # Seconds to wait for a locked SQLite file or a PostgreSQL connection before a 503.
     db_timeout: float = 10.0
+    # Identification index: auto | hnsw (in-process, SQLite) | pgvector | exact (scan).
+    vector_index: str = "auto"
+    # uvicorn worker processes; they share state only through the database.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if not self.db_url:
@@ -78,6 +83,13 @@ class ServiceSettings:
             raise ValueError("max_concurrent_uploads and rate_burst must be >= 1")
         if self.rate_limit < 0:
             raise ValueError(f"rate_limit must be >= 0 (0: off), got {self.rate_limit}")
+        if self.vector_index not in VECTOR_INDEXES:
+            raise ValueError(
+                f"vector_index must be one of {', '.join(VECTOR_INDEXES)}, "
+                f"got {self.vector_index!r}"
+            )
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"workers must be 1..64, got {self.workers}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
 

@@ -73,7 +73,7 @@ def router() -> APIRouter:
 
     @r.get("/ready", response_model=Ready, responses=error_responses(500, 503))
     def ready(svc: Svc) -> Any:
-        """Readiness: in-memory gallery rebuilt and database answering (503 otherwise)."""
+        """Readiness: embeddings complete, index loaded, database answering (503 otherwise)."""
         if svc.startup_error:
             return error_response(503, "startup_failed", svc.startup_error)
         if not svc.ready.is_set():
@@ -82,7 +82,9 @@ def router() -> APIRouter:
             return error_response(503, "database_unavailable", "the database does not answer")
         return Ready(
             status="ready",
-            templates=len(svc.gallery),
+            templates=svc.index.count(),
+            backfilled_templates=svc.backfilled_templates,
+            vector_index=type(svc.index).__name__,
             skipped_templates=svc.skipped_templates,
             rebuild_seconds=round(svc.rebuild_seconds, 4),
             rebuild_cpu_seconds=round(svc.rebuild_cpu_seconds, 4),

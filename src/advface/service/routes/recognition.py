@@ -28,7 +28,7 @@ def router(settings: ServiceSettings) -> APIRouter:
         if not await run_in_threadpool(svc.store.subject_exists, tenant_id, subject_id):
             raise ServiceError(404, "unknown_subject", f"no subject {subject_id!r}")
         emb = await run_in_threadpool(svc.probe, body)
-        score, n = svc.gallery.verify(tenant_id, subject_id, emb)
+        score, n = await run_in_threadpool(svc.verify, tenant_id, subject_id, emb)
         if n == 0:
             raise ServiceError(409, "no_templates", f"subject {subject_id!r} has no templates")
         return VerifyOut(
@@ -50,10 +50,16 @@ def router(settings: ServiceSettings) -> APIRouter:
     ) -> IdentifyOut:
         """1:N: the top-k subjects by best template score."""
         emb = await run_in_threadpool(svc.probe, body)
+        hits = await run_in_threadpool(svc.identify, tenant_id, emb, top_k)
         return IdentifyOut(
             candidates=[
-                Candidate(subject_id=s, score=sc, template_id=t, match=sc >= thr)
-                for s, sc, t in svc.gallery.identify(tenant_id, emb, top_k)
+                Candidate(
+                    subject_id=h.subject_id,
+                    score=h.score,
+                    template_id=h.template_id,
+                    match=h.score >= thr,
+                )
+                for h in hits
             ],
             threshold=thr,
         )

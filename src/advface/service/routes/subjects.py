@@ -59,17 +59,15 @@ def router(settings: ServiceSettings) -> APIRouter:
     @r.delete(
         "/{subject_id}",
         response_model=SubjectDeleted,
-        dependencies=READY,  # a rebuild in progress could re-add what we delete
+        dependencies=READY,
         responses=error_responses(*API_ERRORS, 404),
     )
     def delete_subject(subject_id: SubjectId, tenant_id: Tenant, svc: Svc) -> SubjectDeleted:
-        """Delete a subject and all its templates."""
-        with svc.write_lock:
-            try:
-                ids = svc.store.delete_subject(tenant_id, subject_id)
-            except NotFound:
-                raise ServiceError(404, "unknown_subject", f"no subject {subject_id!r}") from None
-            svc.gallery.remove_subject(tenant_id, subject_id)
+        """Delete a subject and all its templates (and their embeddings)."""
+        try:
+            ids = svc.store.delete_subject(tenant_id, subject_id)
+        except NotFound:
+            raise ServiceError(404, "unknown_subject", f"no subject {subject_id!r}") from None
         return SubjectDeleted(subject_id=subject_id, deleted_templates=len(ids))
 
     return r

@@ -32,17 +32,6 @@ def _replay(prior: Any, subject_id: str, digest: str, key: str) -> JSONResponse:
     return JSONResponse(template_out(prior, True).model_dump(), status_code=200)
 
 
-def _commit(
-    svc: Service, tenant_id: int, subject_id: str, blob: bytes, emb: Any, **meta: Any
-) -> tuple[Any, bool]:
-    """DB commit and gallery update together, so the gallery never lags the database."""
-    with svc.write_lock:
-        row, created = svc.store.add_template(tenant_id, subject_id, blob, **meta)
-        if created:
-            svc.gallery.add(tenant_id, row.template_id, subject_id, emb)
-        return row, created
-
-
 async def _enroll(
     svc: Service, tenant_id: int, subject_id: str, body: bytes, idempotency_key: str | None
 ) -> Any:
@@ -60,13 +49,13 @@ async def _enroll(
         raise ServiceError(404, "unknown_subject", f"no subject {subject_id!r}")
     blob, emb = await run_in_threadpool(svc.protect_and_embed, body)
     try:
+        # Map and embedding in one transaction; indexes follow the database (see core).
         row, created = await run_in_threadpool(
-            _commit,
-            svc,
+            svc.store.add_template,
             tenant_id,
             subject_id,
             blob,
-            emb,
+            embedding=(svc.backend.embedding_version, emb),
             protection=svc.protection_name,
             protection_params=svc.protection_params,
             model_version=svc.backend.version,
@@ -129,15 +118,11 @@ def router() -> APIRouter:
         responses=error_responses(*API_ERRORS, 404),
     )
     def delete_template(template_id: TemplateId, tenant_id: Tenant, svc: Svc) -> TemplateDeleted:
-        """Delete one template."""
-        with svc.write_lock:
-            try:
-                svc.store.delete_template(tenant_id, template_id)
-            except NotFound:
-                raise ServiceError(
-                    404, "unknown_template", f"no template {template_id!r}"
-                ) from None
-            svc.gallery.remove_template(tenant_id, template_id)
+        """Delete one template (and its embeddings)."""
+        try:
+            svc.store.delete_template(tenant_id, template_id)
+        except NotFound:
+            raise ServiceError(404, "unknown_template", f"no template {template_id!r}") from None
         return TemplateDeleted(template_id=template_id)
 
     return r

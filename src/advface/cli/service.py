@@ -33,6 +33,7 @@ BackendOpt = Annotated[
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
+    app.command("reembed")(reembed_cmd)
     app.add_typer(keys_app, name="keys")
     app.add_typer(client_app, name="client")
 
@@ -90,9 +91,17 @@ def serve_cmd(
         float | None,
         typer.Option(help="seconds to wait for a locked/unreachable DB [ADVFACE_DB_TIMEOUT, 10]"),
     ] = None,
+    vector_index: Annotated[
+        str | None,
+        typer.Option(help="auto | hnsw (SQLite) | pgvector | exact [ADVFACE_VECTOR_INDEX, auto]"),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="worker processes sharing the database [ADVFACE_WORKERS, 1]"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
-    """Run the template service (one process: the embedding gallery lives in its memory)."""
+    """Run the template service (state in the database; any number of workers)."""
     params = None
     if protection_params is not None:
         try:
@@ -115,6 +124,8 @@ def serve_cmd(
         rate_limit=rate_limit,
         rate_burst=rate_burst,
         db_timeout=db_timeout,
+        vector_index=vector_index,
+        workers=workers,
     )
     _serve(settings, log_level)
 
@@ -128,6 +139,9 @@ def _serve(settings: Any, log_level: str) -> None:
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     with user_errors():
+        server.check_workers(settings)
+        # Built here also with several workers: bad settings and a missing pgvector are
+        # reported once, before any worker starts.
         app = create_app(settings)
     from sqlalchemy.engine import make_url
 
@@ -135,11 +149,67 @@ def _serve(settings: Any, log_level: str) -> None:
     typer.echo(
         f"advface serve: http://{settings.host}:{settings.port} db={db} "
         f"protection={settings.protection} backend={settings.backend} "
-        f"threshold={settings.threshold}",
+        f"threshold={settings.threshold} index={type(app.state.service.index).__name__} "
+        f"workers={settings.workers}",
         err=True,
     )
-    # One worker: the gallery is per process; more workers would each hold a stale copy.
     server.run(app, settings, log_level)
+
+
+def reembed_cmd(
+    db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL]")] = None,
+    backend: Annotated[str | None, typer.Option(help="facenet | toy (tests)")] = None,
+    batch: Annotated[int, typer.Option(min=1, max=4096, help="templates per Psi batch")] = 32,
+    drop_other_versions: Annotated[
+        bool, typer.Option(help="afterwards delete embeddings of other Psi versions")
+    ] = False,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads (0: default)")
+    ] = None,
+) -> None:
+    """Compute the embeddings this Psi version lacks (after a Psi change or an upgrade).
+
+    Resumable (each batch is committed) and safe while the service runs: a new Psi version
+    gets its own rows, the running service keeps using its own until it is restarted.
+    """
+    from tqdm import tqdm
+
+    from advface.service.app import build_index
+    from advface.service.backend import load_backend
+    from advface.service.core import embed_missing
+    from advface.service.store import Store
+
+    settings = _settings(db_url=db_url, backend=backend, torch_threads=torch_threads)
+    with user_errors():
+        if settings.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        net = load_backend(settings.backend)
+        store = Store(settings.db_url, timeout=settings.db_timeout)
+    try:
+        with user_errors():
+            build_index(settings, store, net)  # pgvector: its vectors are written alongside
+        version = net.embedding_version
+        todo = store.count_missing_embeddings(version, net.version)
+        with tqdm(total=todo, unit="template", desc=f"reembed {version}") as bar:
+            done, corrupt = embed_missing(store, net, batch=batch, on_batch=bar.update)
+        left = store.count_missing_embeddings(version, net.version) - corrupt
+        dropped = store.drop_other_embeddings(version) if drop_other_versions and not left else 0
+        other_models = store.count_other_models(net.version)
+    finally:
+        store.close()
+    _print(
+        {
+            "version": version,
+            "embedded": done,
+            "corrupt": corrupt,
+            "missing": left,
+            "dropped_other_versions": dropped,
+            # Maps of another extractor E: Psi cannot embed them meaningfully.
+            "skipped_other_models": other_models,
+        }
+    )
 
 
 @keys_app.command("create")

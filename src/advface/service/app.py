@@ -83,6 +83,11 @@ def _lifespan(svc: Service, in_background: bool) -> Any:
     return lifespan
 
 
+def app_from_env() -> FastAPI:
+    """uvicorn factory for ``--workers N``: each worker builds its app from ``ADVFACE_*``."""
+    return create_app(ServiceSettings.from_env())
+
+
 def create_app(
     settings: ServiceSettings | None = None,
     *,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Any
 
 import h11
@@ -80,21 +81,51 @@ class _HeaderTimeoutH11(H11Protocol):
             self.transport.close()
 
 
+class EnvHeaderTimeoutH11(_HeaderTimeoutH11):
+    """The protocol by import path for worker processes; timeout from the environment."""
+
+    header_timeout = float(os.environ.get("ADVFACE_HEADER_TIMEOUT") or 10.0)
+
+
 def h11_protocol(header_timeout: float) -> type[H11Protocol]:
     """The h11 protocol class with a request-head timeout of ``header_timeout`` seconds."""
     return type("HeaderTimeoutH11", (_HeaderTimeoutH11,), {"header_timeout": header_timeout})
 
 
+def check_workers(settings: ServiceSettings) -> None:
+    """Refuse worker counts the database cannot serve (clear ``ValueError``)."""
+    from advface.service.store import normalise_url, sqlite_path
+
+    url = normalise_url(settings.db_url)
+    if settings.workers > 1 and url.startswith("sqlite") and sqlite_path(url) is None:
+        raise ValueError(
+            "--workers > 1 needs a database the workers share: a SQLite file or PostgreSQL, "
+            "not in-memory SQLite"
+        )
+
+
 def run(app: Any, settings: ServiceSettings, log_level: str = "info") -> None:
-    """Serve ``app`` with uvicorn in one process (the embedding gallery is per process)."""
+    """Serve ``app`` with uvicorn; with ``settings.workers > 1``, that many processes.
+
+    Workers share nothing but the database (and, with SQLite, its change log): each builds
+    its own app from the ``ADVFACE_*`` environment, so ``app`` only serves one worker.
+    """
     import uvicorn
 
+    common: dict[str, Any] = dict(
+        host=settings.host, port=settings.port, log_level=log_level, log_config=log_config()
+    )
+    if settings.workers == 1:
+        uvicorn.run(app, http=h11_protocol(settings.header_timeout), workers=1, **common)
+        return
+    check_workers(settings)
+    # Worker processes are spawned: they read the settings (and the header timeout of
+    # EnvHeaderTimeoutH11) from the environment they inherit.
+    os.environ.update(settings.to_env())
     uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        log_config=log_config(),
-        http=h11_protocol(settings.header_timeout),
-        workers=1,
+        "advface.service.app:app_from_env",
+        factory=True,
+        http=f"{__name__}:EnvHeaderTimeoutH11",
+        workers=settings.workers,
+        **common,
     )

@@ -106,6 +106,15 @@ class ServiceSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    def to_env(self) -> dict[str, str]:
+        """``ADVFACE_*`` variables that :meth:`from_env` turns back into these settings
+        (how ``--workers N`` hands the configuration to each worker process)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[ENV_PREFIX + f.name.upper()] = json.dumps(v) if isinstance(v, dict) else str(v)
+        return out
+
     def with_(self, **changes: Any) -> ServiceSettings:
         """Copy with some fields changed."""
         return replace(self, **changes)

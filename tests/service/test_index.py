@@ -233,3 +233,30 @@ def test_missing_pgvector_is_a_clear_error(tmp_path: Path) -> None:
         store.close()
     with pytest.raises(ValueError, match="vector_index"):
         ServiceSettings(vector_index="faiss")
+
+
+@pytest.mark.postgres
+def test_postgres_without_pgvector_falls_back_or_fails(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from advface.service import dbindex
+    from advface.service.app import build_index
+    from advface.service.backend import toy_backend
+    from advface.service.settings import ServiceSettings
+
+    def no_pgvector(store: Store, dim: int) -> str:
+        raise PgVectorUnavailable("PostgreSQL has no usable pgvector extension (test)")
+
+    monkeypatch.setattr(dbindex, "_ensure_schema", no_pgvector)
+    store = Store(pg_url)
+    try:
+        auto = build_index(ServiceSettings(db_url=pg_url), store, toy_backend())
+        assert isinstance(auto, SqlExactIndex)  # exact search, with a warning in the log
+        with pytest.raises(PgVectorUnavailable, match="pgvector"):
+            build_index(
+                ServiceSettings(db_url=pg_url, vector_index="pgvector"), store, toy_backend()
+            )
+        with pytest.raises(ValueError, match="hnsw needs SQLite"):
+            build_index(ServiceSettings(db_url=pg_url, vector_index="hnsw"), store, toy_backend())
+    finally:
+        store.close()

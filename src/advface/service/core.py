@@ -85,7 +85,7 @@ class IndexSync:
     committed since. A worker that fell behind a pruned log reloads everything.
     """
 
-    def __init__(self, store: Store, index: VectorIndex, version: str, keep: int = 100_000):
+    def __init__(self, store: Store, index: VectorIndex, version: str, keep: int = 100_000) -> None:
         self.store, self.index, self.version, self.keep = store, index, version, keep
         self.seq = 0
         self._lock = threading.Lock()

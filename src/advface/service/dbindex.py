@@ -11,12 +11,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from advface.service.index import Hit, VectorIndex, _check_k, _unit
-from advface.service.store import Store, TemplateEmbedding, VectorRow, decode_vector
+from advface.service.store import Store, VectorRow, decode_vector
 
 log = logging.getLogger("advface.service")
 
@@ -40,20 +40,10 @@ class _DbIndex(VectorIndex):
         self.store.put_embeddings(self.version, vecs)
 
     def remove(self, template_ids: Iterable[str]) -> int:
-        ids = list(template_ids)
-        with self.store._sessions.begin() as s:
-            q = delete(TemplateEmbedding).where(
-                TemplateEmbedding.version == self.version, TemplateEmbedding.template_id.in_(ids)
-            )
-            return int(s.execute(q).rowcount or 0)
+        return self.store.delete_embeddings(self.version, list(template_ids))
 
     def count(self, tenant_id: int | None = None) -> int:
-        q = select(func.count()).select_from(TemplateEmbedding)
-        q = q.where(TemplateEmbedding.version == self.version)
-        if tenant_id is not None:
-            q = q.where(TemplateEmbedding.tenant_id == tenant_id)
-        with self.store._sessions() as s:
-            return int(s.scalar(q) or 0)
+        return self.store.count_embeddings(self.version, tenant_id)
 
 
 class SqlExactIndex(_DbIndex):
@@ -122,7 +112,7 @@ class PgVectorIndex(_DbIndex):
         )
         done = 0
         while True:
-            with self.store._sessions.begin() as s:
+            with self.store.transaction() as s:
                 rows = s.execute(sql, {"v": self.version, "n": batch}).all()
                 if not rows:
                     return done
@@ -140,7 +130,7 @@ class PgVectorIndex(_DbIndex):
             " JOIN templates t ON t.id = v.template_id JOIN subjects s ON s.id = t.subject_pk"
             " ORDER BY v.dist, v.template_id"
         )
-        with self.store._sessions.begin() as s:
+        with self.store.transaction() as s:
             # SET LOCAL: per transaction, so pooled connections keep the server defaults.
             s.execute(text(f"SET LOCAL hnsw.ef_search = {max(int(k), self.ef_search)}"))
             if self.iterative:
@@ -178,7 +168,7 @@ def _ensure_schema(store: Store, dim: int) -> str:
             )
         ).scalar()
         if have is not None and int(have) != dim:
-            raise PgVectorUnavailable(
+            raise ValueError(
                 f"template_vectors holds {have}-d vectors, this model gives {dim}-d: drop the "
                 "table (it is rebuilt from template_embeddings) after re-embedding"
             )

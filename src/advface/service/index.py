@@ -86,20 +86,19 @@ class VectorIndex(ABC):
 
 
 def top_subjects(index: VectorIndex, tenant_id: int, probe: Any, k: int) -> list[Hit]:
-    """Top-k *subjects* by their best template: searches wider until k distinct subjects."""
+    """Top-k *subjects* by their best template: searches wider until k distinct subjects, or
+    until the tenant's templates are exhausted (a search returning fewer than asked for)."""
     _check_k(k)
-    total = index.count(tenant_id)
-    want = min(total, 4 * k)
+    want = 4 * k
     while True:
         best: dict[str, Hit] = {}
-        hits = index.search(tenant_id, probe, want) if want else []
+        hits = index.search(tenant_id, probe, want)
         for h in hits:
             if h.subject_id not in best:
                 best[h.subject_id] = h
-        # Fewer subjects than asked for: widen, unless every template was already seen.
-        if len(best) >= k or want >= total:
+        if len(best) >= k or len(hits) < want:
             return list(best.values())[:k]
-        want = min(total, want * 4)
+        want *= 4
 
 
 class _RWLock:
@@ -236,6 +235,15 @@ class HnswIndex(VectorIndex):
         with self._lock.write():
             self._graphs.clear()
             self._where.clear()
+
+    def set_expansion_search(self, ef: int) -> None:
+        """Search breadth (ef) of every graph: higher is more recall, more latency."""
+        if ef < 1:
+            raise VectorIndexError(f"expansion_search must be >= 1, got {ef}")
+        with self._lock.write():
+            self._params["expansion_search"] = ef
+            for g in self._graphs.values():
+                g.index.expansion_search = ef
 
     def memory_bytes(self) -> int:
         """Bytes held by the graphs and vectors (usearch's own accounting)."""

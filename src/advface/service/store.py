@@ -280,6 +280,10 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    def transaction(self) -> Any:
+        """``with store.transaction() as session:`` - committed on success (index modules)."""
+        return self._sessions.begin()
+
     def ping(self) -> bool:
         """True when the database answers (a real table read, not just an open connection)."""
         try:
@@ -514,18 +518,26 @@ class Store:
         Templates deleted meanwhile are skipped; returns how many were written.
         """
         ids = [tid for tid, _ in items]
-        with self._sessions.begin() as s:
-            tenants = dict(
-                s.execute(select(Template.id, Template.tenant_id).where(Template.id.in_(ids))).all()
-            )
-            s.execute(
-                delete(TemplateEmbedding).where(
-                    TemplateEmbedding.version == version, TemplateEmbedding.template_id.in_(ids)
-                )
-            )
-            rows = [(t, tenants[t], version, v) for t, v in items if t in tenants]
-            self._write_vectors(s, rows)
-            return len(rows)
+        for attempt in range(3):
+            try:
+                with self._sessions.begin() as s:
+                    q = select(Template.id, Template.tenant_id).where(Template.id.in_(ids))
+                    tenants = dict(s.execute(q).all())
+                    s.execute(
+                        delete(TemplateEmbedding).where(
+                            TemplateEmbedding.version == version,
+                            TemplateEmbedding.template_id.in_(ids),
+                        )
+                    )
+                    rows = [(t, tenants[t], version, v) for t, v in items if t in tenants]
+                    self._write_vectors(s, rows)
+                    return len(rows)
+            except IntegrityError:
+                # Another worker embedded the same templates at the same time (PostgreSQL), or
+                # one was deleted meanwhile: the next attempt sees the committed state.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def missing_embeddings(
         self, version: str, model_version: str, after: str = "", batch: int = 64
@@ -562,6 +574,23 @@ class Store:
         with self._sessions() as s:
             q = select(func.count()).select_from(Template)
             return int(s.scalar(q.where(Template.model_version != model_version)) or 0)
+
+    def delete_embeddings(self, version: str, template_ids: Sequence[str]) -> int:
+        """Delete these templates' ``version`` embeddings (the templates stay)."""
+        with self._sessions.begin() as s:
+            q = delete(TemplateEmbedding).where(
+                TemplateEmbedding.version == version,
+                TemplateEmbedding.template_id.in_(template_ids),
+            )
+            return int(s.execute(q).rowcount or 0)
+
+    def count_embeddings(self, version: str, tenant_id: int | None = None) -> int:
+        q = select(func.count()).select_from(TemplateEmbedding)
+        q = q.where(TemplateEmbedding.version == version)
+        if tenant_id is not None:
+            q = q.where(TemplateEmbedding.tenant_id == tenant_id)
+        with self._sessions() as s:
+            return int(s.scalar(q) or 0)
 
     def drop_other_embeddings(self, keep_version: str) -> int:
         """Delete the embeddings of every version but ``keep_version`` (after a rollout)."""

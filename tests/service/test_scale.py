@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +289,67 @@ def test_workers_refuse_in_memory_sqlite() -> None:
         cli_app, ["serve", "--db-url", "sqlite://", "--workers", "2", "--backend", "toy"]
     )
     assert r.exit_code == 2 and "in-memory SQLite" in r.output
+
+
+def test_index_snapshot_restores_and_replays_the_log(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    key, _ = legacy_templates(url, 4)
+    snap = tmp_path / "s.db.index"
+    c, svc = start(url, toy_backend())
+    try:
+        assert c.get("/ready").json()["index_loaded_from"] == "database"
+        assert (snap / "meta.json").exists()  # written after the rebuild
+        assert oct(snap.stat().st_mode & 0o777) == "0o700"
+        before = identify(c, key, 1, k=4)
+    finally:
+        c.__exit__(None, None, None)
+        svc.store.close()
+    # While no service runs: a new template, and a deleted one - only the log knows.
+    store = Store(url)
+    tenant = store.authenticate(key)
+    assert tenant is not None
+    store.create_subject(tenant, "late")
+    store.add_template(
+        tenant,
+        "late",
+        payload.encode(feature_map(40)),
+        protection="none",
+        protection_params={},
+        model_version=toy_backend().version,
+        request_sha256="e" * 64,
+        embedding=(
+            toy_backend().embedding_version,
+            toy_backend().embed(torch.from_numpy(feature_map(40))[None])[0].numpy(),
+        ),
+    )
+    store.delete_subject(tenant, "p0")
+    store.close()
+    c, svc = start(url, toy_backend())
+    try:
+        ready = c.get("/ready").json()
+        assert ready["index_loaded_from"] == "snapshot" and ready["templates"] == 4
+        assert identify(c, key, 40)[0]["subject_id"] == "late"
+        assert all(x["subject_id"] != "p0" for x in identify(c, key, 0, k=10))
+        assert identify(c, key, 1, k=4)[0] == before[0]
+    finally:
+        c.__exit__(None, None, None)
+        svc.store.close()
+    # A snapshot of another database (or a corrupt one) is never used.
+    (snap / "meta.json").write_text("{not json")
+    c, svc = start(url, toy_backend())
+    try:
+        assert c.get("/ready").json()["index_loaded_from"] == "database"
+        assert identify(c, key, 40)[0]["subject_id"] == "late"
+    finally:
+        c.__exit__(None, None, None)
+        svc.store.close()
+    other = tmp_path / "other.db"
+    legacy_templates(f"sqlite:///{other}", 2)
+    shutil.copytree(snap, tmp_path / "other.db.index")
+    c, svc = start(f"sqlite:///{other}", toy_backend())
+    try:
+        ready = c.get("/ready").json()
+        assert ready["index_loaded_from"] == "database" and ready["templates"] == 2
+    finally:
+        c.__exit__(None, None, None)
+        svc.store.close()

@@ -79,6 +79,10 @@ def _lifespan(svc: Service, in_background: bool) -> Any:
         else:
             run()
         yield
+        try:
+            svc.shutdown()
+        except Exception:  # noqa: BLE001 - a snapshot only saves start-up time
+            log.exception("saving the index snapshot failed")
 
     return lifespan
 

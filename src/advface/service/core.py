@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import shutil
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,10 +21,10 @@ import torch
 
 from advface.service import payload
 from advface.service.backend import Backend
-from advface.service.index import Hit, VectorIndex, top_subjects
+from advface.service.index import Hit, HnswIndex, VectorIndex, top_subjects
 from advface.service.schemas import TemplateOut
 from advface.service.settings import ServiceSettings
-from advface.service.store import Embedded, Store
+from advface.service.store import Embedded, Store, sqlite_path
 
 log = logging.getLogger("advface.service")
 
@@ -77,22 +82,55 @@ def _add_grouped(index: VectorIndex, rows: Iterable[Embedded], chunk: int = 4096
     return n
 
 
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock between worker processes (saving/restoring one snapshot)."""
+    fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class IndexSync:
     """Keeps an in-process index equal to a SQLite database by replaying its change log.
 
     Every worker process holds its own index; before each search it reads the log's last
     ``seq`` (one indexed query) and applies what other workers (or ``advface reembed``)
     committed since. A worker that fell behind a pruned log reloads everything.
+
+    With ``snapshot`` (a folder beside the database), start-up restores the HNSW graphs saved
+    there and replays the log from the snapshot's ``seq`` instead of rebuilding them; the
+    snapshot is written after a rebuild and at shutdown.
     """
 
-    def __init__(self, store: Store, index: VectorIndex, version: str, keep: int = 100_000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        index: VectorIndex,
+        version: str,
+        keep: int = 100_000,
+        snapshot: Path | None = None,
+    ) -> None:
         self.store, self.index, self.version, self.keep = store, index, version, keep
+        self.snapshot = snapshot if isinstance(index, HnswIndex) else None
         self.seq = 0
+        self.saved_seq = -1
+        self.loaded_from = ""  # "snapshot" or "database", after reload()
         self._lock = threading.Lock()
 
     def reload(self) -> int:
+        """Fill the index: from the snapshot plus the log since, else from the database."""
         with self._lock:
-            return self._reload_locked()
+            if self._restore_locked():
+                self.loaded_from = "snapshot"
+                self._catch_up_locked()
+            else:
+                self.loaded_from = "database"
+                self._reload_locked()
+                self._save_locked()
+            return self.index.count()
 
     def _reload_locked(self) -> int:
         # The log position is read first: whatever commits while we load is replayed again
@@ -103,27 +141,80 @@ class IndexSync:
         self.seq = hi
         return n
 
+    def _snapshot_key(self) -> dict[str, Any]:
+        return {"log_id": self.store.change_log_id(), "version": self.version}
+
+    def _restore_locked(self) -> bool:
+        if self.snapshot is None or not (self.snapshot / "meta.json").exists():
+            return False
+        assert isinstance(self.index, HnswIndex)
+        try:
+            with _file_lock(self.snapshot):
+                extra = HnswIndex.saved_extra(self.snapshot)
+                seq = int(extra.get("seq", -1))
+                lo, hi = self.store.change_bounds()
+                # Same database and Psi, and the log still holds everything after ``seq``.
+                if {k: extra.get(k) for k in ("log_id", "version")} != self._snapshot_key():
+                    return False
+                if not (0 <= seq <= hi and lo <= seq + 1):
+                    return False
+                loaded = HnswIndex.load(self.snapshot)
+            self.index.replace_with(loaded)
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.warning("index snapshot unusable (%s); rebuilding", type(exc).__name__)
+            return False
+        self.seq = self.saved_seq = seq
+        return True
+
+    def _save_locked(self) -> None:
+        if self.snapshot is None or self.seq == self.saved_seq:
+            return
+        assert isinstance(self.index, HnswIndex)
+        tmp = self.snapshot.with_name(f"{self.snapshot.name}.tmp-{os.getpid()}")
+        old = self.snapshot.with_name(f"{self.snapshot.name}.old-{os.getpid()}")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.index.save(tmp, extra={**self._snapshot_key(), "seq": self.seq})
+            with _file_lock(self.snapshot):  # readers never see a half-written folder
+                if self.snapshot.exists():
+                    os.replace(self.snapshot, old)
+                os.replace(tmp, self.snapshot)
+            shutil.rmtree(old, ignore_errors=True)
+            self.saved_seq = self.seq
+        except OSError as exc:  # a snapshot only saves start-up time: never fail for it
+            log.warning("could not save the index snapshot: %s", exc)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def save(self) -> None:
+        """Write the snapshot if the index changed since the last one (shutdown)."""
+        with self._lock:
+            self._catch_up_locked()
+            self._save_locked()
+
     def catch_up(self) -> int:
         """Apply the changes committed since the last call; returns how many were read."""
         with self._lock:
-            lo, hi = self.store.change_bounds()
-            if hi <= self.seq:
-                return 0
-            if lo > self.seq + 1:  # entries we never saw were pruned
-                log.warning("index change log pruned past this worker; reloading")
-                self._reload_locked()
-                return hi - self.seq
-            seen = 0
-            while changes := self.store.changes_after(self.seq):
-                ids = sorted({tid for _, tid, v in changes if v == self.version})
-                if ids:
-                    self.index.remove(ids)
-                    _add_grouped(self.index, self.store.embeddings_of(self.version, ids))
-                self.seq = changes[-1][0]
-                seen += len(changes)
-            if hi - lo > 2 * self.keep:
-                self.store.prune_changes(self.keep)
-            return seen
+            return self._catch_up_locked()
+
+    def _catch_up_locked(self) -> int:
+        lo, hi = self.store.change_bounds()
+        if hi <= self.seq:
+            return 0
+        if lo > self.seq + 1:  # entries we never saw were pruned
+            log.warning("index change log pruned past this worker; reloading")
+            self._reload_locked()
+            return hi - self.seq
+        seen = 0
+        while changes := self.store.changes_after(self.seq):
+            ids = sorted({tid for _, tid, v in changes if v == self.version})
+            if ids:
+                self.index.remove(ids)
+                _add_grouped(self.index, self.store.embeddings_of(self.version, ids))
+            self.seq = changes[-1][0]
+            seen += len(changes)
+        if hi - lo > 2 * self.keep:
+            self.store.prune_changes(self.keep)
+        return seen
 
 
 @dataclass
@@ -153,7 +244,18 @@ class Service:
 
     def __post_init__(self) -> None:
         if not self.index.in_database:
-            self.sync = IndexSync(self.store, self.index, self.backend.embedding_version)
+            db = sqlite_path(self.settings.db_url)
+            snap = (
+                db.with_name(db.name + ".index") if db and self.settings.index_snapshots else None
+            )
+            self.sync = IndexSync(
+                self.store, self.index, self.backend.embedding_version, snapshot=snap
+            )
+
+    def shutdown(self) -> None:
+        """Save the index snapshot (next start replays less of the log)."""
+        if self.sync is not None and self.ready.is_set():
+            self.sync.save()
 
     def startup(self) -> None:
         """Embed templates stored without an embedding of this Psi, then load the index."""

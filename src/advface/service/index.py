@@ -250,17 +250,26 @@ class HnswIndex(VectorIndex):
         with self._lock.read():
             return sum(int(g.index.memory_usage) for g in self._graphs.values())
 
-    def save(self, folder: str | Path) -> None:
-        """Write the graphs and the key maps to ``folder`` (restored by :meth:`load`)."""
+    def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write the graphs, the key maps and ``extra`` to a new ``folder`` (owner-only files:
+        they hold the embeddings); restored by :meth:`load`."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, mode=0o700)
         meta: dict[str, Any] = {"dim": self.dim, "params": self._params, "tenants": {}}
+        meta["extra"] = extra or {}
         with self._lock.read():
             for tenant, g in self._graphs.items():
                 g.index.save(str(folder / f"tenant-{tenant}.usearch"))
                 meta["tenants"][str(tenant)] = [[k, t, s] for k, (t, s) in g.ids.items()]
             meta["next_key"] = self._next_key
         (folder / "meta.json").write_text(json.dumps(meta))
+        for f in folder.iterdir():
+            f.chmod(0o600)
+
+    @staticmethod
+    def saved_extra(folder: str | Path) -> dict[str, Any]:
+        """The ``extra`` a saved index was written with (reads the metadata only)."""
+        return dict(json.loads((Path(folder) / "meta.json").read_text()).get("extra", {}))
 
     @classmethod
     def load(cls, folder: str | Path, *, view: bool = False) -> HnswIndex:
@@ -282,6 +291,16 @@ class HnswIndex(VectorIndex):
             idx._graphs[tenant] = g
         idx._next_key = int(meta["next_key"])
         return idx
+
+    def replace_with(self, other: HnswIndex) -> None:
+        """Take over ``other``'s entries (a restored snapshot) in place."""
+        if other.dim != self.dim:
+            raise VectorIndexError(f"snapshot has {other.dim} dimensions, the index {self.dim}")
+        with self._lock.write():
+            self._graphs, self._where = other._graphs, other._where
+            self._next_key = other._next_key
+            for g in self._graphs.values():
+                g.index.expansion_search = self._params["expansion_search"]
 
 
 class ExactIndex(VectorIndex):

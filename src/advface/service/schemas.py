@@ -81,6 +81,7 @@ class Ready(BaseModel):
     skipped_templates: int
     backfilled_templates: int
     vector_index: str
+    index_loaded_from: str
     rebuild_seconds: float
     rebuild_cpu_seconds: float
     model_version: str

@@ -58,6 +58,9 @@ class ServiceSettings:
     vector_index: str = "auto"
     # uvicorn worker processes; they share state only through the database.
     workers: int = 1
+    # 1: keep the in-process HNSW graphs in "<SQLite file>.index" (fast start-up); 0: rebuild
+    # them from the stored embeddings at every start.
+    index_snapshots: int = 1
 
     def __post_init__(self) -> None:
         if not self.db_url:
@@ -88,6 +91,8 @@ class ServiceSettings:
                 f"vector_index must be one of {', '.join(VECTOR_INDEXES)}, "
                 f"got {self.vector_index!r}"
             )
+        if self.index_snapshots not in (0, 1):
+            raise ValueError(f"index_snapshots must be 0 or 1, got {self.index_snapshots}")
         if not 1 <= self.workers <= 64:
             raise ValueError(f"workers must be 1..64, got {self.workers}")
         if not 0 <= self.port <= 65535:

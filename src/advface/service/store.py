@@ -89,6 +89,8 @@ _SQLITE_CHANGE_LOG = (
         f"VALUES ({row}.template_id, {row}.version); END"
         for op, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD"))
     ),
+    # A random id per database: an index snapshot is only valid for the log it was taken from.
+    "CREATE TABLE IF NOT EXISTS index_log_id (id VARCHAR(32) PRIMARY KEY)",
 )
 
 
@@ -643,6 +645,18 @@ class Store:
         with self.engine.connect() as conn:
             lo, hi = conn.execute(text("SELECT min(seq), max(seq) FROM index_changes")).one()
         return int(lo or 0), int(hi or 0)
+
+    def change_log_id(self) -> str:
+        """This database's change-log id (created once)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO index_log_id (id) SELECT :i "
+                    "WHERE NOT EXISTS (SELECT 1 FROM index_log_id)"
+                ),
+                {"i": uuid.uuid4().hex},
+            )
+            return str(conn.execute(text("SELECT id FROM index_log_id")).scalar())
 
     def changes_after(self, seq: int, limit: int = 10_000) -> list[tuple[int, str, str]]:
         """``(seq, template_id, version)`` logged after ``seq``, oldest first."""

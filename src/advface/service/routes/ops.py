@@ -85,6 +85,7 @@ def router() -> APIRouter:
             templates=svc.index.count(),
             backfilled_templates=svc.backfilled_templates,
             vector_index=type(svc.index).__name__,
+            index_loaded_from=svc.sync.loaded_from if svc.sync else "database",
             skipped_templates=svc.skipped_templates,
             rebuild_seconds=round(svc.rebuild_seconds, 4),
             rebuild_cpu_seconds=round(svc.rebuild_cpu_seconds, 4),

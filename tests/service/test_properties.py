@@ -81,7 +81,8 @@ def _snapshot(h: Harness) -> tuple[object, ...]:
         from sqlalchemy import text
 
         rows = conn.execute(text("SELECT id, request_sha256 FROM templates ORDER BY id")).all()
-    return tuple(map(tuple, rows)), len(h.service.gallery)
+    h.service.refresh()
+    return tuple(map(tuple, rows)), h.service.index.count()
 
 
 @settings(

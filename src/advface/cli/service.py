@@ -16,6 +16,13 @@ client_app = typer.Typer(help="Talk to a running template service.", no_args_is_
 UrlOpt = Annotated[str, typer.Option(envvar="ADVFACE_URL", help="service base URL")]
 KeyOpt = Annotated[str, typer.Option(envvar="ADVFACE_API_KEY", help="tenant API key")]
 AlignedOpt = Annotated[bool, typer.Option(help="images are already 160x160 aligned crops")]
+NoFaceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-no-face",
+        help="send images in which MTCNN finds no face (centre crop) instead of refusing them",
+    ),
+]
 BackendOpt = Annotated[
     str,
     typer.Option(
@@ -26,6 +33,7 @@ BackendOpt = Annotated[
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
+    app.command("reembed")(reembed_cmd)
     app.add_typer(keys_app, name="keys")
     app.add_typer(client_app, name="client")
 
@@ -60,15 +68,40 @@ def serve_cmd(
     torch_threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (0: default)")
     ] = None,
+    header_timeout: Annotated[
+        float | None,
+        typer.Option(help="seconds to receive a request's headers [ADVFACE_HEADER_TIMEOUT, 10]"),
+    ] = None,
+    read_timeout: Annotated[
+        float | None,
+        typer.Option(help="seconds to receive a request's body [ADVFACE_READ_TIMEOUT, 30]"),
+    ] = None,
+    max_concurrent_uploads: Annotated[
+        int | None,
+        typer.Option(help="bodies read at once; more get 503 [ADVFACE_MAX_CONCURRENT_UPLOADS, 16]"),
+    ] = None,
+    rate_limit: Annotated[
+        float | None,
+        typer.Option(help="requests/second per API key, 0: off [ADVFACE_RATE_LIMIT, 20]"),
+    ] = None,
+    rate_burst: Annotated[
+        int | None, typer.Option(help="burst per API key [ADVFACE_RATE_BURST, 40]")
+    ] = None,
+    db_timeout: Annotated[
+        float | None,
+        typer.Option(help="seconds to wait for a locked/unreachable DB [ADVFACE_DB_TIMEOUT, 10]"),
+    ] = None,
+    vector_index: Annotated[
+        str | None,
+        typer.Option(help="auto | hnsw (SQLite) | pgvector | exact [ADVFACE_VECTOR_INDEX, auto]"),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="worker processes sharing the database [ADVFACE_WORKERS, 1]"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
-    """Run the template service (one process: the embedding gallery lives in its memory)."""
-    import logging
-
-    import uvicorn
-
-    from advface.service.app import create_app
-
+    """Run the template service (state in the database; any number of workers)."""
     params = None
     if protection_params is not None:
         try:
@@ -85,9 +118,30 @@ def serve_cmd(
         max_body_bytes=max_body_bytes,
         backend=backend,
         torch_threads=torch_threads,
+        header_timeout=header_timeout,
+        read_timeout=read_timeout,
+        max_concurrent_uploads=max_concurrent_uploads,
+        rate_limit=rate_limit,
+        rate_burst=rate_burst,
+        db_timeout=db_timeout,
+        vector_index=vector_index,
+        workers=workers,
     )
+    _serve(settings, log_level)
+
+
+def _serve(settings: Any, log_level: str) -> None:
+    """Build the app (bad settings: ``error: ...``, exit 2) and run it under uvicorn."""
+    import logging
+
+    from advface.service import server
+    from advface.service.app import create_app
+
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     with user_errors():
+        server.check_workers(settings)
+        # Built here also with several workers: bad settings and a missing pgvector are
+        # reported once, before any worker starts.
         app = create_app(settings)
     from sqlalchemy.engine import make_url
 
@@ -95,11 +149,67 @@ def serve_cmd(
     typer.echo(
         f"advface serve: http://{settings.host}:{settings.port} db={db} "
         f"protection={settings.protection} backend={settings.backend} "
-        f"threshold={settings.threshold}",
+        f"threshold={settings.threshold} index={type(app.state.service.index).__name__} "
+        f"workers={settings.workers}",
         err=True,
     )
-    # One worker: the gallery is per process; more workers would each hold a stale copy.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, workers=1)
+    server.run(app, settings, log_level)
+
+
+def reembed_cmd(
+    db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL]")] = None,
+    backend: Annotated[str | None, typer.Option(help="facenet | toy (tests)")] = None,
+    batch: Annotated[int, typer.Option(min=1, max=4096, help="templates per Psi batch")] = 32,
+    drop_other_versions: Annotated[
+        bool, typer.Option(help="afterwards delete embeddings of other Psi versions")
+    ] = False,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads (0: default)")
+    ] = None,
+) -> None:
+    """Compute the embeddings this Psi version lacks (after a Psi change or an upgrade).
+
+    Resumable (each batch is committed) and safe while the service runs: a new Psi version
+    gets its own rows, the running service keeps using its own until it is restarted.
+    """
+    from tqdm import tqdm
+
+    from advface.service.app import build_index
+    from advface.service.backend import load_backend
+    from advface.service.core import embed_missing
+    from advface.service.store import Store
+
+    settings = _settings(db_url=db_url, backend=backend, torch_threads=torch_threads)
+    with user_errors():
+        if settings.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        net = load_backend(settings.backend)
+        store = Store(settings.db_url, timeout=settings.db_timeout)
+    try:
+        with user_errors():
+            build_index(settings, store, net)  # pgvector: its vectors are written alongside
+        version = net.embedding_version
+        todo = store.count_missing_embeddings(version, net.version)
+        with tqdm(total=todo, unit="template", desc=f"reembed {version}") as bar:
+            done, corrupt = embed_missing(store, net, batch=batch, on_batch=bar.update)
+        left = store.count_missing_embeddings(version, net.version) - corrupt
+        dropped = store.drop_other_embeddings(version) if drop_other_versions and not left else 0
+        other_models = store.count_other_models(net.version)
+    finally:
+        store.close()
+    _print(
+        {
+            "version": version,
+            "embedded": done,
+            "corrupt": corrupt,
+            "missing": left,
+            "dropped_other_versions": dropped,
+            # Maps of another extractor E: Psi cannot embed them meaningfully.
+            "skipped_other_models": other_models,
+        }
+    )
 
 
 @keys_app.command("create")
@@ -118,6 +228,52 @@ def keys_create(
     finally:
         store.close()
     typer.echo(token)
+
+
+@keys_app.command("list")
+def keys_list(
+    db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL]")] = None,
+) -> None:
+    """List API keys (id, tenant, created, revoked; one JSON line each). Secrets are never shown:
+    only their hashes are stored."""
+    from advface.service.store import Store
+
+    store = Store(_settings(db_url=db_url).db_url)
+    try:
+        for k in store.list_keys():
+            _print(
+                {
+                    "key_id": k.key_id,
+                    "tenant": k.tenant,
+                    "created_at": k.created_at.isoformat(),
+                    "revoked": k.revoked,
+                }
+            )
+    finally:
+        store.close()
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="key id (the 12 hex digits after afk_)")],
+    db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL]")] = None,
+) -> None:
+    """Revoke an API key: requests with it get 401 from then on."""
+    import re
+
+    from advface.service.store import Store
+
+    if not re.fullmatch(r"[0-9a-f]{12}", key_id):
+        raise typer.BadParameter("KEY_ID must be the 12 hex digits of a key id (advface keys list)")
+    store = Store(_settings(db_url=db_url).db_url)
+    try:
+        found = store.revoke_key(key_id)
+    finally:
+        store.close()
+    if not found:
+        typer.echo(f"error: no API key {key_id}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"revoked {key_id}")
 
 
 def _client(url: str, api_key: str, backend: str = "facenet") -> Any:
@@ -156,15 +312,18 @@ def client_enroll(
     create: Annotated[bool, typer.Option(help="create the subject if missing")] = True,
     aligned: AlignedOpt = False,
     backend: BackendOpt = "facenet",
+    allow_no_face: NoFaceOpt = False,
 ) -> None:
     """Align, extract E(x) here, and enroll each image for SUBJECT (one JSON line each)."""
 
     def go() -> None:
         with _client(url, api_key, backend) as c:
+            # Every image is checked (readable, has a face) before anything is sent.
+            feats = [c.features(i, aligned=aligned, allow_no_face=allow_no_face) for i in images]
             if create:
                 c.create_subject(subject, exist_ok=True)
-            for img in images:
-                _print(c.enroll(subject, img, aligned=aligned))
+            for z in feats:
+                _print(c.enroll(subject, z))
 
     _run(go)
 
@@ -177,13 +336,14 @@ def client_verify(
     api_key: KeyOpt = "",
     aligned: AlignedOpt = False,
     backend: BackendOpt = "facenet",
+    allow_no_face: NoFaceOpt = False,
 ) -> None:
     """1:1: is IMAGE the enrolled SUBJECT? Exit code 0 for a match, 3 for no match."""
     result: list[Any] = []
 
     def go() -> None:
         with _client(url, api_key, backend) as c:
-            result.append(c.verify(subject, image, aligned=aligned))
+            result.append(c.verify(subject, image, aligned=aligned, allow_no_face=allow_no_face))
             _print(result[0])
 
     _run(go)
@@ -199,12 +359,14 @@ def client_identify(
     top_k: int = 5,
     aligned: AlignedOpt = False,
     backend: BackendOpt = "facenet",
+    allow_no_face: NoFaceOpt = False,
 ) -> None:
     """1:N: the TOP_K most similar enrolled subjects."""
 
     def go() -> None:
         with _client(url, api_key, backend) as c:
-            _print([vars(x) for x in c.identify(image, top_k, aligned=aligned)])
+            found = c.identify(image, top_k, aligned=aligned, allow_no_face=allow_no_face)
+            _print([vars(x) for x in found])
 
     _run(go)
 

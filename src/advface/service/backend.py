@@ -28,6 +28,21 @@ class Backend:
     psi: Callable[[Tensor], Tensor]
     version: str
     feature_shape: tuple[int, int, int] = FEATURE_SHAPE
+    # Version of Psi alone (stored with each embedding). Change it when Psi changes but E does
+    # not: stored maps stay valid and ``advface reembed`` recomputes their embeddings.
+    psi_version: str = ""
+    _dim: int = 0
+
+    @property
+    def embedding_version(self) -> str:
+        return self.psi_version or self.version
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of Psi's embeddings (one forward pass on zeros, once)."""
+        if not self._dim:
+            self._dim = int(self.embed(torch.zeros((1, *self.feature_shape))).shape[1])
+        return self._dim
 
     @torch.inference_mode()
     def embed(self, z: Tensor) -> Tensor:

@@ -36,6 +36,7 @@ class ServerProcess:
         ready_timeout: float = 300.0,
         env: dict[str, str] | None = None,
         extra_args: list[str] | None = None,
+        log_level: str = "warning",
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -55,7 +56,7 @@ class ServerProcess:
             "--protection",
             protection,
             "--log-level",
-            "warning",
+            log_level,
             *(["--protection-params", protection_params] if protection_params else []),
             *(["--threshold", str(threshold)] if threshold is not None else []),
             *(extra_args or []),

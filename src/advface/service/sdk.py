@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -27,6 +28,18 @@ from advface.service import payload
 from advface.service.auth import API_KEY_HEADER
 
 ImageLike = str | Path | np.ndarray
+
+
+def path_segment(value: str) -> str:
+    """``value`` as exactly one URL path segment.
+
+    Every reserved character is percent-encoded ("/" too), and so are dots: "." and ".." are
+    dot-segments that HTTP clients resolve away, so an id like "x/../victim" or ".." would
+    otherwise address another resource.
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError("an id must be a non-empty string")
+    return quote(value, safe="").replace(".", "%2E")
 
 
 # -- exceptions -----------------------------------------------------------------------------
@@ -60,6 +73,10 @@ class ServiceUnavailableError(AdvFaceServiceError):
 
 class ServerError(AdvFaceServiceError):
     """An unexpected server-side failure (500)."""
+
+
+class NoFaceError(ValueError):
+    """MTCNN found no face in an image (blank, noise, text...): nothing is sent."""
 
 
 def _error_class(status: int) -> type[AdvFaceServiceError]:
@@ -176,11 +193,16 @@ class AdvFaceClient:
             self._aligner = Aligner()
         return self._aligner
 
-    def features(self, image: ImageLike, *, aligned: bool = False) -> np.ndarray:
+    def features(
+        self, image: ImageLike, *, aligned: bool = False, allow_no_face: bool = False
+    ) -> np.ndarray:
         """E(x) (64,77,77) float32 for an image path, a uint8 RGB array, or a feature map.
 
         A float array of shape (64,77,77) or (1,64,77,77) is taken as E(x) already.
-        ``aligned=True`` skips MTCNN for arrays/files that are already 160x160 crops.
+        ``aligned=True`` skips MTCNN for arrays/files that are already 160x160 crops. An image in
+        which MTCNN finds no face raises :class:`NoFaceError` unless ``allow_no_face=True``
+        (then the aligner's fallback crop is used): enrolling a blank or a text image would
+        store a template that matches nobody - or, worse, other blank probes.
         """
         if isinstance(image, np.ndarray) and image.dtype.kind == "f":
             z = np.asarray(image, np.float32)
@@ -195,7 +217,7 @@ class AdvFaceClient:
             rgb = image
         else:
             raise ValueError("image must be a path, a uint8 RGB (H,W,3) array or a float E(x)")
-        face = rgb if aligned else self.aligner(rgb).image
+        face = rgb if aligned else self._align(rgb, image, allow_no_face)
         if face.shape != (160, 160, 3):
             raise ValueError(f"aligned face must be (160,160,3), got {face.shape}")
         from advface.models.facenet import preprocess
@@ -204,9 +226,22 @@ class AdvFaceClient:
             z = self.extractor(preprocess(face[None]))
         return z[0].float().cpu().numpy()
 
-    def payload(self, image: ImageLike, *, aligned: bool = False) -> bytes:
+    def _align(self, rgb: np.ndarray, source: ImageLike, allow_no_face: bool) -> np.ndarray:
+        result = self.aligner(rgb)
+        # Aligners without a ``found`` flag (custom callables) are trusted to return a face.
+        if not getattr(result, "found", True) and not allow_no_face:
+            name = str(source) if isinstance(source, str | Path) else "the image"
+            raise NoFaceError(
+                f"no face found in {name}; use an image with a visible face "
+                "(or allow_no_face / --allow-no-face to send the centre crop anyway)"
+            )
+        return result.image
+
+    def payload(
+        self, image: ImageLike, *, aligned: bool = False, allow_no_face: bool = False
+    ) -> bytes:
         """The bytes uploaded for ``image`` (fp16, shape header, zlib)."""
-        return payload.encode(self.features(image, aligned=aligned))
+        return payload.encode(self.features(image, aligned=aligned, allow_no_face=allow_no_face))
 
     # -- HTTP -------------------------------------------------------------------------------
     def _request(self, method: str, url: str, **kw: Any) -> Any:
@@ -292,7 +327,8 @@ class AdvFaceClient:
 
     def delete_subject(self, subject_id: str) -> int:
         """Delete a subject; returns how many templates went with it."""
-        return int(self._request("DELETE", f"/v1/subjects/{subject_id}")["deleted_templates"])
+        d = self._request("DELETE", f"/v1/subjects/{path_segment(subject_id)}")
+        return int(d["deleted_templates"])
 
     def enroll(
         self,
@@ -301,32 +337,46 @@ class AdvFaceClient:
         *,
         idempotency_key: str | None = None,
         aligned: bool = False,
+        allow_no_face: bool = False,
     ) -> Template:
         """Enroll one face; every retry reuses one idempotency key, so nothing is duplicated."""
-        data = self.payload(image, aligned=aligned)
+        data = self.payload(image, aligned=aligned, allow_no_face=allow_no_face)
         key = idempotency_key or uuid.uuid4().hex
-        d = self._binary(f"/v1/subjects/{subject_id}/templates", data, {"Idempotency-Key": key})
+        url = f"/v1/subjects/{path_segment(subject_id)}/templates"
+        d = self._binary(url, data, {"Idempotency-Key": key})
         return Template(**d)
 
-    def verify(self, subject_id: str, image: ImageLike, *, aligned: bool = False) -> Verification:
+    def verify(
+        self,
+        subject_id: str,
+        image: ImageLike,
+        *,
+        aligned: bool = False,
+        allow_no_face: bool = False,
+    ) -> Verification:
         """1:1 verification of a fresh probe against the subject's templates."""
-        d = self._binary(f"/v1/subjects/{subject_id}/verify", self.payload(image, aligned=aligned))
+        url = f"/v1/subjects/{path_segment(subject_id)}/verify"
+        d = self._binary(url, self.payload(image, aligned=aligned, allow_no_face=allow_no_face))
         return Verification(**d)
 
     def identify(
-        self, image: ImageLike, top_k: int = 5, *, aligned: bool = False
+        self,
+        image: ImageLike,
+        top_k: int = 5,
+        *,
+        aligned: bool = False,
+        allow_no_face: bool = False,
     ) -> list[Candidate]:
         """1:N identification: best ``top_k`` subjects."""
-        d = self._binary(
-            "/v1/identify", self.payload(image, aligned=aligned), params={"top_k": top_k}
-        )
+        data = self.payload(image, aligned=aligned, allow_no_face=allow_no_face)
+        d = self._binary("/v1/identify", data, params={"top_k": top_k})
         return [Candidate(**c) for c in d["candidates"]]
 
     def get_template(self, template_id: str) -> Template:
-        return Template(**self._request("GET", f"/v1/templates/{template_id}"))
+        return Template(**self._request("GET", f"/v1/templates/{path_segment(template_id)}"))
 
     def delete_template(self, template_id: str) -> None:
-        self._request("DELETE", f"/v1/templates/{template_id}")
+        self._request("DELETE", f"/v1/templates/{path_segment(template_id)}")
 
 
 def payload_content_type() -> str:

@@ -10,6 +10,7 @@ from typing import Any
 from advface.config import cache_dir
 
 ENV_PREFIX = "ADVFACE_"
+VECTOR_INDEXES = ("auto", "hnsw", "pgvector", "exact")
 
 
 def default_db_url() -> str:
@@ -42,6 +43,26 @@ class ServiceSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     torch_threads: int = 0  # 0: leave torch's default
+    # Slow-client limits: seconds to send the request line and headers, and the whole body.
+    header_timeout: float = 10.0
+    read_timeout: float = 30.0
+    # Request bodies buffered at once (each up to max_body_bytes); more get a 503.
+    max_concurrent_uploads: int = 16
+    # Token bucket per API key (requests/second, burst); rate_limit 0 turns it off.
+    # In-process state: each worker process limits on its own.
+    rate_limit: float = 20.0
+    rate_burst: int = 40
+    # Seconds to wait for a locked SQLite file or a PostgreSQL connection before a 503.
+    db_timeout: float = 10.0
+    # Identification index: auto | hnsw (in-process, SQLite) | pgvector | exact (scan).
+    vector_index: str = "auto"
+    # uvicorn worker processes; they share state only through the database.
+    workers: int = 1
+    # HNSW search breadth (ef) of the in-process and pgvector indexes: recall vs latency.
+    index_ef_search: int = 64
+    # 1: keep the in-process HNSW graphs in "<SQLite file>.index" (fast start-up); 0: rebuild
+    # them from the stored embeddings at every start.
+    index_snapshots: int = 1
 
     def __post_init__(self) -> None:
         if not self.db_url:
@@ -60,6 +81,24 @@ class ServiceSettings:
             raise ValueError(f"backend must be 'facenet' or 'toy', got {self.backend!r}")
         if not isinstance(self.protection_params, dict):
             raise ValueError("protection_params must be a JSON object")
+        for name in ("header_timeout", "read_timeout", "db_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_concurrent_uploads < 1 or self.rate_burst < 1:
+            raise ValueError("max_concurrent_uploads and rate_burst must be >= 1")
+        if self.rate_limit < 0:
+            raise ValueError(f"rate_limit must be >= 0 (0: off), got {self.rate_limit}")
+        if self.vector_index not in VECTOR_INDEXES:
+            raise ValueError(
+                f"vector_index must be one of {', '.join(VECTOR_INDEXES)}, "
+                f"got {self.vector_index!r}"
+            )
+        if not 1 <= self.index_ef_search <= 4096:
+            raise ValueError(f"index_ef_search must be 1..4096, got {self.index_ef_search}")
+        if self.index_snapshots not in (0, 1):
+            raise ValueError(f"index_snapshots must be 0 or 1, got {self.index_snapshots}")
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"workers must be 1..64, got {self.workers}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
 
@@ -75,6 +114,15 @@ class ServiceSettings:
             values[f.name] = _parse(f.name, f.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """``ADVFACE_*`` variables that :meth:`from_env` turns back into these settings
+        (how ``--workers N`` hands the configuration to each worker process)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[ENV_PREFIX + f.name.upper()] = json.dumps(v) if isinstance(v, dict) else str(v)
+        return out
 
     def with_(self, **changes: Any) -> ServiceSettings:
         """Copy with some fields changed."""

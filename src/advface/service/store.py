@@ -1,18 +1,23 @@
 """SQLAlchemy schema and repository for tenants, keys, subjects and protected templates.
 
-Only protected feature maps (compressed blobs, see ``payload``) are written; Psi embeddings are
-never persisted - the service recomputes them into memory at start-up (``gallery``).
+Each template is a protected feature map (compressed blob, see ``payload``) plus, in
+``template_embeddings``, Psi's embedding of that stored map, keyed by the Psi version that
+computed it. The embedding is a function of the stored map, so it reveals nothing the map does
+not; keeping it means start-up loads vectors instead of running Psi over every template.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import (
     Boolean,
     DateTime,
@@ -30,7 +35,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -70,6 +75,25 @@ class Subject(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+# SQLite change log of the embeddings (``index_changes``), written by triggers in the same
+# transaction as every insert, update or (cascaded) delete of an embedding. SQLite commits
+# writers one at a time, so ``seq`` order is commit order: a worker that has applied every change
+# up to ``seq`` holds exactly the database's state, and catches up by reading what follows.
+_SQLITE_CHANGE_LOG = (
+    "CREATE TABLE IF NOT EXISTS index_changes ("
+    "seq INTEGER PRIMARY KEY AUTOINCREMENT, template_id VARCHAR(32) NOT NULL, "
+    "version VARCHAR(128) NOT NULL)",
+    *(
+        f"CREATE TRIGGER IF NOT EXISTS trg_embedding_{op.lower()} AFTER {op} "
+        f"ON template_embeddings BEGIN INSERT INTO index_changes (template_id, version) "
+        f"VALUES ({row}.template_id, {row}.version); END"
+        for op, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD"))
+    ),
+    # A random id per database: an index snapshot is only valid for the log it was taken from.
+    "CREATE TABLE IF NOT EXISTS index_log_id (id VARCHAR(32) PRIMARY KEY)",
+)
+
+
 class Template(Base):
     __tablename__ = "templates"
     __table_args__ = (
@@ -90,6 +114,44 @@ class Template(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+class TemplateEmbedding(Base):
+    """Psi embedding (float32, unit norm) of a stored protected map, per Psi version."""
+
+    __tablename__ = "template_embeddings"
+    __table_args__ = (Index("ix_embeddings_tenant_version", "tenant_id", "version"),)
+    template_id: Mapped[str] = mapped_column(
+        ForeignKey("templates.id", ondelete="CASCADE"), primary_key=True
+    )
+    # A new Psi version gets its own rows (``advface reembed``) while the old one keeps serving.
+    version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)  # denormalised: tenant-filtered scans
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # little-endian float32
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One stored embedding with what identification reports about it."""
+
+    template_id: str
+    tenant_id: int
+    subject_id: str
+    vector: np.ndarray
+
+
+def encode_vector(v: np.ndarray) -> bytes:
+    """float32 little-endian bytes of a 1-D vector."""
+    return np.ascontiguousarray(np.asarray(v, "<f4").reshape(-1)).tobytes()
+
+
+def decode_vector(b: bytes) -> np.ndarray:
+    return np.frombuffer(b, "<f4").astype(np.float32)
+
+
+# (template_id, tenant_id, version, vector)
+VectorRow = tuple[str, int, str, np.ndarray]
+
+
 @dataclass(frozen=True)
 class TemplateRow:
     """A stored template as the service reports it."""
@@ -103,6 +165,16 @@ class TemplateRow:
     created_at: datetime
     request_sha256: str
     blob: bytes = b""
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What ``advface keys list`` shows of a key: never the secret or its digest."""
+
+    key_id: str
+    tenant: str
+    created_at: datetime
+    revoked: bool
 
 
 class IdempotencyConflict(Exception):
@@ -125,11 +197,47 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL, synchronous=FULL, foreign keys and a busy timeout."""
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL; ``None`` for other databases and in-memory SQLite."""
+    u = make_url(normalise_url(url))
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    if u.database.startswith("file:"):
+        return None  # URI filenames: SQLite parses them itself
+    return Path(u.database)
+
+
+def make_private_sqlite(path: Path) -> None:
+    """Create the database file (and its folder) readable by the owner only.
+
+    It holds the API key digests and the protected templates. SQLite creates the ``-wal`` and
+    ``-shm`` files with the main file's mode, so 0600 here makes all three 0600; files left
+    with a wider mode by an earlier version are tightened.
+    """
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for f in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if f.exists() and f.stat().st_mode & 0o077:
+            f.chmod(0o600)
+
+
+def make_engine(url: str, timeout: float = 10.0) -> Engine:
+    """Create an engine; SQLite gets WAL, synchronous=FULL, foreign keys and a busy timeout.
+
+    ``timeout``: seconds to wait for a locked SQLite file or a PostgreSQL connection. SQL
+    parameters are hidden from errors, so no subject id or key digest reaches a log.
+    """
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        path = sqlite_path(url)
+        if path is not None:
+            make_private_sqlite(path)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": timeout},
+            hide_parameters=True,
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - trivial
@@ -141,25 +249,48 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(
+        url,
+        pool_pre_ping=True,  # a dropped connection is replaced instead of failing a request
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=timeout,
+        hide_parameters=True,
+        connect_args={"connect_timeout": max(1, round(timeout))},
+    )
 
 
 class Store:
     """Repository: every public method is one transaction."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = make_engine(url)
+    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
+        self.engine = make_engine(url, timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Creates what is missing: a database of an earlier version gains the embeddings table
+        # (its templates are then embedded once, see ``core.Service.backfill``).
         Base.metadata.create_all(self.engine)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        if self.is_sqlite:
+            with self.engine.begin() as conn:
+                for ddl in _SQLITE_CHANGE_LOG:
+                    conn.execute(text(ddl))
+        # Called inside every transaction that writes embeddings, with
+        # ``[(template_id, tenant_id, version, vector)]``: an index kept in the database
+        # (pgvector) is written atomically with them.
+        self.vector_writer: Callable[[Session, list[VectorRow]], None] | None = None
 
     def close(self) -> None:
         self.engine.dispose()
 
+    def transaction(self) -> Any:
+        """``with store.transaction() as session:`` - committed on success (index modules)."""
+        return self._sessions.begin()
+
     def ping(self) -> bool:
-        """True when the database answers."""
+        """True when the database answers (a real table read, not just an open connection)."""
         try:
             with self.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+                conn.execute(text("SELECT 1 FROM api_keys LIMIT 1"))
             return True
         except Exception:  # noqa: BLE001 - readiness must report, not raise
             return False
@@ -190,7 +321,20 @@ class Store:
                 return None
             return row.tenant_id
 
+    def list_keys(self) -> list[KeyInfo]:
+        """Every API key with its tenant (never the digest), oldest first."""
+        with self._sessions() as s:
+            rows = s.execute(
+                select(ApiKey.key_id, Tenant.name, ApiKey.created_at, ApiKey.revoked)
+                .join(Tenant, Tenant.id == ApiKey.tenant_id)
+                .order_by(ApiKey.created_at, ApiKey.key_id)
+            ).all()
+        return [
+            KeyInfo(k, t, c if c.tzinfo else c.replace(tzinfo=UTC), bool(r)) for k, t, c, r in rows
+        ]
+
     def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key (it then gets 401); False when there is no such key."""
         with self._sessions.begin() as s:
             row = s.get(ApiKey, key_id)
             if row is None:
@@ -281,8 +425,10 @@ class Store:
         model_version: str,
         request_sha256: str,
         idempotency_key: str | None = None,
+        embedding: tuple[str, np.ndarray] | None = None,
     ) -> tuple[TemplateRow, bool]:
-        """Store one protected template in one transaction.
+        """Store one protected template (and ``(version, vector)``, its embedding) in one
+        transaction.
 
         Returns ``(row, created)``; ``created`` is False when ``idempotency_key`` was already used
         for the same request (then nothing is written). Raises ``NotFound`` for an unknown subject
@@ -304,6 +450,8 @@ class Store:
                 )
                 s.add(t)
                 s.flush()
+                if embedding is not None:
+                    self._write_vectors(s, [(t.id, tenant_id, embedding[0], embedding[1])])
                 return _row(t, subject_id), True
         except IntegrityError:
             # Lost a race with a concurrent retry using the same idempotency key.
@@ -353,6 +501,181 @@ class Store:
             )
             for t, sid in s.execute(q):
                 yield _row(t, sid, with_blob=True)
+
+    # -- embeddings ---------------------------------------------------------------------
+    def _write_vectors(self, s: Session, rows: list[VectorRow]) -> None:
+        for tid, tenant, version, vec in rows:
+            s.add(
+                TemplateEmbedding(
+                    template_id=tid, version=version, tenant_id=tenant, vector=encode_vector(vec)
+                )
+            )
+        s.flush()
+        if self.vector_writer is not None and rows:
+            self.vector_writer(s, rows)
+
+    def put_embeddings(self, version: str, items: Sequence[tuple[str, np.ndarray]]) -> int:
+        """Store (or replace) the ``version`` embeddings of these templates, one transaction.
+
+        Templates deleted meanwhile are skipped; returns how many were written.
+        """
+        ids = [tid for tid, _ in items]
+        for attempt in range(3):
+            try:
+                with self._sessions.begin() as s:
+                    q = select(Template.id, Template.tenant_id).where(Template.id.in_(ids))
+                    tenants = dict(s.execute(q).all())
+                    s.execute(
+                        delete(TemplateEmbedding).where(
+                            TemplateEmbedding.version == version,
+                            TemplateEmbedding.template_id.in_(ids),
+                        )
+                    )
+                    rows = [(t, tenants[t], version, v) for t, v in items if t in tenants]
+                    self._write_vectors(s, rows)
+                    return len(rows)
+            except IntegrityError:
+                # Another worker embedded the same templates at the same time (PostgreSQL), or
+                # one was deleted meanwhile: the next attempt sees the committed state.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def missing_embeddings(
+        self, version: str, model_version: str, after: str = "", batch: int = 64
+    ) -> list[tuple[str, bytes]]:
+        """``(template_id, blob)`` of templates of ``model_version`` with no ``version``
+        embedding, in id order after ``after`` (so a batch loop is resumable and terminates)."""
+        with self._sessions() as s:
+            has = select(TemplateEmbedding.template_id).where(
+                TemplateEmbedding.template_id == Template.id, TemplateEmbedding.version == version
+            )
+            q = (
+                select(Template.id, Template.blob)
+                .where(Template.model_version == model_version, Template.id > after)
+                .where(~has.exists())
+                .order_by(Template.id)
+                .limit(batch)
+            )
+            return [(t, b) for t, b in s.execute(q).all()]
+
+    def count_missing_embeddings(self, version: str, model_version: str) -> int:
+        with self._sessions() as s:
+            has = select(TemplateEmbedding.template_id).where(
+                TemplateEmbedding.template_id == Template.id, TemplateEmbedding.version == version
+            )
+            q = (
+                select(func.count())
+                .select_from(Template)
+                .where(Template.model_version == model_version, ~has.exists())
+            )
+            return int(s.scalar(q) or 0)
+
+    def count_other_models(self, model_version: str) -> int:
+        """Templates whose maps come from another extractor E (not comparable, skipped)."""
+        with self._sessions() as s:
+            q = select(func.count()).select_from(Template)
+            return int(s.scalar(q.where(Template.model_version != model_version)) or 0)
+
+    def delete_embeddings(self, version: str, template_ids: Sequence[str]) -> int:
+        """Delete these templates' ``version`` embeddings (the templates stay)."""
+        with self._sessions.begin() as s:
+            q = delete(TemplateEmbedding).where(
+                TemplateEmbedding.version == version,
+                TemplateEmbedding.template_id.in_(template_ids),
+            )
+            return int(s.execute(q).rowcount or 0)
+
+    def count_embeddings(self, version: str, tenant_id: int | None = None) -> int:
+        q = select(func.count()).select_from(TemplateEmbedding)
+        q = q.where(TemplateEmbedding.version == version)
+        if tenant_id is not None:
+            q = q.where(TemplateEmbedding.tenant_id == tenant_id)
+        with self._sessions() as s:
+            return int(s.scalar(q) or 0)
+
+    def drop_other_embeddings(self, keep_version: str) -> int:
+        """Delete the embeddings of every version but ``keep_version`` (after a rollout)."""
+        with self._sessions.begin() as s:
+            q = delete(TemplateEmbedding).where(TemplateEmbedding.version != keep_version)
+            return int(s.execute(q).rowcount or 0)
+
+    def _embedded_query(self, version: str) -> Any:
+        return (
+            select(
+                TemplateEmbedding.template_id,
+                TemplateEmbedding.tenant_id,
+                Subject.subject_id,
+                TemplateEmbedding.vector,
+            )
+            .join(Template, Template.id == TemplateEmbedding.template_id)
+            .join(Subject, Subject.id == Template.subject_pk)
+            .where(TemplateEmbedding.version == version)
+        )
+
+    def iter_embeddings(
+        self, version: str, tenant_id: int | None = None, batch: int = 4096
+    ) -> Iterator[Embedded]:
+        """Stored ``version`` embeddings (all tenants, or one), streamed."""
+        q = self._embedded_query(version).execution_options(yield_per=batch)
+        if tenant_id is not None:
+            q = q.where(TemplateEmbedding.tenant_id == tenant_id)
+        with self._sessions() as s:
+            for tid, tenant, sid, vec in s.execute(q):
+                yield Embedded(tid, tenant, sid, decode_vector(vec))
+
+    def embeddings_of(self, version: str, template_ids: Sequence[str]) -> list[Embedded]:
+        """The ``version`` embeddings of these templates that still exist."""
+        q = self._embedded_query(version).where(TemplateEmbedding.template_id.in_(template_ids))
+        with self._sessions() as s:
+            return [Embedded(t, n, sid, decode_vector(v)) for t, n, sid, v in s.execute(q)]
+
+    def subject_embeddings(self, tenant_id: int, subject_id: str, version: str) -> np.ndarray:
+        """(n, d) ``version`` embeddings of one subject's templates (n may be 0)."""
+        q = self._embedded_query(version).where(
+            TemplateEmbedding.tenant_id == tenant_id, Subject.subject_id == subject_id
+        )
+        with self._sessions() as s:
+            rows = [decode_vector(r[3]) for r in s.execute(q)]
+        return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+
+    # -- SQLite change log --------------------------------------------------------------
+    def change_bounds(self) -> tuple[int, int]:
+        """(first, last) ``seq`` in the change log; (0, 0) when it is empty."""
+        with self.engine.connect() as conn:
+            lo, hi = conn.execute(text("SELECT min(seq), max(seq) FROM index_changes")).one()
+        return int(lo or 0), int(hi or 0)
+
+    def change_log_id(self) -> str:
+        """This database's change-log id (created once)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO index_log_id (id) SELECT :i "
+                    "WHERE NOT EXISTS (SELECT 1 FROM index_log_id)"
+                ),
+                {"i": uuid.uuid4().hex},
+            )
+            return str(conn.execute(text("SELECT id FROM index_log_id")).scalar())
+
+    def changes_after(self, seq: int, limit: int = 10_000) -> list[tuple[int, str, str]]:
+        """``(seq, template_id, version)`` logged after ``seq``, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT seq, template_id, version FROM index_changes WHERE seq > :s "
+                    "ORDER BY seq LIMIT :n"
+                ),
+                {"s": seq, "n": limit},
+            ).all()
+        return [(int(a), b, c) for a, b, c in rows]
+
+    def prune_changes(self, keep: int) -> int:
+        """Drop all but the last ``keep`` log entries (a worker further behind reloads)."""
+        with self.engine.begin() as conn:
+            hi = conn.execute(text("SELECT max(seq) FROM index_changes")).scalar() or 0
+            q = text("DELETE FROM index_changes WHERE seq <= :s")
+            return int(conn.execute(q, {"s": int(hi) - keep}).rowcount or 0)
 
 
 def _row(t: Template, subject_id: str, *, with_blob: bool = False) -> TemplateRow:

@@ -1,0 +1,191 @@
+"""Indexes kept in the database: pgvector HNSW, and an exact scan where pgvector is missing.
+
+Both read the embeddings the store writes in the enrollment transaction, so every worker on
+the same database sees the same gallery with no synchronisation of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from advface.service.index import Hit, VectorIndex, _check_k, _unit
+from advface.service.store import Store, VectorRow, decode_vector
+
+log = logging.getLogger("advface.service")
+
+
+class PgVectorUnavailable(ValueError):
+    """The PostgreSQL server has no pgvector extension (or it cannot be created)."""
+
+
+class _DbIndex(VectorIndex):
+    """Shared add/remove/count: the entries are the store's ``version`` embeddings."""
+
+    in_database = True
+
+    def __init__(self, store: Store, dim: int, version: str) -> None:
+        self.store, self.dim, self.version = store, dim, version
+
+    def add(self, tenant_id: int, items: Sequence[tuple[str, str, Any]]) -> None:
+        # Entries are stored embeddings of existing templates: the tenant and subject come
+        # from the template row, ids of unknown templates are ignored.
+        vecs = [(t, _unit(v, self.dim)) for t, _, v in items]
+        self.store.put_embeddings(self.version, vecs)
+
+    def remove(self, template_ids: Iterable[str]) -> int:
+        return self.store.delete_embeddings(self.version, list(template_ids))
+
+    def count(self, tenant_id: int | None = None) -> int:
+        return self.store.count_embeddings(self.version, tenant_id)
+
+
+class SqlExactIndex(_DbIndex):
+    """Exact cosine over the tenant's stored embeddings, read from the database per query.
+
+    O(templates of the tenant) per identification - the fallback for PostgreSQL servers
+    without pgvector, correct with any number of workers but slow for large galleries.
+    """
+
+    def search(self, tenant_id: int, probe: Any, k: int) -> list[Hit]:
+        _check_k(k)
+        q = _unit(probe, self.dim)
+        rows = list(self.store.iter_embeddings(self.version, tenant_id))
+        if not rows:
+            return []
+        scores = np.stack([r.vector for r in rows]) @ q
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [Hit(rows[i].template_id, rows[i].subject_id, float(scores[i])) for i in order]
+
+
+def _literal(v: np.ndarray) -> str:
+    return "[" + ",".join(map(repr, v.astype(np.float32).tolist())) + "]"
+
+
+class PgVectorIndex(_DbIndex):
+    """pgvector: ``template_vectors`` with an HNSW index (``vector_cosine_ops``).
+
+    Rows reference their ``template_embeddings`` row (ON DELETE CASCADE), so deleting a
+    template or an embedding version removes its vector in the same transaction. The tenant and
+    version filter is part of the index query; with pgvector >= 0.8 an iterative scan keeps
+    going until ``k`` rows pass the filter.
+    """
+
+    def __init__(
+        self, store: Store, dim: int, version: str, *, ef_search: int = 64, backfill: bool = True
+    ) -> None:
+        super().__init__(store, dim, version)
+        self.ef_search = ef_search
+        self.pgvector_version = _ensure_schema(store, dim)
+        major, minor = (int(x) for x in self.pgvector_version.split(".")[:2])
+        self.iterative = (major, minor) >= (0, 8)
+        store.vector_writer = self.write
+        if backfill:
+            self.backfill()
+
+    def write(self, s: Session, rows: list[VectorRow]) -> None:
+        """Insert the vectors of ``rows`` of this version (called in the store's transaction)."""
+        mine = [r for r in rows if r[2] == self.version]
+        if not mine:
+            return
+        s.execute(
+            text(
+                "INSERT INTO template_vectors (template_id, version, tenant_id, embedding) "
+                "VALUES (:t, :v, :n, CAST(:e AS vector)) ON CONFLICT (template_id, version) "
+                "DO UPDATE SET embedding = EXCLUDED.embedding"
+            ),
+            [{"t": t, "v": v, "n": n, "e": _literal(e)} for t, n, v, e in mine],
+        )
+
+    def backfill(self, batch: int = 1000) -> int:
+        """Vectors for stored embeddings that have none (pgvector installed after the fact)."""
+        sql = text(
+            "SELECT e.template_id, e.tenant_id, e.vector FROM template_embeddings e "
+            "WHERE e.version = :v AND NOT EXISTS (SELECT 1 FROM template_vectors x "
+            "WHERE x.template_id = e.template_id AND x.version = e.version) LIMIT :n"
+        )
+        done = 0
+        while True:
+            with self.store.transaction() as s:
+                rows = s.execute(sql, {"v": self.version, "n": batch}).all()
+                if not rows:
+                    return done
+                self.write(s, [(t, n, self.version, decode_vector(b)) for t, n, b in rows])
+                done += len(rows)
+
+    def search(self, tenant_id: int, probe: Any, k: int) -> list[Hit]:
+        _check_k(k)
+        q = _literal(_unit(probe, self.dim))
+        sql = text(
+            "SELECT v.template_id, s.subject_id, v.dist FROM ("
+            " SELECT template_id, embedding <=> CAST(:q AS vector) AS dist FROM template_vectors"
+            " WHERE tenant_id = :t AND version = :v"
+            " ORDER BY embedding <=> CAST(:q AS vector) LIMIT :k) v"
+            " JOIN templates t ON t.id = v.template_id JOIN subjects s ON s.id = t.subject_pk"
+            " ORDER BY v.dist, v.template_id"
+        )
+        with self.store.transaction() as s:
+            # SET LOCAL: per transaction, so pooled connections keep the server defaults.
+            s.execute(text(f"SET LOCAL hnsw.ef_search = {max(int(k), self.ef_search)}"))
+            if self.iterative:
+                s.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
+            rows = s.execute(sql, {"q": q, "t": tenant_id, "v": self.version, "k": k}).all()
+        return [Hit(t, sid, float(1.0 - d)) for t, sid, d in rows]
+
+
+def _ensure_schema(store: Store, dim: int) -> str:
+    """Create the extension, table and HNSW index if needed; return pgvector's version."""
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))
+    except DBAPIError as exc:
+        raise PgVectorUnavailable(
+            "PostgreSQL has no usable pgvector extension (CREATE EXTENSION vector failed: "
+            f"{type(exc.orig).__name__}). Install pgvector on the server (e.g. the "
+            "postgresql-NN-pgvector package) and have the database owner run CREATE EXTENSION "
+            "vector, or set --vector-index exact (slow exact scan)."
+        ) from None
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                f"CREATE TABLE IF NOT EXISTS template_vectors ("
+                f"template_id VARCHAR(32) NOT NULL, version VARCHAR(128) NOT NULL, "
+                f"tenant_id INTEGER NOT NULL, embedding vector({int(dim)}) NOT NULL, "
+                f"PRIMARY KEY (template_id, version), FOREIGN KEY (template_id, version) "
+                f"REFERENCES template_embeddings (template_id, version) ON DELETE CASCADE)"
+            )
+        )
+        have = conn.execute(
+            text(
+                "SELECT atttypmod FROM pg_attribute WHERE attrelid = 'template_vectors'::regclass"
+                " AND attname = 'embedding'"
+            )
+        ).scalar()
+        if have is not None and int(have) != dim:
+            raise ValueError(
+                f"template_vectors holds {have}-d vectors, this model gives {dim}-d: drop the "
+                "table (it is rebuilt from template_embeddings) after re-embedding"
+            )
+        conn.execute(
+            text(
+                "CREATE INDEX IF NOT EXISTS ix_template_vectors_hnsw ON template_vectors "
+                "USING hnsw (embedding vector_cosine_ops)"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE INDEX IF NOT EXISTS ix_template_vectors_tenant "
+                "ON template_vectors (tenant_id, version)"
+            )
+        )
+        return str(
+            conn.execute(
+                text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+            ).scalar()
+        )

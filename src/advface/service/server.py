@@ -1,0 +1,131 @@
+"""Running the app under uvicorn: slow-client timeouts and access logs without query strings."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from advface.service.settings import ServiceSettings
+
+
+class RedactQuery(logging.Filter):
+    """Drop the query string from uvicorn access-log lines.
+
+    Query strings can carry secrets (a client that puts its API key in ``?api_key=``) or personal
+    data (cursors are subject ids), and access logs are kept longer and read by more people than
+    the database. The path alone still tells which route was hit.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            path, sep, _ = args[2].partition("?")
+            if sep:
+                record.args = (args[0], args[1], f"{path}?[redacted]", args[3], args[4])
+        return True
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging configuration with :class:`RedactQuery` on the access handler."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    cfg.setdefault("filters", {})["redact_query"] = {"()": f"{__name__}.RedactQuery"}
+    cfg["handlers"]["access"]["filters"] = ["redact_query"]
+    return cfg
+
+
+class _HeaderTimeoutH11(H11Protocol):
+    """h11 protocol that closes connections whose request head does not arrive in time.
+
+    uvicorn only times out idle keep-alive connections; a client that opens a connection and
+    sends nothing, or a header line every few seconds (slowloris), would hold it forever.
+    """
+
+    header_timeout: float = 10.0
+    _head_timer: Any = None
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:
+            # Part of a request head (or the first bytes of the next keep-alive request).
+            if self._head_timer is None:
+                self._arm_head_timer()
+        else:
+            self._cancel_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+class EnvHeaderTimeoutH11(_HeaderTimeoutH11):
+    """The protocol by import path for worker processes; timeout from the environment."""
+
+    header_timeout = float(os.environ.get("ADVFACE_HEADER_TIMEOUT") or 10.0)
+
+
+def h11_protocol(header_timeout: float) -> type[H11Protocol]:
+    """The h11 protocol class with a request-head timeout of ``header_timeout`` seconds."""
+    return type("HeaderTimeoutH11", (_HeaderTimeoutH11,), {"header_timeout": header_timeout})
+
+
+def check_workers(settings: ServiceSettings) -> None:
+    """Refuse worker counts the database cannot serve (clear ``ValueError``)."""
+    from advface.service.store import normalise_url, sqlite_path
+
+    url = normalise_url(settings.db_url)
+    if settings.workers > 1 and url.startswith("sqlite") and sqlite_path(url) is None:
+        raise ValueError(
+            "--workers > 1 needs a database the workers share: a SQLite file or PostgreSQL, "
+            "not in-memory SQLite"
+        )
+
+
+def run(app: Any, settings: ServiceSettings, log_level: str = "info") -> None:
+    """Serve ``app`` with uvicorn; with ``settings.workers > 1``, that many processes.
+
+    Workers share nothing but the database (and, with SQLite, its change log): each builds
+    its own app from the ``ADVFACE_*`` environment, so ``app`` only serves one worker.
+    """
+    import uvicorn
+
+    common: dict[str, Any] = dict(
+        host=settings.host, port=settings.port, log_level=log_level, log_config=log_config()
+    )
+    if settings.workers == 1:
+        uvicorn.run(app, http=h11_protocol(settings.header_timeout), workers=1, **common)
+        return
+    check_workers(settings)
+    # Worker processes are spawned: they read the settings (and the header timeout of
+    # EnvHeaderTimeoutH11) from the environment they inherit.
+    os.environ.update(settings.to_env())
+    uvicorn.run(
+        "advface.service.app:app_from_env",
+        factory=True,
+        http=f"{__name__}:EnvHeaderTimeoutH11",
+        workers=settings.workers,
+        **common,
+    )

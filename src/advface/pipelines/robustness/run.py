@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from advface.pipelines.reproduce.stages import StageCache
 from advface.pipelines.robustness.models import (
     EVAL_CODE,
     PROTECTION_CODE,
@@ -283,29 +282,19 @@ def _stored_embeddings(
 def _context(
     profile: BenchProfile, out: Path, data_root, cache, device: str, progress: bool, weights
 ) -> BenchContext:
-    from advface.config import data_root as resolve_root
-    from advface.models.facenet import load_facenet
-    from advface.models.split import split_facenet
     from advface.protection.advface import fingerprint
 
-    dev = torch.device(device)
-    facenet = load_facenet(weights, cache=cache).to(dev).eval()
-    for prm in facenet.parameters():
-        prm.requires_grad_(False)
-    enc, head = split_facenet(facenet)
-    return BenchContext(
-        profile=profile,
-        out=out,
-        stages=StageCache(out / "cache"),
-        root=resolve_root(data_root),
-        data_cache=Path(cache) if cache else None,
-        device=dev,
+    ctx = BenchContext.create(
+        profile,
+        out,
+        data_root=data_root,
+        cache=cache,
+        device=device,
         progress=progress,
-        facenet=facenet,
-        encoder=enc,
-        head=head,
-        weights_sha=fingerprint(facenet)[:16],
+        weights=weights,
     )
+    ctx.weights_sha = fingerprint(ctx.facenet)[:16]
+    return ctx
 
 
 def _test_split(ctx: BenchContext, dataset: str):

@@ -87,3 +87,15 @@ def test_sample_pairs_is_stratified_and_seeded():
     # Not the first pairs of each fold: a sample spans the fold.
     assert any(int(k[1:]) % 20 >= 3 for k in sub.keys if k.startswith("a"))
     assert len(sample_pairs(Proto, pairs_per_fold=None).issame) == 400
+
+
+@pytest.mark.data
+def test_attack_reports_the_identity_overlap_of_its_attacker(data_root):
+    from advface.pipelines.attack import _test_keys
+
+    keys, info = _test_keys("lfw", data_root, {"train_set": "lfw-attacker"})
+    assert info["identity_overlap"] == 0 and set(keys) == set(lfw_test_split(data_root).keys)
+    _, legacy = _test_keys("lfw", data_root, {"train_set": "lfw-nonpairs"})
+    assert legacy["identity_overlap"] > 100  # image-disjoint, not identity-disjoint
+    cfp_keys, cfp_info = _test_keys("cfp-fp", data_root, {"train_set": "lfw-attacker"})
+    assert cfp_info["identity_overlap"] == 0 and len(cfp_keys) == 7000

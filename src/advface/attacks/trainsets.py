@@ -1,9 +1,12 @@
 """Training sets for reconstruction networks and the check that no test image is in one.
 
-Names: ``lfw-nonpairs`` (LFW images in no View 2 pair: the attacker's default, same population
-as the test faces), ``celeba`` (the CelebA crops: the server's shadow default), or a folder
-PATH (its aligned cache from ``advface prepare PATH`` if built, else its images read as-is and
-resized to 160x160, i.e. assumed to be aligned crops already).
+Names: ``lfw-attacker`` (the default: LFW images of every person outside test folds 1-5 and
+outside CFP, identity-disjoint from those test sets by name, :mod:`advface.data.splits`;
+reconstruction is then tested on folds 1-5), ``lfw-nonpairs`` (LFW images in no View 2 pair:
+disjoint by image but NOT by identity: 72% of them show people of the test pairs), ``celeba``
+(the CelebA crops: the server's shadow default), or a folder PATH (its aligned cache from
+``advface prepare PATH`` if built, else its images read as-is and resized to 160x160, i.e.
+assumed to be aligned crops already).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-TRAIN_SETS = ("lfw-nonpairs", "celeba")
+TRAIN_SETS = ("lfw-attacker", "lfw-nonpairs", "celeba")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 #: Aligned dataset and pair protocols whose images are test images.
 TEST_PROTOCOLS = {"lfw": ("lfw",), "cfp": ("cfp-fp", "cfp-ff")}
@@ -126,8 +129,9 @@ def check_disjoint(train: TrainSet, root: Path, *, dataset: str | None = None) -
 def load_train_set(
     name: str, *, data_root: str | Path | None = None, limit: int | None = None
 ) -> TrainSet:
-    """Load ``lfw-nonpairs``, ``celeba`` or a folder PATH (first ``limit`` images) and verify
-    that it holds no test image (:func:`check_disjoint`)."""
+    """Load ``lfw-attacker``, ``lfw-nonpairs``, ``celeba`` or a folder PATH (first ``limit``
+    images) and verify that it holds no test image (:func:`check_disjoint`); ``lfw-attacker``
+    is also checked to share no identity with LFW folds 1-5 or CFP (its ``checks`` say so)."""
     from advface import config
     from advface.data.prepare import load_aligned
     from advface.data.protocols import lfw_nonpair_keys
@@ -136,7 +140,18 @@ def load_train_set(
         raise ValueError(f"limit must be >= 2, got {limit}")
     root = config.data_root(data_root)
     dataset: str | None = None
-    if name == "lfw-nonpairs":
+    identity_check: dict | None = None
+    if name == "lfw-attacker":
+        from advface.data.splits import lfw_attacker_split
+
+        split = lfw_attacker_split(root)
+        aligned = load_aligned("lfw")
+        cached = set(aligned.keys)
+        keys = [k for k in split.keys if k in cached]
+        keys = keys[:limit] if limit is not None else keys
+        images, dataset = aligned.take(keys), "lfw"
+        identity_check = split.notes["identity_check"]
+    elif name == "lfw-nonpairs":
         aligned = load_aligned("lfw")
         cached = set(aligned.keys)
         keys = [k for k in lfw_nonpair_keys(root) if k in cached]
@@ -166,4 +181,6 @@ def load_train_set(
         raise ValueError(f"training set {name} has {len(keys)} image(s); need at least 2")
     train = TrainSet(name, images, keys)
     train.checks = check_disjoint(train, root, dataset=dataset)
+    if identity_check is not None:
+        train.checks["identity_check"] = identity_check
     return train

@@ -28,8 +28,13 @@ def _parse_cfg(width: int | None, depth: int | None, arch: str, profile: str) ->
 def train_recon_command(
     arch: Annotated[str, typer.Option("--arch", help=ARCH_HELP)] = "resrec",
     train_set: Annotated[
-        str, typer.Option("--train-set", help="lfw-nonpairs | celeba | PATH (aligned faces)")
-    ] = "lfw-nonpairs",
+        str,
+        typer.Option(
+            "--train-set",
+            help="lfw-attacker (identity-disjoint from LFW folds 1-5 and CFP) | lfw-nonpairs | "
+            "celeba | PATH (aligned faces)",
+        ),
+    ] = "lfw-attacker",
     out: Annotated[Path, typer.Option("--out", help="Checkpoint directory")] = Path("runs/recon"),
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 16,

@@ -110,6 +110,42 @@ def system_thresholds(
     return {"operating": float(res["threshold"]), "far_1e-3": float(res["threshold_far_1e-3"])}
 
 
+def _test_keys(dataset: str, root: Path, ckpt: dict[str, Any]) -> tuple[list[str], dict]:
+    """Test images and what is known of their identity overlap with the attacker's training.
+
+    LFW: the images of folds 1-5 (the identity-disjoint protocol: ``lfw-attacker`` trains on
+    everyone else); CFP: every pair image. The overlap (people of the test images also in the
+    attacker's training set) is counted by name for the LFW training presets and reported."""
+    from advface.data import splits
+    from advface.data.protocols import load_protocol
+
+    train_set = str(ckpt.get("train_set", ""))
+    if dataset == "lfw":
+        test = splits.lfw_test_split(root)
+    else:
+        names = splits.cfp_identities(root)
+        test = splits.IdentitySplit("cfp", "cfp", list(names), list(names.values()))
+        wanted = set(load_protocol(dataset, root).unique_keys())
+        test = splits.IdentitySplit(
+            "cfp",
+            "cfp",
+            [k for k in test.keys if k in wanted],
+            [i for k, i in zip(test.keys, test.identities, strict=True) if k in wanted],
+        )
+    info: dict[str, Any] = {"test_people": len(test.people), "train_set": train_set or None}
+    train = None
+    if train_set == "lfw-attacker":
+        train = splits.lfw_attacker_split(root)
+    elif train_set == "lfw-nonpairs":
+        from advface.data.protocols import lfw_nonpair_keys
+
+        keys = lfw_nonpair_keys(root)
+        train = splits.IdentitySplit(train_set, "lfw", keys, [splits.lfw_identity(k) for k in keys])
+    if train is not None:
+        info["identity_overlap"] = len(train.people & test.people)
+    return test.keys, info
+
+
 def run_attack(
     attacker: str | Path,
     dataset: str,
@@ -138,7 +174,6 @@ def run_attack(
     from tqdm.auto import tqdm
 
     from advface.config import data_root as resolve_root
-    from advface.data.protocols import load_protocol
     from advface.models.facenet import load_facenet, preprocess
     from advface.models.recon import load_checkpoint
     from advface.models.split import split_facenet
@@ -151,7 +186,8 @@ def run_attack(
     t0 = time.perf_counter()
     recon, ckpt = load_checkpoint(attacker, device)
     root = resolve_root(data_root)
-    keys = select_keys(load_protocol(dataset, root).unique_keys(), limit, seed)
+    keys, identity = _test_keys(dataset, root, ckpt)
+    keys = select_keys(keys, limit, seed)
     model = load_facenet(cache=cache).to(device).eval()
     extractor, _ = split_facenet(model)
     protect = resolve_protection(protection, extractor=extractor, **(protection_params or {}))
@@ -200,7 +236,7 @@ def run_attack(
     values = {k: torch.cat(v).numpy() for k, v in per.items()}
     replay = replay_success(torch.cat(emb_rec), torch.cat(emb_org), thresholds)
 
-    out: dict[str, Any] = {"dataset": dataset, "n_images": len(keys)}
+    out: dict[str, Any] = {"dataset": dataset, "n_images": len(keys), **identity}
     for k, v in values.items():
         summ = summarize(v)
         out[k], out[f"{k}_ci"] = summ.mean, [summ.ci_low, summ.ci_high]

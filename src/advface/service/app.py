@@ -94,6 +94,24 @@ def app_from_env() -> FastAPI:
     return create_app(ServiceSettings.from_env())
 
 
+def protection_for(settings: ServiceSettings, backend: Backend) -> Any:
+    """The configured protection; the ones that run networks get the service's own E (and
+    Psi for embedding-shadow) unless the parameters name others."""
+    from torch import nn
+
+    from advface.protection import build_protection
+
+    params = dict(settings.protection_params)
+    if settings.protection in ("advface", "embedding-shadow") and isinstance(
+        backend.extractor, nn.Module
+    ):
+        params.setdefault("extractor", backend.extractor)
+        if settings.protection == "embedding-shadow":
+            params.setdefault("head", backend.psi)
+        params.setdefault("expected_shape", backend.feature_shape)
+    return build_protection(settings.protection, **params)
+
+
 def create_app(
     settings: ServiceSettings | None = None,
     *,
@@ -110,12 +128,10 @@ def create_app(
     settings = settings or ServiceSettings.from_env()
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
-    if protection is None:
-        from advface.protection import build_protection
-
-        protection = build_protection(settings.protection, **settings.protection_params)
-    store = store or Store(settings.db_url, timeout=settings.db_timeout)
     backend = backend or load_backend(settings.backend)
+    if protection is None:
+        protection = protection_for(settings, backend)
+    store = store or Store(settings.db_url, timeout=settings.db_timeout)
     svc = Service(
         settings=settings,
         store=store,

@@ -3,13 +3,14 @@
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
-from tests.service.conftest import feature_map
 
 from advface.models.recon import build_recon, save_checkpoint
 from advface.service import payload
 from advface.service.app import create_app, protection_for
 from advface.service.settings import ServiceSettings
 from advface.service.store import Store
+
+from .conftest import feature_map
 
 
 def test_embedding_shadow_templates_match_and_are_not_the_upload(tmp_path, toy):

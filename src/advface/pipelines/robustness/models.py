@@ -55,6 +55,7 @@ class BenchContext(RunContext):
 
     weights_sha: str = ""
     training: dict[str, dict] = field(default_factory=dict)
+    protections: dict[str, dict] = field(default_factory=dict)
     tag: ClassVar[str] = "bench"
 
     def images(self, split: IdentitySplit) -> np.ndarray:

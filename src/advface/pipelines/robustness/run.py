@@ -355,12 +355,18 @@ def run_bench(
         adaptive = _adaptive_attackers(ctx, nets, attacker_split, method)
         for ev in evals.values():
             rows += _evaluate_method(ctx, ev, nets, adaptive, method)
+        ctx.protections[method] = _public_params(_server_protection(ctx, nets, method))
         meta = _meta(ctx, splits, t_start, complete=i == len(ORDER) - 1)
         report.write_all(out, meta, rows)
     grids = {d: ev.grid for d, ev in evals.items()}
     meta["figures"] = report.write_figures(out, rows, grids)
     report.write_all(out, meta, rows)
     return {**meta, "rows": rows}
+
+
+def _public_params(prot) -> dict:
+    """A protection's parameters without machine paths (they name this run's cache)."""
+    return {k: v for k, v in prot.params().items() if not k.endswith("_path")}
 
 
 def _meta(ctx: BenchContext, splits: dict, t_start: float, *, complete: bool) -> dict:
@@ -375,6 +381,7 @@ def _meta(ctx: BenchContext, splits: dict, t_start: float, *, complete: bool) ->
         "advface_version": __version__,
         "torch_version": torch.__version__,
         "splits": splits,
+        "protections": ctx.protections,
         "training": ctx.training,
         "stage_seconds": ctx.timings,
         "wall_s": round(time.perf_counter() - t_start, 1),

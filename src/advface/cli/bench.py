@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from advface.cli._errors import user_errors
 
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_cmd)
+    app.command("train-protection")(train_protection_cmd)
 
 
 def bench_cmd(
@@ -49,3 +51,29 @@ def bench_cmd(
         )
     typer.echo(summary(res["rows"]))
     typer.echo(f"\nreport: {out / 'report.md'}  ({res['wall_s']:.0f} s)")
+
+
+def train_protection_cmd(
+    out: Annotated[Path | None, typer.Option(help="folder (default: the package's own)")] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="dataset root (or ADVFACE_DATA_ROOT)")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    limit: Annotated[int | None, typer.Option(help="images of CelebA's server half")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Train the shadow and generator embedding-shadow uses by default (CelebA server half)."""
+    from advface.pipelines.default_weights import PACKAGED, train_default_protection
+
+    with user_errors():
+        manifest = train_default_protection(
+            out or PACKAGED,
+            data_root=data_root,
+            epochs=epochs,
+            limit=limit,
+            overwrite=overwrite,
+            progress=not quiet,
+        )
+    typer.echo(json.dumps(manifest["check"]))
+    typer.echo(f"wrote {out or PACKAGED} ({manifest['seconds']} s)")

@@ -44,6 +44,10 @@ from advface.protection.advface import (
 )
 from advface.protection.base import Protection, check_choice, check_finite_number, check_int
 
+#: The networks the package ships (``advface train-protection``): used when no generator or
+#: shadow is given.
+PACKAGED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "embedding-shadow"
+
 #: ``sign``: alpha * sign(g) (AdvFace's step); ``scaled``: alpha * g / mean|g| (the same mean
 #: step, larger where the gradient is larger; it measured no better than sign).
 STEP_RULES: tuple[str, ...] = ("sign", "scaled")
@@ -70,8 +74,9 @@ class EmbeddingShadow(Protection):
 
     Args:
         generator: D, embedding -> image in [0,1] (module or EmbDec checkpoint directory),
-            trained by the server on its own faces.
-        shadow: S, feature -> image (module or checkpoint), the reconstructor PGD works against.
+            trained by the server on its own faces; default: the packaged one.
+        shadow: S, feature -> image (module or checkpoint), the reconstructor PGD works against;
+            default: the packaged one (:data:`PACKAGED_WEIGHTS`).
         extractor, head: E and Psi; default the converted FaceNet split at conv2d_2b.
         steps: PGD iterations T (default 30).
         alpha: mean step size (default 0.1).
@@ -98,8 +103,8 @@ class EmbeddingShadow(Protection):
 
     def __init__(
         self,
-        generator: nn.Module | str | Path,
-        shadow: nn.Module | str | Path,
+        generator: nn.Module | str | Path | None = None,
+        shadow: nn.Module | str | Path | None = None,
         extractor: nn.Module | None = None,
         head: nn.Module | None = None,
         *,
@@ -127,6 +132,14 @@ class EmbeddingShadow(Protection):
             raise ValueError(f"random_start must be a bool, got {random_start!r}")
         self.random_start = random_start
         self.bn = check_choice("bn", bn, BN_MODES)
+        if generator is None or shadow is None:
+            if not (PACKAGED_WEIGHTS / "manifest.json").is_file():
+                raise ValueError(
+                    "no generator/shadow given and no packaged networks at "
+                    f"{PACKAGED_WEIGHTS} (build them with `advface train-protection`)"
+                )
+            generator = PACKAGED_WEIGHTS / "generator" if generator is None else generator
+            shadow = PACKAGED_WEIGHTS / "shadow" if shadow is None else shadow
         gen, self._info = _module(generator, "generator")
         sha, info = _module(shadow, "shadow")
         self._info.update(info)

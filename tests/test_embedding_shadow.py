@@ -177,3 +177,30 @@ def test_protect_options_build_embedding_shadow_from_checkpoints(tmp_path, rando
         build_from_options("embedding-shadow", shadow=tmp_path / "s", extractor=enc, head=head)
     with pytest.raises(ValueError, match="--generator"):
         build_from_options("advface", shadow=tmp_path / "s", generator=tmp_path / "gen")
+
+
+def test_missing_packaged_networks_are_named(monkeypatch, tmp_path, nets):
+    import advface.protection.embedding_shadow as es
+
+    monkeypatch.setattr(es, "PACKAGED_WEIGHTS", tmp_path / "nothing")
+    with pytest.raises(ValueError, match="advface train-protection"):
+        EmbeddingShadow(extractor=nets["extractor"], head=nets["head"])
+
+
+@pytest.mark.data
+def test_train_protection_writes_a_usable_manifested_folder(data_root, tmp_path):
+    import json
+
+    from advface.pipelines.default_weights import train_default_protection
+
+    out = tmp_path / "es"
+    manifest = train_default_protection(out, epochs=1, limit=24, check_faces=2, progress=False)
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["train_set"].startswith("celeba-server") and manifest["images"] == 24
+    for role in ("generator", "shadow"):
+        assert (out / role / "model.safetensors").is_file()
+    assert -1 <= manifest["check"]["identity_cosine_mean"] <= 1
+    built = build_protection("embedding-shadow", generator=out / "generator", shadow=out / "shadow")
+    assert built.params()["generator_sha256"]
+    with pytest.raises(FileExistsError):
+        train_default_protection(out, epochs=1, limit=24, progress=False)

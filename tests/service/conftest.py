@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from advface.cli import app as cli_app
 from advface.protection import build_protection
-from advface.service import payload
+from advface.service import crypto, payload
 from advface.service.app import Service, create_app
 from advface.service.backend import Backend, toy_backend
 from advface.service.sdk import AdvFaceClient
@@ -26,6 +26,8 @@ from advface.service.settings import ServiceSettings
 from advface.service.store import Base, Store
 
 PG_ENV = "ADVFACE_TEST_POSTGRES_URL"
+# The master key of the harness: every harness test runs with encryption at rest.
+MASTER = crypto.LocalKeyProvider(bytes(range(32)))
 
 
 def feature_map(identity: int, noise: float = 0.0, sample: int = 0) -> np.ndarray:
@@ -40,6 +42,14 @@ def feature_map(identity: int, noise: float = 0.0, sample: int = 0) -> np.ndarra
             z.shape
         ).astype(np.float32)
     return np.maximum(z, 0)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_dir(request: pytest.FixtureRequest, tmp_path: Any, monkeypatch: Any) -> None:
+    """A cache folder per test: a master key that one test's service generates there (the
+    default key file) never applies to another test's database."""
+    if request.node.get_closest_marker("data") is None:  # those need the cached weights
+        monkeypatch.setenv("ADVFACE_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="session")
@@ -168,10 +178,11 @@ def make_harness(
     toy: Backend,
     protection: str = "none",
     protection_params: dict[str, Any] | None = None,
+    keys: crypto.KeyProvider | None = MASTER,
     **settings: Any,
 ) -> tuple[Harness, Any]:
     s = ServiceSettings(db_url=db_url, backend="toy", threshold=0.8, **settings)
-    store = Store(db_url)
+    store = Store(db_url, keys=keys)
     key, other = store.create_key("acme"), store.create_key("globex")
     app = create_app(
         s,

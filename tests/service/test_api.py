@@ -14,7 +14,7 @@ from advface.service import payload
 from advface.service.backend import Backend
 from advface.service.store import Store
 
-from .conftest import Harness, feature_map, make_harness
+from .conftest import MASTER, Harness, feature_map, make_harness
 
 
 def _err(r, status: int, code: str) -> None:  # noqa: ANN001
@@ -304,7 +304,7 @@ def test_persistence_and_rebuild(db_url: str, toy: Backend) -> None:
         cm.__exit__(None, None, None)
         h.store.close()
     # A new process on the same database: embeddings are recomputed from the stored blobs.
-    store = Store(db_url)
+    store = Store(db_url, keys=MASTER)
     from fastapi.testclient import TestClient
 
     from advface.protection import build_protection

@@ -280,7 +280,7 @@ def test_openapi_declares_the_error_envelope_for_every_route(harness: Harness) -
                     schema = resp["content"]["application/json"]["schema"]
                     assert schema == {"$ref": ref}, (method, path, code)
                     assert resp["description"].startswith("error codes:")
-    assert n_ops == 10
+    assert n_ops == 11  # incl. GET /v1/stats
     # What the spec promises is what the service sends.
     r = harness.client.get("/v1/subjects", params={"limit": 0}, headers=harness.h())
     assert ErrorEnvelope.model_validate(assert_error(r, 422, "validation_error")).error.details

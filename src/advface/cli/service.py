@@ -23,6 +23,13 @@ NoFaceOpt = Annotated[
         help="send images in which MTCNN finds no face (centre crop) instead of refusing them",
     ),
 ]
+MasterKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="master key file (base64) [ADVFACE_MASTER_KEY_FILE; else $ADVFACE_MASTER_KEY, "
+        "else master.key in the cache dir]"
+    ),
+]
 BackendOpt = Annotated[
     str,
     typer.Option(
@@ -34,6 +41,7 @@ BackendOpt = Annotated[
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
     app.command("reembed")(reembed_cmd)
+    app.command("migrate")(migrate_cmd)
     app.add_typer(keys_app, name="keys")
     app.add_typer(client_app, name="client")
 
@@ -99,6 +107,7 @@ def serve_cmd(
         int | None,
         typer.Option(help="worker processes sharing the database [ADVFACE_WORKERS, 1]"),
     ] = None,
+    master_key_file: MasterKeyOpt = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Run the template service (state in the database; any number of workers)."""
@@ -126,8 +135,58 @@ def serve_cmd(
         db_timeout=db_timeout,
         vector_index=vector_index,
         workers=workers,
+        master_key_file=master_key_file,
     )
     _serve(settings, log_level)
+
+
+def _open_store(settings: Any) -> Any:
+    """The store with the configured master key (``error: ...`` when it does not fit)."""
+    from advface.service import crypto
+    from advface.service.settings import default_master_key_file
+    from advface.service.store import Store
+
+    with user_errors():
+        keys = crypto.provider_from_config(
+            settings.master_key_file, default_file=default_master_key_file()
+        )
+        store = Store(settings.db_url, timeout=settings.db_timeout, keys=keys)
+        try:
+            store.check_master_key()
+        except crypto.MasterKeyError:
+            store.close()
+            raise
+    return store
+
+
+def _ensure_master_key(settings: Any) -> Any:
+    """Settings naming the master key file; a fresh deployment gets a new one (0600).
+
+    No key is generated for a database that already holds encrypted rows: that is a lost or
+    unconfigured key, reported as an error instead.
+    """
+    import logging
+    import os
+
+    from advface.service import crypto
+    from advface.service.settings import default_master_key_file
+
+    log = logging.getLogger("advface.service")
+    if os.environ.get(crypto.MASTER_KEY_ENV):
+        log.info("master key: from $%s", crypto.MASTER_KEY_ENV)
+        return settings
+    path = Path(settings.master_key_file or default_master_key_file())
+    if not settings.master_key_file and not path.exists():
+        _open_store(settings).close()  # raises when encrypted rows need a key we lack
+        crypto.write_key_file(path)
+        log.warning(
+            "generated a new master key in %s (mode 0600). Keep a copy apart from the database: "
+            "without it the stored templates cannot be read.",
+            path,
+        )
+    else:
+        log.info("master key: %s", path)
+    return settings.with_(master_key_file=str(path))
 
 
 def _serve(settings: Any, log_level: str) -> None:
@@ -140,6 +199,7 @@ def _serve(settings: Any, log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     with user_errors():
         server.check_workers(settings)
+        settings = _ensure_master_key(settings)
         # Built here also with several workers: bad settings and a missing pgvector are
         # reported once, before any worker starts.
         app = create_app(settings)
@@ -166,6 +226,7 @@ def reembed_cmd(
     torch_threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (0: default)")
     ] = None,
+    master_key_file: MasterKeyOpt = None,
 ) -> None:
     """Compute the embeddings this Psi version lacks (after a Psi change or an upgrade).
 
@@ -177,16 +238,17 @@ def reembed_cmd(
     from advface.service.app import build_index
     from advface.service.backend import load_backend
     from advface.service.core import embed_missing
-    from advface.service.store import Store
 
-    settings = _settings(db_url=db_url, backend=backend, torch_threads=torch_threads)
+    settings = _settings(
+        db_url=db_url, backend=backend, torch_threads=torch_threads, master_key_file=master_key_file
+    )
     with user_errors():
         if settings.torch_threads > 0:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
         net = load_backend(settings.backend)
-        store = Store(settings.db_url, timeout=settings.db_timeout)
+    store = _open_store(settings)
     try:
         with user_errors():
             build_index(settings, store, net)  # pgvector: its vectors are written alongside
@@ -210,6 +272,115 @@ def reembed_cmd(
             "skipped_other_models": other_models,
         }
     )
+
+
+def migrate_cmd(
+    protection: Annotated[str, typer.Option(help="target protection: none|random|dp|advface|...")],
+    protection_params: Annotated[
+        str, typer.Option(help="JSON object of the target protection's parameters")
+    ] = "{}",
+    db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL]")] = None,
+    backend: Annotated[str | None, typer.Option(help="facenet | toy (tests)")] = None,
+    batch: Annotated[int, typer.Option(min=1, max=4096, help="templates per transaction")] = 32,
+    master_key_file: MasterKeyOpt = None,
+) -> None:
+    """Re-protect stored templates whose protection (or parameters) differs from the target.
+
+    The stored maps are already protected - the clear maps were never kept - so the target
+    protection is applied to the stored map, and its embedding recomputed. Resumable (each
+    batch is committed; migrated templates no longer differ). Then restart the service with
+    the same --protection, or it keeps protecting new enrollments the old way.
+    """
+    from tqdm import tqdm
+
+    from advface.protection import build_protection
+    from advface.service.app import build_index
+    from advface.service.backend import load_backend
+    from advface.service.core import reprotect
+
+    settings = _settings(db_url=db_url, backend=backend, master_key_file=master_key_file)
+    with user_errors():
+        try:
+            params = json.loads(protection_params)
+        except ValueError as exc:
+            raise ValueError(f"--protection-params is not JSON: {exc}") from None
+        if not isinstance(params, dict):
+            raise ValueError("--protection-params must be a JSON object")
+        prot = build_protection(protection, **params)
+        net = load_backend(settings.backend)
+    store = _open_store(settings)
+    try:
+        with user_errors():
+            build_index(settings, store, net)  # pgvector: its vectors are rewritten alongside
+        todo = store.count_to_reprotect(prot.name, prot.params(), net.version)
+        with tqdm(total=todo, unit="template", desc=f"migrate to {prot.name}") as bar:
+            done, corrupt = reprotect(store, net, prot, batch=batch, on_batch=bar.update)
+        left = store.count_to_reprotect(prot.name, prot.params(), net.version) - corrupt
+        other_models = store.count_other_models(net.version)
+    finally:
+        store.close()
+    _print(
+        {
+            "protection": prot.params(),
+            "migrated": done,
+            "corrupt": corrupt,
+            "left": left,
+            "skipped_other_models": other_models,
+        }
+    )
+
+
+@keys_app.command("rotate-master")
+def keys_rotate_master(
+    new_key_file: Annotated[
+        Path, typer.Option(help="the new master key (base64); created (0600) if missing")
+    ],
+    db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL]")] = None,
+    master_key_file: MasterKeyOpt = None,
+    batch: Annotated[int, typer.Option(min=1, max=100_000, help="keys per transaction")] = 256,
+) -> None:
+    """Re-wrap every subject's data key under a new master key (blobs are not touched).
+
+    Resumable: each batch is committed and keys already under the new master key are skipped.
+    Then start the service with --master-key-file NEW_KEY_FILE.
+    """
+    from tqdm import tqdm
+
+    from advface.service import crypto
+
+    settings = _settings(db_url=db_url, master_key_file=master_key_file)
+    with user_errors():
+        new = crypto.LocalKeyProvider(
+            crypto.read_key_file(new_key_file)
+            if new_key_file.exists()
+            else crypto.write_key_file(new_key_file)
+        )
+    store = _open_store_for_rotation(settings, new)
+    try:
+        with user_errors():
+            if store.keys is None:
+                raise crypto.MasterKeyError("no current master key configured: nothing to rotate")
+            with tqdm(unit="key", desc="rotate-master") as bar:
+                n = store.rotate_master(new, batch=batch, on_batch=bar.update)
+    finally:
+        store.close()
+    _print({"rewrapped": n, "master_key_id": new.key_id, "master_key_file": str(new_key_file)})
+
+
+def _open_store_for_rotation(settings: Any, new: Any) -> Any:
+    """The store under the current key; keys already under ``new`` (an interrupted rotation)
+    are not an error here."""
+    from advface.service import crypto
+    from advface.service.settings import default_master_key_file
+    from advface.service.store import Store
+
+    with user_errors():
+        keys = crypto.provider_from_config(
+            settings.master_key_file, default_file=default_master_key_file()
+        )
+        if keys is not None and keys.key_id == new.key_id:
+            raise crypto.MasterKeyError("the new master key is the current one")
+    return Store(settings.db_url, timeout=settings.db_timeout, keys=keys)
 
 
 @keys_app.command("create")

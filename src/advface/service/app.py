@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 
+from advface.service import crypto
 from advface.service.backend import Backend, load_backend
 from advface.service.core import Service
 from advface.service.dbindex import PgVectorIndex, PgVectorUnavailable, SqlExactIndex
@@ -23,7 +24,7 @@ from advface.service.errors import ServiceError, install_error_handlers
 from advface.service.guard import GuardLimits, RequestGuard, TokenBucket
 from advface.service.index import HnswIndex, VectorIndex
 from advface.service.routes import ops, recognition, subjects, templates
-from advface.service.settings import ServiceSettings
+from advface.service.settings import ServiceSettings, default_master_key_file
 from advface.service.store import Store
 
 __all__ = ["API_VERSION", "Service", "ServiceError", "build_index", "create_app"]
@@ -118,6 +119,7 @@ def create_app(
     store: Store | None = None,
     backend: Backend | None = None,
     protection: Any = None,
+    keys: crypto.KeyProvider | None = None,
     rebuild_in_background: bool = True,
 ) -> FastAPI:
     """Build the service app. Collaborators not given are built from ``settings``.
@@ -131,7 +133,13 @@ def create_app(
     backend = backend or load_backend(settings.backend)
     if protection is None:
         protection = protection_for(settings, backend)
-    store = store or Store(settings.db_url, timeout=settings.db_timeout)
+    if store is None:
+        keys = keys or crypto.provider_from_config(
+            settings.master_key_file, default_file=default_master_key_file()
+        )
+        store = Store(settings.db_url, timeout=settings.db_timeout, keys=keys)
+    # Encrypted rows and no (or another) master key: a clear start-up error, not 500s later.
+    store.check_master_key()
     svc = Service(
         settings=settings,
         store=store,

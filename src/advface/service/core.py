@@ -66,6 +66,51 @@ def embed_missing(
     return done, corrupt
 
 
+def encode_stored(zp: np.ndarray) -> bytes:
+    """Storage encoding of a protected map: fp16, or fp32 where values exceed fp16's range."""
+    try:
+        return payload.encode(zp, dtype="float16")
+    except ValueError:
+        return payload.encode(zp, dtype="float32")
+
+
+def reprotect(
+    store: Store,
+    backend: Backend,
+    protection: Any,
+    *,
+    batch: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Re-protect stored templates whose protection differs from ``protection``.
+
+    The stored map is already protected (the clear map was never kept), so the new protection
+    is applied on top of it. Each batch is one transaction and migrated rows no longer match,
+    so an interrupted run resumes. Returns ``(migrated, corrupt)``.
+    """
+    name, params = str(protection.name), dict(protection.params())
+    version, done, corrupt, after = backend.embedding_version, 0, 0, ""
+    while rows := store.to_reprotect(name, params, backend.version, after, batch):
+        after = rows[-1][0]
+        items = []
+        for tid, blob in rows:
+            try:
+                z = payload.decode(blob, expected_shape=backend.feature_shape)
+            except payload.PayloadError:
+                log.error("stored template %s is corrupt; not migrated", tid)
+                corrupt += 1
+                continue
+            zp = protection.protect(torch.from_numpy(z)[None])[0].numpy()
+            new = encode_stored(zp)
+            stored = payload.decode(new, expected_shape=backend.feature_shape)
+            items.append((tid, new, backend.embed(torch.from_numpy(stored)[None])[0].numpy()))
+        if items:
+            done += store.replace_protected(items, protection=name, params=params, version=version)
+        if on_batch is not None:
+            on_batch(len(rows))
+    return done, corrupt
+
+
 def _add_grouped(index: VectorIndex, rows: Iterable[Embedded], chunk: int = 4096) -> int:
     """Add embeddings to ``index`` in per-tenant chunks (batched HNSW inserts)."""
     pending: dict[int, list[tuple[str, str, np.ndarray]]] = defaultdict(list)
@@ -245,9 +290,15 @@ class Service:
     def __post_init__(self) -> None:
         if not self.index.in_database:
             db = sqlite_path(self.settings.db_url)
-            snap = (
-                db.with_name(db.name + ".index") if db and self.settings.index_snapshots else None
-            )
+            snap = db.with_name(db.name + ".index") if db else None
+            if snap is not None and self.store.keys is not None:
+                # Encrypted at rest: a snapshot would hold every embedding (deleted subjects'
+                # too) in one file outside the per-subject keys, so none is kept, and one left
+                # from before encryption is removed.
+                shutil.rmtree(snap, ignore_errors=True)
+                snap = None
+            if not self.settings.index_snapshots:
+                snap = None
             self.sync = IndexSync(
                 self.store, self.index, self.backend.embedding_version, snapshot=snap
             )
@@ -321,10 +372,7 @@ class Service:
         z = self._decode(body)
         with self.compute_lock:
             zp = self.protection.protect(torch.from_numpy(z)[None])[0].numpy()
-        try:
-            blob = payload.encode(zp, dtype="float16")
-        except ValueError:  # protected values beyond the fp16 range: keep full precision
-            blob = payload.encode(zp, dtype="float32")
+        blob = encode_stored(zp)
         # Embed the decoded blob, not zp, so the start-up rebuild gives the same scores.
         stored = payload.decode(blob, expected_shape=self.backend.feature_shape)
         with self.compute_lock:

@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from advface.service.index import Hit, VectorIndex, _check_k, _unit
-from advface.service.store import Store, VectorRow, decode_vector
+from advface.service.store import Store, VectorRow
 
 log = logging.getLogger("advface.service")
 
@@ -106,17 +106,21 @@ class PgVectorIndex(_DbIndex):
     def backfill(self, batch: int = 1000) -> int:
         """Vectors for stored embeddings that have none (pgvector installed after the fact)."""
         sql = text(
-            "SELECT e.template_id, e.tenant_id, e.vector FROM template_embeddings e "
-            "WHERE e.version = :v AND NOT EXISTS (SELECT 1 FROM template_vectors x "
-            "WHERE x.template_id = e.template_id AND x.version = e.version) LIMIT :n"
+            "SELECT e.template_id FROM template_embeddings e "
+            "WHERE e.version = :v AND e.template_id > :a AND NOT EXISTS (SELECT 1 FROM "
+            "template_vectors x WHERE x.template_id = e.template_id AND x.version = e.version) "
+            "ORDER BY e.template_id LIMIT :n"
         )
-        done = 0
+        done, after = 0, ""
         while True:
             with self.store.transaction() as s:
-                rows = s.execute(sql, {"v": self.version, "n": batch}).all()
-                if not rows:
+                ids = list(s.scalars(sql, {"v": self.version, "a": after, "n": batch}))
+                if not ids:
                     return done
-                self.write(s, [(t, n, self.version, decode_vector(b)) for t, n, b in rows])
+                after = ids[-1]
+                # Through the store: the stored embeddings may be encrypted.
+                rows = self.store.embeddings_of(self.version, ids)
+                self.write(s, [(e.template_id, e.tenant_id, self.version, e.vector) for e in rows])
                 done += len(rows)
 
     def search(self, tenant_id: int, probe: Any, k: int) -> list[Hit]:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from advface.service import payload
+from advface.service import crypto, payload
 
 log = logging.getLogger("advface.service")
 
@@ -72,7 +72,7 @@ _STATUS_CODES: dict[int, str] = {
     422: "validation_error, invalid_subject_id, invalid_template_id, invalid_payload, "
     "invalid_shape, invalid_dtype, non_finite, invalid_features",
     429: "rate_limited (see Retry-After)",
-    500: "internal_error, database_error",
+    500: "internal_error, database_error, decryption_failed",
     503: "not_ready, startup_failed, database_unavailable, too_many_uploads (see Retry-After)",
 }
 
@@ -150,6 +150,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(crypto.CryptoError)
+    async def _crypto(request: Request, exc: crypto.CryptoError) -> JSONResponse:
+        # A row that does not authenticate was copied or altered in the database (or the key
+        # is wrong): nothing the client can fix, and nothing about the row is echoed.
+        log.error("stored data does not decrypt during %s %s", request.method, request.url.path)
+        return error_response(500, "decryption_failed", "stored data does not decrypt")
 
     @app.exception_handler(sa_exc.SQLAlchemyError)
     async def _database(request: Request, exc: sa_exc.SQLAlchemyError) -> JSONResponse:

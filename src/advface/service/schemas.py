@@ -86,6 +86,23 @@ class Ready(BaseModel):
     rebuild_cpu_seconds: float
     model_version: str
     protection: str
+    # Stored templates of all tenants per protection name and per model version of E.
+    templates_by_protection: dict[str, int]
+    templates_by_model_version: dict[str, int]
+
+
+class ProtectionCount(BaseModel):
+    protection: str
+    protection_params: dict[str, Any]
+    templates: int
+
+
+class StatsOut(BaseModel):
+    """The tenant's stored templates, per protection (with parameters) and per model of E."""
+
+    templates: int
+    by_protection: list[ProtectionCount]
+    by_model_version: dict[str, int]
 
 
 BINARY_BODY: dict[str, Any] = {

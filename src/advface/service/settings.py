@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from advface.config import cache_dir
@@ -16,6 +17,11 @@ VECTOR_INDEXES = ("auto", "hnsw", "pgvector", "exact")
 def default_db_url() -> str:
     """Embedded SQLite database in the cache directory."""
     return f"sqlite:///{cache_dir() / 'service.db'}"
+
+
+def default_master_key_file() -> Path:
+    """Where ``advface serve`` creates a master key when none is configured."""
+    return cache_dir() / "master.key"
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,9 @@ class ServiceSettings:
     # 1: keep the in-process HNSW graphs in "<SQLite file>.index" (fast start-up); 0: rebuild
     # them from the stored embeddings at every start.
     index_snapshots: int = 1
+    # File holding the master key (base64) that wraps the per-subject data keys; empty: the
+    # ADVFACE_MASTER_KEY variable, else the default file when it exists (see ``crypto``).
+    master_key_file: str = ""
 
     def __post_init__(self) -> None:
         if not self.db_url:

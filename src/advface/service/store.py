@@ -9,6 +9,7 @@ not; keeping it means start-up loads vectors instead of running Psi over every t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    or_,
     select,
     text,
 )
@@ -39,7 +41,9 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from advface.service import auth
+from advface.service import auth, crypto
+
+log = logging.getLogger("advface.service")
 
 
 def _now() -> datetime:
@@ -73,6 +77,23 @@ class Subject(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     subject_id: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class SubjectKey(Base):
+    """A subject's data key, wrapped by the master key (encryption at rest, see ``crypto``).
+
+    Deleting the subject deletes this row: every copy of its sealed rows becomes unreadable.
+    """
+
+    __tablename__ = "subject_keys"
+    subject_pk: Mapped[int] = mapped_column(
+        ForeignKey("subjects.id", ondelete="CASCADE"), primary_key=True
+    )
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    # Fingerprint of the master key it is wrapped under (``crypto.key_id``): rotation resumes
+    # from the rows still under the old key.
+    master_id: Mapped[str] = mapped_column(String(32), index=True)
 
 
 # SQLite change log of the embeddings (``index_changes``), written by triggers in the same
@@ -246,6 +267,9 @@ def make_engine(url: str, timeout: float = 10.0) -> Engine:
             # FULL: every commit is fsynced, so an acknowledged enrollment survives power loss.
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
+            # Deleted rows are overwritten with zeros, not left in free pages (a deleted
+            # subject's wrapped key must not survive in the file).
+            cur.execute("PRAGMA secure_delete=ON")
             cur.close()
 
         return engine
@@ -260,10 +284,85 @@ def make_engine(url: str, timeout: float = 10.0) -> Engine:
     )
 
 
-class Store:
-    """Repository: every public method is one transaction."""
+class _Keys:
+    """Seals and opens one operation's values; unwrapped data keys live only as long as it."""
 
-    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, provider: crypto.KeyProvider | None) -> None:
+        self.provider = provider
+        self._cache: dict[int, bytes] = {}
+
+    def key(
+        self, s: Session, tenant_id: int, subject_pk: int, wrapped: bytes | None = None
+    ) -> bytes:
+        """The subject's data key, created (and stored wrapped) on first use."""
+        if subject_pk in self._cache:
+            return self._cache[subject_pk]
+        assert self.provider is not None
+        ctx = crypto.aad("data-key", tenant_id, subject_pk)
+        if wrapped is None:
+            row = s.get(SubjectKey, subject_pk)
+            wrapped = None if row is None else row.wrapped
+        if wrapped is None:  # a subject created before encryption was turned on
+            key = crypto.new_data_key()
+            s.add(
+                SubjectKey(
+                    subject_pk=subject_pk,
+                    tenant_id=tenant_id,
+                    wrapped=self.provider.wrap(key, ctx),
+                    master_id=self.provider.key_id,
+                )
+            )
+            s.flush()
+        else:
+            key = self.provider.unwrap(wrapped, ctx)
+        self._cache[subject_pk] = key
+        return key
+
+    def seal(
+        self, s: Session, value: bytes, purpose: str, tenant: int, subj: int, tid: str
+    ) -> bytes:
+        if self.provider is None:
+            return value
+        ad = crypto.aad(purpose, tenant, subj, tid)
+        return crypto.seal(self.key(s, tenant, subj), value, ad)
+
+    def open(
+        self,
+        s: Session,
+        value: bytes,
+        purpose: str,
+        tenant: int,
+        subj: int,
+        tid: str,
+        wrapped: bytes | None = None,
+    ) -> bytes:
+        if not crypto.is_sealed(value):
+            return value  # written in clear, before encryption was turned on
+        if self.provider is None:
+            raise crypto.MasterKeyError(
+                "the database holds encrypted data: configure the master key"
+            )
+        if wrapped is None and s.get(SubjectKey, subj) is None:
+            raise crypto.DecryptionError("the subject's data key is gone (deleted subject)")
+        key = self.key(s, tenant, subj, wrapped)
+        return crypto.open_sealed(key, value, crypto.aad(purpose, tenant, subj, tid))
+
+
+def _vec_purpose(version: str) -> str:
+    return f"embedding:{version}"
+
+
+class Store:
+    """Repository: every public method is one transaction.
+
+    With ``keys`` (a master-key provider) every map and embedding written is sealed under
+    its subject's data key (``crypto``); rows written in clear earlier stay readable.
+    """
+
+    def __init__(
+        self, url: str, *, timeout: float = 10.0, keys: crypto.KeyProvider | None = None
+    ) -> None:
+        self.keys = keys
         self.engine = make_engine(url, timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Creates what is missing: a database of an earlier version gains the embeddings table
@@ -349,6 +448,8 @@ class Store:
                 subj = Subject(tenant_id=tenant_id, subject_id=subject_id)
                 s.add(subj)
                 s.flush()
+                if self.keys is not None:
+                    _Keys(self.keys).key(s, tenant_id, subj.id)
                 return subj.created_at
         except IntegrityError:
             raise AlreadyExists(subject_id) from None
@@ -380,8 +481,23 @@ class Store:
             subj = self._subject(s, tenant_id, subject_id)
             ids = list(s.scalars(select(Template.id).where(Template.subject_pk == subj.id)))
             s.execute(delete(Template).where(Template.subject_pk == subj.id))
+            # Crypto-shredding: without its data key no copy of the subject's rows decrypts.
+            s.execute(delete(SubjectKey).where(SubjectKey.subject_pk == subj.id))
             s.delete(subj)
-            return ids
+        self._checkpoint()
+        return ids
+
+    def _checkpoint(self) -> None:
+        """SQLite: move the WAL into the file and truncate it, so the deleted (zeroed) pages'
+        earlier versions leave the ``-wal`` file too. Best effort: a reader elsewhere may hold
+        the WAL, which the next checkpoint then truncates."""
+        if not self.is_sqlite:
+            return
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+        except Exception:  # noqa: BLE001 - the deletion itself is committed
+            pass
 
     def subject_exists(self, tenant_id: int, subject_id: str) -> bool:
         with self._sessions() as s:
@@ -437,11 +553,12 @@ class Store:
         try:
             with self._sessions.begin() as s:
                 subj = self._subject(s, tenant_id, subject_id)
+                tid, keys = uuid.uuid4().hex, _Keys(self.keys)
                 t = Template(
-                    id=uuid.uuid4().hex,
+                    id=tid,
                     tenant_id=tenant_id,
                     subject_pk=subj.id,
-                    blob=blob,
+                    blob=keys.seal(s, blob, "map", tenant_id, subj.id, tid),
                     protection=protection,
                     protection_params=json.dumps(protection_params, sort_keys=True),
                     model_version=model_version,
@@ -451,7 +568,8 @@ class Store:
                 s.add(t)
                 s.flush()
                 if embedding is not None:
-                    self._write_vectors(s, [(t.id, tenant_id, embedding[0], embedding[1])])
+                    row = (t.id, tenant_id, embedding[0], embedding[1])
+                    self._write_vectors(s, [row], {t.id: subj.id}, keys)
                 return _row(t, subject_id), True
         except IntegrityError:
             # Lost a race with a concurrent retry using the same idempotency key.
@@ -464,7 +582,10 @@ class Store:
                 raise IdempotencyConflict(idempotency_key) from None
             return prior, False
 
-    def get_template(self, tenant_id: int, template_id: str) -> TemplateRow:
+    def get_template(
+        self, tenant_id: int, template_id: str, *, with_blob: bool = True
+    ) -> TemplateRow:
+        """A template (with its decrypted map unless ``with_blob`` is False)."""
         with self._sessions() as s:
             row = s.execute(
                 select(Template, Subject.subject_id)
@@ -473,7 +594,9 @@ class Store:
             ).first()
             if row is None:
                 raise NotFound(f"template {template_id!r}")
-            return _row(row[0], row[1], with_blob=True)
+            if not with_blob:
+                return _row(row[0], row[1])
+            return _row(row[0], row[1], blob=self._open_map(s, _Keys(self.keys), row[0]))
 
     def delete_template(self, tenant_id: int, template_id: str) -> None:
         with self._sessions.begin() as s:
@@ -499,16 +622,26 @@ class Store:
                 .order_by(Template.created_at, Template.id)
                 .execution_options(yield_per=batch)
             )
+            keys = _Keys(self.keys)
             for t, sid in s.execute(q):
-                yield _row(t, sid, with_blob=True)
+                yield _row(t, sid, blob=self._open_map(s, keys, t))
+
+    @staticmethod
+    def _open_map(s: Session, keys: _Keys, t: Template) -> bytes:
+        return keys.open(s, t.blob, "map", t.tenant_id, t.subject_pk, t.id)
 
     # -- embeddings ---------------------------------------------------------------------
-    def _write_vectors(self, s: Session, rows: list[VectorRow]) -> None:
+    def _write_vectors(
+        self, s: Session, rows: list[VectorRow], subjects: dict[str, int], keys: _Keys
+    ) -> None:
+        """Insert embedding rows (sealed with their subject's key); ``subjects``: template id
+        -> subject pk."""
         for tid, tenant, version, vec in rows:
+            value = keys.seal(
+                s, encode_vector(vec), _vec_purpose(version), tenant, subjects[tid], tid
+            )
             s.add(
-                TemplateEmbedding(
-                    template_id=tid, version=version, tenant_id=tenant, vector=encode_vector(vec)
-                )
+                TemplateEmbedding(template_id=tid, version=version, tenant_id=tenant, vector=value)
             )
         s.flush()
         if self.vector_writer is not None and rows:
@@ -523,8 +656,9 @@ class Store:
         for attempt in range(3):
             try:
                 with self._sessions.begin() as s:
-                    q = select(Template.id, Template.tenant_id).where(Template.id.in_(ids))
-                    tenants = dict(s.execute(q).all())
+                    q = select(Template.id, Template.tenant_id, Template.subject_pk)
+                    found = s.execute(q.where(Template.id.in_(ids))).all()
+                    tenants = {t: n for t, n, _ in found}
                     s.execute(
                         delete(TemplateEmbedding).where(
                             TemplateEmbedding.version == version,
@@ -532,7 +666,7 @@ class Store:
                         )
                     )
                     rows = [(t, tenants[t], version, v) for t, v in items if t in tenants]
-                    self._write_vectors(s, rows)
+                    self._write_vectors(s, rows, {t: p for t, _, p in found}, _Keys(self.keys))
                     return len(rows)
             except IntegrityError:
                 # Another worker embedded the same templates at the same time (PostgreSQL), or
@@ -551,13 +685,20 @@ class Store:
                 TemplateEmbedding.template_id == Template.id, TemplateEmbedding.version == version
             )
             q = (
-                select(Template.id, Template.blob)
+                select(Template)
                 .where(Template.model_version == model_version, Template.id > after)
                 .where(~has.exists())
                 .order_by(Template.id)
                 .limit(batch)
             )
-            return [(t, b) for t, b in s.execute(q).all()]
+            keys, out = _Keys(self.keys), []
+            for t in s.scalars(q).all():
+                try:
+                    out.append((t.id, self._open_map(s, keys, t)))
+                except crypto.DecryptionError:
+                    # b"" fails payload decoding: counted and skipped like a corrupt blob.
+                    out.append((t.id, b""))
+            return out
 
     def count_missing_embeddings(self, version: str, model_version: str) -> int:
         with self._sessions() as s:
@@ -607,11 +748,30 @@ class Store:
                 TemplateEmbedding.tenant_id,
                 Subject.subject_id,
                 TemplateEmbedding.vector,
+                Template.subject_pk,
+                SubjectKey.wrapped,
             )
             .join(Template, Template.id == TemplateEmbedding.template_id)
             .join(Subject, Subject.id == Template.subject_pk)
+            .outerjoin(SubjectKey, SubjectKey.subject_pk == Template.subject_pk)
             .where(TemplateEmbedding.version == version)
         )
+
+    def _embedded(
+        self, s: Session, q: Any, version: str, *, skip_bad: bool = False
+    ) -> Iterator[Embedded]:
+        """Decrypted rows of an ``_embedded_query``; ``skip_bad``: log and skip rows that do
+        not authenticate (bulk loads) instead of raising."""
+        keys = _Keys(self.keys)
+        for tid, tenant, sid, vec, subj, wrapped in s.execute(q):
+            try:
+                raw = keys.open(s, vec, _vec_purpose(version), tenant, subj, tid, wrapped)
+            except crypto.DecryptionError:
+                if not skip_bad:
+                    raise
+                log.error("stored embedding of template %s does not decrypt; skipped", tid)
+                continue
+            yield Embedded(tid, tenant, sid, decode_vector(raw))
 
     def iter_embeddings(
         self, version: str, tenant_id: int | None = None, batch: int = 4096
@@ -621,23 +781,172 @@ class Store:
         if tenant_id is not None:
             q = q.where(TemplateEmbedding.tenant_id == tenant_id)
         with self._sessions() as s:
-            for tid, tenant, sid, vec in s.execute(q):
-                yield Embedded(tid, tenant, sid, decode_vector(vec))
+            yield from self._embedded(s, q, version, skip_bad=True)
 
     def embeddings_of(self, version: str, template_ids: Sequence[str]) -> list[Embedded]:
         """The ``version`` embeddings of these templates that still exist."""
         q = self._embedded_query(version).where(TemplateEmbedding.template_id.in_(template_ids))
         with self._sessions() as s:
-            return [Embedded(t, n, sid, decode_vector(v)) for t, n, sid, v in s.execute(q)]
+            return list(self._embedded(s, q, version, skip_bad=True))
 
     def subject_embeddings(self, tenant_id: int, subject_id: str, version: str) -> np.ndarray:
-        """(n, d) ``version`` embeddings of one subject's templates (n may be 0)."""
+        """(n, d) ``version`` embeddings of one subject's templates (n may be 0).
+
+        Raises ``crypto.DecryptionError`` when a stored row does not authenticate."""
         q = self._embedded_query(version).where(
             TemplateEmbedding.tenant_id == tenant_id, Subject.subject_id == subject_id
         )
         with self._sessions() as s:
-            rows = [decode_vector(r[3]) for r in s.execute(q)]
+            rows = [e.vector for e in self._embedded(s, q, version)]
         return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+
+    # -- protection migration and statistics ---------------------------------------------
+    def _other_protection(self, protection: str, params: dict[str, Any], model_version: str) -> Any:
+        return (Template.model_version == model_version) & or_(
+            Template.protection != protection,
+            Template.protection_params != json.dumps(params, sort_keys=True),
+        )
+
+    def to_reprotect(
+        self,
+        protection: str,
+        params: dict[str, Any],
+        model_version: str,
+        after: str = "",
+        batch: int = 32,
+    ) -> list[tuple[str, bytes]]:
+        """``(template_id, map)`` of ``model_version`` templates stored under another
+        protection (or parameters), in id order after ``after``; b"" for a map that does not
+        decrypt (then skipped as corrupt)."""
+        where = self._other_protection(protection, params, model_version)
+        q = select(Template).where(where, Template.id > after).order_by(Template.id).limit(batch)
+        with self._sessions() as s:
+            keys, out = _Keys(self.keys), []
+            for t in s.scalars(q).all():
+                try:
+                    out.append((t.id, self._open_map(s, keys, t)))
+                except crypto.DecryptionError:
+                    out.append((t.id, b""))
+            return out
+
+    def count_to_reprotect(
+        self, protection: str, params: dict[str, Any], model_version: str
+    ) -> int:
+        where = self._other_protection(protection, params, model_version)
+        with self._sessions() as s:
+            return int(s.scalar(select(func.count()).select_from(Template).where(where)) or 0)
+
+    def replace_protected(
+        self,
+        items: Sequence[tuple[str, bytes, np.ndarray]],
+        *,
+        protection: str,
+        params: dict[str, Any],
+        version: str,
+    ) -> int:
+        """Store re-protected maps ``(template_id, blob, embedding)`` in one transaction.
+
+        Embeddings of every Psi version are replaced by this ``version``'s (the others were
+        computed from the old map). Templates deleted meanwhile are skipped.
+        """
+        with self._sessions.begin() as s:
+            keys, rows, subjects = _Keys(self.keys), [], {}
+            for tid, blob, vec in items:
+                t = s.get(Template, tid)
+                if t is None:
+                    continue
+                t.blob = keys.seal(s, blob, "map", t.tenant_id, t.subject_pk, tid)
+                t.protection = protection
+                t.protection_params = json.dumps(params, sort_keys=True)
+                rows.append((tid, t.tenant_id, version, vec))
+                subjects[tid] = t.subject_pk
+            ids = [r[0] for r in rows]
+            s.execute(delete(TemplateEmbedding).where(TemplateEmbedding.template_id.in_(ids)))
+            self._write_vectors(s, rows, subjects, keys)
+            return len(rows)
+
+    def template_stats(self, tenant_id: int | None = None) -> dict[str, Any]:
+        """Templates in all (or per protection with its parameters, and per model version of E)."""
+        with self._sessions() as s:
+            cols = (Template.protection, Template.protection_params)
+            q_prot = select(*cols, func.count()).group_by(*cols).order_by(*cols)
+            q_model = (
+                select(Template.model_version, func.count())
+                .group_by(Template.model_version)
+                .order_by(Template.model_version)
+            )
+            if tenant_id is not None:
+                q_prot = q_prot.where(Template.tenant_id == tenant_id)
+                q_model = q_model.where(Template.tenant_id == tenant_id)
+            prot = s.execute(q_prot).all()
+            models = {m: int(n) for m, n in s.execute(q_model).all()}
+        return {
+            "templates": sum(models.values()),
+            "by_protection": [
+                {"protection": p, "protection_params": json.loads(j), "templates": int(n)}
+                for p, j, n in prot
+            ],
+            "by_model_version": models,
+        }
+
+    # -- master key -----------------------------------------------------------------------
+    def check_master_key(self) -> None:
+        """Raise ``crypto.MasterKeyError`` unless every stored data key is wrapped by the
+        configured master key (none configured, with encrypted rows stored: an error too)."""
+        with self._sessions() as s:
+            q = select(SubjectKey.master_id, func.count()).group_by(SubjectKey.master_id)
+            held = {m: int(n) for m, n in s.execute(q).all()}
+        if not held:
+            return
+        if self.keys is None:
+            raise crypto.MasterKeyError(
+                f"the database holds encrypted templates ({sum(held.values())} subject keys "
+                f"under master key {', '.join(sorted(held))}) but no master key is configured: "
+                f"set --master-key-file / ADVFACE_MASTER_KEY_FILE or ADVFACE_MASTER_KEY"
+            )
+        other = sorted(set(held) - {self.keys.key_id})
+        if other:
+            raise crypto.MasterKeyError(
+                f"{sum(held[m] for m in other)} subject keys are wrapped by master key(s) "
+                f"{', '.join(other)}, not by the configured key {self.keys.key_id}: wrong key, "
+                "or an unfinished rotation (rerun advface keys rotate-master)"
+            )
+
+    def rotate_master(
+        self,
+        new: crypto.KeyProvider,
+        *,
+        batch: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> int:
+        """Re-wrap every data key under ``new`` (the maps and embeddings are not touched).
+
+        Each batch is one transaction, and rows already under ``new`` are skipped, so an
+        interrupted rotation resumes where it stopped. Returns how many keys were re-wrapped.
+        """
+        if self.keys is None:
+            raise crypto.MasterKeyError("rotating needs the current master key")
+        old, done = self.keys, 0
+        while True:
+            with self._sessions.begin() as s:
+                q = select(SubjectKey).where(SubjectKey.master_id != new.key_id)
+                rows = list(s.scalars(q.order_by(SubjectKey.subject_pk).limit(batch)))
+                for r in rows:
+                    if r.master_id != old.key_id:
+                        raise crypto.MasterKeyError(
+                            f"subject key {r.subject_pk} is under master key {r.master_id}, "
+                            f"neither the current ({old.key_id}) nor the new one"
+                        )
+                    ctx = crypto.aad("data-key", r.tenant_id, r.subject_pk)
+                    r.wrapped = new.wrap(old.unwrap(r.wrapped, ctx), ctx)
+                    r.master_id = new.key_id
+            if not rows:
+                break
+            done += len(rows)
+            if on_batch is not None:
+                on_batch(len(rows))
+        self.keys = new
+        return done
 
     # -- SQLite change log --------------------------------------------------------------
     def change_bounds(self) -> tuple[int, int]:
@@ -678,7 +987,7 @@ class Store:
             return int(conn.execute(q, {"s": int(hi) - keep}).rowcount or 0)
 
 
-def _row(t: Template, subject_id: str, *, with_blob: bool = False) -> TemplateRow:
+def _row(t: Template, subject_id: str, *, blob: bytes = b"") -> TemplateRow:
     return TemplateRow(
         template_id=t.id,
         tenant_id=t.tenant_id,
@@ -688,5 +997,5 @@ def _row(t: Template, subject_id: str, *, with_blob: bool = False) -> TemplateRo
         model_version=t.model_version,
         created_at=t.created_at,
         request_sha256=t.request_sha256,
-        blob=t.blob if with_blob else b"",
+        blob=blob,
     )

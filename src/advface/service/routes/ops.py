@@ -80,6 +80,10 @@ def router() -> APIRouter:
             return error_response(503, "not_ready", "the template gallery is still loading")
         if not svc.store.ping():
             return error_response(503, "database_unavailable", "the database does not answer")
+        stats = svc.store.template_stats()
+        by_protection: dict[str, int] = {}
+        for p in stats["by_protection"]:
+            by_protection[p["protection"]] = by_protection.get(p["protection"], 0) + p["templates"]
         return Ready(
             status="ready",
             templates=svc.index.count(),
@@ -91,6 +95,8 @@ def router() -> APIRouter:
             rebuild_cpu_seconds=round(svc.rebuild_cpu_seconds, 4),
             model_version=svc.backend.version,
             protection=svc.protection_name,
+            templates_by_protection=by_protection,
+            templates_by_model_version=stats["by_model_version"],
         )
 
     @r.get("/docs", include_in_schema=False)

@@ -12,7 +12,7 @@ from advface.service.core import Service, template_out
 from advface.service.errors import ServiceError, error_responses
 from advface.service.routes.deps import READY, Body, SubjectId, Svc, TemplateId, Tenant
 from advface.service.routes.subjects import API_ERRORS, BODY_ERRORS
-from advface.service.schemas import BINARY_BODY, TemplateDeleted, TemplateOut
+from advface.service.schemas import BINARY_BODY, StatsOut, TemplateDeleted, TemplateOut
 from advface.service.store import IdempotencyConflict, NotFound
 
 _IDEM_RE = re.compile(r"[\x21-\x7e]{1,128}")
@@ -107,7 +107,7 @@ def router() -> APIRouter:
     def get_template(template_id: TemplateId, tenant_id: Tenant, svc: Svc) -> TemplateOut:
         """Metadata of a stored template (never the feature map itself)."""
         try:
-            return template_out(svc.store.get_template(tenant_id, template_id))
+            return template_out(svc.store.get_template(tenant_id, template_id, with_blob=False))
         except NotFound:
             raise ServiceError(404, "unknown_template", f"no template {template_id!r}") from None
 
@@ -124,5 +124,11 @@ def router() -> APIRouter:
         except NotFound:
             raise ServiceError(404, "unknown_template", f"no template {template_id!r}") from None
         return TemplateDeleted(template_id=template_id)
+
+    @r.get("/stats", response_model=StatsOut, responses=error_responses(*API_ERRORS))
+    def stats(tenant_id: Tenant, svc: Svc) -> StatsOut:
+        """The tenant's templates per protection (and parameters) and per model version of E
+        (what ``advface migrate`` would change)."""
+        return StatsOut(**svc.store.template_stats(tenant_id))
 
     return r

@@ -291,10 +291,11 @@ def migrate_cmd(
     batch is committed; migrated templates no longer differ). Then restart the service with
     the same --protection, or it keeps protecting new enrollments the old way.
     """
+    from dataclasses import replace
+
     from tqdm import tqdm
 
-    from advface.protection import build_protection
-    from advface.service.app import build_index
+    from advface.service.app import build_index, protection_for
     from advface.service.backend import load_backend
     from advface.service.core import reprotect
 
@@ -306,8 +307,9 @@ def migrate_cmd(
             raise ValueError(f"--protection-params is not JSON: {exc}") from None
         if not isinstance(params, dict):
             raise ValueError("--protection-params must be a JSON object")
-        prot = build_protection(protection, **params)
         net = load_backend(settings.backend)
+        target = replace(settings, protection=protection, protection_params=params)
+        prot = protection_for(target, net)
     store = _open_store(settings)
     try:
         with user_errors():

@@ -63,8 +63,18 @@ def serve_cmd(
         typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL; default SQLite in the cache dir]"),
     ] = None,
     protection: Annotated[
-        str | None, typer.Option(help="none|random|dp|advface [ADVFACE_PROTECTION, none]")
+        str | None,
+        typer.Option(
+            help="embedding-shadow|advface|random|dp|none [ADVFACE_PROTECTION; default: "
+            "embedding-shadow with the packaged networks]"
+        ),
     ] = None,
+    allow_unprotected: Annotated[
+        bool,
+        typer.Option(
+            help="allow --protection none (uploads stored as they are) [ADVFACE_ALLOW_UNPROTECTED]"
+        ),
+    ] = False,
     protection_params: Annotated[
         str | None, typer.Option(help="JSON object of protection parameters")
     ] = None,
@@ -123,6 +133,7 @@ def serve_cmd(
         db_url=db_url,
         protection=protection,
         protection_params=params,
+        allow_unprotected=1 if allow_unprotected else None,
         threshold=threshold,
         max_body_bytes=max_body_bytes,
         backend=backend,
@@ -297,7 +308,7 @@ def migrate_cmd(
 
     from advface.service.app import build_index, protection_for
     from advface.service.backend import load_backend
-    from advface.service.core import reprotect
+    from advface.service.core import public_params, reprotect
 
     settings = _settings(db_url=db_url, backend=backend, master_key_file=master_key_file)
     with user_errors():
@@ -314,10 +325,10 @@ def migrate_cmd(
     try:
         with user_errors():
             build_index(settings, store, net)  # pgvector: its vectors are rewritten alongside
-        todo = store.count_to_reprotect(prot.name, prot.params(), net.version)
+        todo = store.count_to_reprotect(prot.name, public_params(prot), net.version)
         with tqdm(total=todo, unit="template", desc=f"migrate to {prot.name}") as bar:
             done, corrupt = reprotect(store, net, prot, batch=batch, on_batch=bar.update)
-        left = store.count_to_reprotect(prot.name, prot.params(), net.version) - corrupt
+        left = store.count_to_reprotect(prot.name, public_params(prot), net.version) - corrupt
         other_models = store.count_other_models(net.version)
     finally:
         store.close()

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from advface.service import crypto
 from advface.service.backend import Backend, load_backend
-from advface.service.core import Service
+from advface.service.core import Service, public_params
 from advface.service.dbindex import PgVectorIndex, PgVectorUnavailable, SqlExactIndex
 from advface.service.errors import ServiceError, install_error_handlers
 from advface.service.guard import GuardLimits, RequestGuard, TokenBucket
@@ -133,6 +133,11 @@ def create_app(
     backend = backend or load_backend(settings.backend)
     if protection is None:
         protection = protection_for(settings, backend)
+    if getattr(protection, "name", settings.protection) == "none":
+        log.warning(
+            "PROTECTION IS OFF: templates are stored as uploaded; a stolen database yields "
+            "faces. Use the default (embedding-shadow) unless this is a test."
+        )
     if store is None:
         keys = keys or crypto.provider_from_config(
             settings.master_key_file, default_file=default_master_key_file()
@@ -147,7 +152,7 @@ def create_app(
         protection=protection,
         index=build_index(settings, store, backend),
         protection_name=str(getattr(protection, "name", settings.protection)),
-        protection_params=dict(protection.params()) if hasattr(protection, "params") else {},
+        protection_params=public_params(protection),
     )
     app = FastAPI(
         title="advface template service",

@@ -74,6 +74,13 @@ def encode_stored(zp: np.ndarray) -> bytes:
         return payload.encode(zp, dtype="float32")
 
 
+def public_params(protection: Any) -> dict[str, Any]:
+    """What a template records of its protection and tenants may read: name, settings and
+    network fingerprints (the version), never server paths or training details."""
+    params = dict(protection.params()) if hasattr(protection, "params") else {}
+    return {k: v for k, v in params.items() if not k.endswith(("_path", "_config"))}
+
+
 def reprotect(
     store: Store,
     backend: Backend,
@@ -88,7 +95,7 @@ def reprotect(
     is applied on top of it. Each batch is one transaction and migrated rows no longer match,
     so an interrupted run resumes. Returns ``(migrated, corrupt)``.
     """
-    name, params = str(protection.name), dict(protection.params())
+    name, params = str(protection.name), public_params(protection)
     version, done, corrupt, after = backend.embedding_version, 0, 0, ""
     while rows := store.to_reprotect(name, params, backend.version, after, batch):
         after = rows[-1][0]

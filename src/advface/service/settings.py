@@ -35,8 +35,12 @@ class ServiceSettings:
     db_url: str = ""
     # Cosine similarity of L2-normalised Psi embeddings at or above which verify says "match".
     threshold: float = 0.4
-    protection: str = "none"
+    # "default": embedding-shadow with the packaged networks (the toy backend, a test stand-in
+    # without trained networks, defaults to none). "none" with the FaceNet backend stores the
+    # clients' uploads as they are and needs allow_unprotected=1.
+    protection: str = "default"
     protection_params: dict[str, Any] = field(default_factory=dict)
+    allow_unprotected: int = 0
     # "facenet": the real split network; "toy": tiny deterministic stand-in (tests, smoke runs).
     backend: str = "facenet"
     max_body_bytes: int = 4 * 1024 * 1024
@@ -90,6 +94,17 @@ class ServiceSettings:
             raise ValueError(f"backend must be 'facenet' or 'toy', got {self.backend!r}")
         if not isinstance(self.protection_params, dict):
             raise ValueError("protection_params must be a JSON object")
+        if self.protection == "default":
+            default = "embedding-shadow" if self.backend == "facenet" else "none"
+            object.__setattr__(self, "protection", default)
+        if self.allow_unprotected not in (0, 1):
+            raise ValueError(f"allow_unprotected must be 0 or 1, got {self.allow_unprotected}")
+        if self.protection == "none" and self.backend == "facenet" and not self.allow_unprotected:
+            raise ValueError(
+                "protection 'none' stores every client's feature map as uploaded, from which "
+                "faces can be reconstructed; pass --allow-unprotected "
+                "(ADVFACE_ALLOW_UNPROTECTED=1) to run so anyway"
+            )
         for name in ("header_timeout", "read_timeout", "db_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")

@@ -132,6 +132,7 @@ def main() -> None:
         backend=a.backend,
         protection=a.protection,
         protection_params=a.protection_params,
+        allow_unprotected=a.protection == "none",  # the benchmark's baseline, on purpose
         log_path=work / "server.log",
         # Measure the service, not the per-key limiter: all load clients share one key.
         extra_args=["--rate-limit", "0"],

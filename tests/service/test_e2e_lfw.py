@@ -41,7 +41,8 @@ def test_lfw_end_to_end(data_root: Path, tmp_path: Path) -> None:
     store = Store(db_url)
     key = store.create_key("lfw-e2e")
     store.close()
-    srv = dict(db_url=db_url, backend="facenet", protection="none", threshold=THRESHOLD)
+    # The default protection: embedding-shadow with the packaged networks.
+    srv = dict(db_url=db_url, backend="facenet", threshold=THRESHOLD)
     srv_kw = dict(srv, log_path=tmp_path / "server.log", ready_timeout=600)
     aligner = Aligner(prefer_center=True)  # LFW images are centred on the labelled person
 
@@ -58,7 +59,8 @@ def test_lfw_end_to_end(data_root: Path, tmp_path: Path) -> None:
         for name, enroll_img, _ in pairs:
             c.create_subject(name)
             t = c.enroll(name, enroll_img)
-            assert t.protection == "none" and t.model_version.startswith("facenet")
+            assert t.protection == "embedding-shadow" and t.model_version.startswith("facenet")
+            assert not any(k.endswith("_path") for k in t.protection_params)
         first = scores(c)
         top = c.identify(pairs[0][2], top_k=2)
         assert top[0].subject_id == pairs[0][0]

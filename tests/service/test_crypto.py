@@ -275,7 +275,8 @@ def test_rotate_master_rewraps_keys_only_and_resumes(tmp_path: Path, toy: Backen
     r = run(cli_app, [*args, "--master-key-file", str(old_file), "--batch", "1"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out == {"rewrapped": 2, "master_key_id": new.key_id, "master_key_file": str(new_file)}
+    # The two subject keys left, and the enrolling tenant's index transform seed.
+    assert out == {"rewrapped": 3, "master_key_id": new.key_id, "master_key_file": str(new_file)}
     assert sealed() == before  # blobs and embeddings untouched
     r = run(cli_app, [*args, "--master-key-file", str(old_file)])  # nothing left: a no-op
     assert r.exit_code == 0 and json.loads(r.stdout.strip().splitlines()[-1])["rewrapped"] == 0

@@ -437,6 +437,33 @@ def keys_list(
         store.close()
 
 
+@keys_app.command("rekey-tenant")
+def keys_rekey_tenant(
+    tenant: Annotated[str, typer.Argument(help="tenant name (as given to advface keys create)")],
+    db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL]")] = None,
+    master_key_file: MasterKeyOpt = None,
+) -> None:
+    """Draw a new secret transform for a tenant's index vectors (no re-enrollment).
+
+    pgvector's vectors of the tenant are re-transformed from the stored embeddings in one
+    transaction; the in-process index takes the new transform at the next start. Stop the
+    service first and start it again afterwards.
+    """
+    from advface.service.store import NotFound
+    from advface.service.transform import rekey_tenant
+
+    store = _open_store(_settings(db_url=db_url, master_key_file=master_key_file))
+    try:
+        with user_errors():
+            try:
+                out = rekey_tenant(store, tenant)
+            except NotFound:
+                raise ValueError(f"no tenant {tenant!r}") from None
+    finally:
+        store.close()
+    _print(out)
+
+
 @keys_app.command("revoke")
 def keys_revoke(
     key_id: Annotated[str, typer.Argument(help="key id (the 12 hex digits after afk_)")],

@@ -26,6 +26,7 @@ from advface.service.index import HnswIndex, VectorIndex
 from advface.service.routes import ops, recognition, subjects, templates
 from advface.service.settings import ServiceSettings, default_master_key_file
 from advface.service.store import Store
+from advface.service.transform import TenantTransforms, TransformedIndex
 
 __all__ = ["API_VERSION", "Service", "ServiceError", "build_index", "create_app"]
 
@@ -38,16 +39,20 @@ def build_index(settings: ServiceSettings, store: Store, backend: Backend) -> Ve
     """The identification index ``settings.vector_index`` names for this database.
 
     ``auto``: in-process HNSW with SQLite; pgvector with PostgreSQL, or - where the server has
-    no pgvector - an exact scan of the stored embeddings (logged as a warning).
+    no pgvector - an exact scan of the stored embeddings (logged as a warning). With a master
+    key (encryption on), the HNSW and pgvector indexes hold each tenant's vectors under its
+    secret orthogonal transform (``transform``); the exact scan holds nothing in clear.
     """
     choice, dim, version = settings.vector_index, backend.embedding_dim, backend.embedding_version
     postgres = store.engine.dialect.name == "postgresql"
+    transforms = None if store.keys is None else TenantTransforms(store, dim)
     if store.is_sqlite:
         if choice == "pgvector":
             raise ValueError("--vector-index pgvector needs a PostgreSQL database")
         if choice == "exact":
             return SqlExactIndex(store, dim, version)
-        return HnswIndex(dim, expansion_search=settings.index_ef_search)
+        hnsw = HnswIndex(dim, expansion_search=settings.index_ef_search)
+        return hnsw if transforms is None else TransformedIndex(hnsw, transforms)
     if choice == "hnsw":
         # The in-process index follows SQLite's change log; PostgreSQL has no such log here.
         raise ValueError(
@@ -56,7 +61,9 @@ def build_index(settings: ServiceSettings, store: Store, backend: Backend) -> Ve
     if choice == "exact" or not postgres:
         return SqlExactIndex(store, dim, version)
     try:
-        return PgVectorIndex(store, dim, version, ef_search=settings.index_ef_search)
+        return PgVectorIndex(
+            store, dim, version, ef_search=settings.index_ef_search, transforms=transforms
+        )
     except PgVectorUnavailable as exc:
         if choice == "pgvector":
             raise

@@ -11,12 +11,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from advface.service.index import Hit, VectorIndex, _check_k, _unit
 from advface.service.store import Store, VectorRow
+from advface.service.transform import TenantTransforms, orthogonal
 
 log = logging.getLogger("advface.service")
 
@@ -75,17 +76,29 @@ class PgVectorIndex(_DbIndex):
     template or an embedding version removes its vector in the same transaction. The tenant and
     version filter is part of the index query; with pgvector >= 0.8 an iterative scan keeps
     going until ``k`` rows pass the filter.
+
+    With ``transforms`` (encryption on) the column holds ``Q_t e``, not the embedding ``e``,
+    and probes are searched as ``Q_t probe`` (``transform``): the same scores.
     """
 
     def __init__(
-        self, store: Store, dim: int, version: str, *, ef_search: int = 64, backfill: bool = True
+        self,
+        store: Store,
+        dim: int,
+        version: str,
+        *,
+        ef_search: int = 64,
+        backfill: bool = True,
+        transforms: TenantTransforms | None = None,
     ) -> None:
         super().__init__(store, dim, version)
-        self.ef_search = ef_search
+        self.ef_search, self.transforms = ef_search, transforms
         self.pgvector_version = _ensure_schema(store, dim)
         major, minor = (int(x) for x in self.pgvector_version.split(".")[:2])
         self.iterative = (major, minor) >= (0, 8)
         store.vector_writer = self.write
+        if transforms is not None:
+            self.transform_clear_vectors()
         if backfill:
             self.backfill()
 
@@ -100,8 +113,29 @@ class PgVectorIndex(_DbIndex):
                 "VALUES (:t, :v, :n, CAST(:e AS vector)) ON CONFLICT (template_id, version) "
                 "DO UPDATE SET embedding = EXCLUDED.embedding"
             ),
-            [{"t": t, "v": v, "n": n, "e": _literal(e)} for t, n, v, e in mine],
+            [{"t": t, "v": v, "n": n, "e": _literal(self._moved(n, e))} for t, n, v, e in mine],
         )
+
+    def _moved(self, tenant_id: int, v: np.ndarray) -> np.ndarray:
+        return v if self.transforms is None else self.transforms.apply(tenant_id, v)
+
+    def transform_clear_vectors(self) -> int:
+        """Move the vectors of tenants that have no transform yet (written in clear, before
+        encryption or this version) under a new one; returns how many tenants."""
+        sql = text(
+            "SELECT DISTINCT v.tenant_id FROM template_vectors v WHERE NOT EXISTS "
+            "(SELECT 1 FROM tenant_transforms t WHERE t.tenant_id = v.tenant_id)"
+        )
+        with self.store.transaction() as s:
+            tenants = [int(t) for t in s.scalars(sql)]
+        for tenant in tenants:
+            try:
+                with self.store.transaction() as s:
+                    seed = self.store.new_transform_seed(s, tenant)
+                    retransform_vectors(s, self.store, tenant, seed)
+            except IntegrityError:  # another worker moved them first
+                continue
+        return len(tenants)
 
     def backfill(self, batch: int = 1000) -> int:
         """Vectors for stored embeddings that have none (pgvector installed after the fact)."""
@@ -125,7 +159,7 @@ class PgVectorIndex(_DbIndex):
 
     def search(self, tenant_id: int, probe: Any, k: int) -> list[Hit]:
         _check_k(k)
-        q = _literal(_unit(probe, self.dim))
+        q = _literal(self._moved(tenant_id, _unit(probe, self.dim)))
         sql = text(
             "SELECT v.template_id, s.subject_id, v.dist FROM ("
             " SELECT template_id, embedding <=> CAST(:q AS vector) AS dist FROM template_vectors"
@@ -141,6 +175,38 @@ class PgVectorIndex(_DbIndex):
                 s.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
             rows = s.execute(sql, {"q": q, "t": tenant_id, "v": self.version, "k": k}).all()
         return [Hit(t, sid, float(1.0 - d)) for t, sid, d in rows]
+
+
+def retransform_vectors(
+    s: Session, store: Store, tenant_id: int, seed: bytes, *, batch: int = 1000
+) -> int:
+    """Rewrite the tenant's ``template_vectors`` rows as ``Q e`` for the ``Q`` of ``seed``,
+    from the stored (sealed) embeddings, in the caller's transaction ``s``. 0 where the
+    database has no pgvector table (SQLite, exact scan)."""
+    if not inspect(s.connection()).has_table("template_vectors"):
+        return 0
+    rows = s.execute(
+        text("SELECT template_id, version FROM template_vectors WHERE tenant_id = :n"),
+        {"n": tenant_id},
+    ).all()
+    by_version: dict[str, list[str]] = {}
+    for tid, version in rows:
+        by_version.setdefault(version, []).append(tid)
+    update = text(
+        "UPDATE template_vectors SET embedding = CAST(:e AS vector) "
+        "WHERE template_id = :t AND version = :v"
+    )
+    done, q = 0, None
+    for version, ids in by_version.items():
+        for i in range(0, len(ids), batch):
+            rows = store.embeddings_of(version, ids[i : i + batch])
+            if not rows:
+                continue
+            q = orthogonal(seed, len(rows[0].vector)) if q is None else q
+            params = [{"e": _literal(q @ e.vector), "t": e.template_id, "v": version} for e in rows]
+            s.execute(update, params)
+            done += len(rows)
+    return done
 
 
 def _ensure_schema(store: Store, dim: int) -> str:

@@ -96,6 +96,23 @@ class SubjectKey(Base):
     master_id: Mapped[str] = mapped_column(String(32), index=True)
 
 
+class TenantTransform(Base):
+    """The seed of a tenant's secret orthogonal transform of its index vectors (``transform``),
+    wrapped by the master key like the data keys."""
+
+    __tablename__ = "tenant_transforms"
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    master_id: Mapped[str] = mapped_column(String(32), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+def _transform_ctx(tenant_id: int) -> bytes:
+    return crypto.aad("tenant-transform", tenant_id, 0)
+
+
 # SQLite change log of the embeddings (``index_changes``), written by triggers in the same
 # transaction as every insert, update or (cascaded) delete of an embedding. SQLite commits
 # writers one at a time, so ``seq`` order is commit order: a worker that has applied every change
@@ -431,6 +448,45 @@ class Store:
         return [
             KeyInfo(k, t, c if c.tzinfo else c.replace(tzinfo=UTC), bool(r)) for k, t, c, r in rows
         ]
+
+    def tenant_id(self, tenant_name: str) -> int:
+        """The id of a tenant by name; ``NotFound`` when there is none."""
+        with self._sessions() as s:
+            tid = s.scalar(select(Tenant.id).where(Tenant.name == tenant_name))
+        if tid is None:
+            raise NotFound(f"tenant {tenant_name!r}")
+        return int(tid)
+
+    # -- tenant transforms (``transform``) ------------------------------------------------
+    def transform_seed(self, tenant_id: int) -> bytes:
+        """The tenant's transform seed, created (stored wrapped) on first use."""
+        if self.keys is None:
+            raise crypto.MasterKeyError("tenant transforms need a master key")
+        for _ in range(2):
+            with self._sessions() as s:
+                row = s.get(TenantTransform, tenant_id)
+                if row is not None:
+                    return self.keys.unwrap(row.wrapped, _transform_ctx(tenant_id))
+            try:
+                with self._sessions.begin() as s:
+                    return self.new_transform_seed(s, tenant_id)
+            except IntegrityError:  # another worker created it first, or no such tenant
+                continue
+        raise NotFound(f"tenant {tenant_id}")
+
+    def new_transform_seed(self, s: Session, tenant_id: int) -> bytes:
+        """Draw and store (replacing any) a new transform seed for the tenant, in ``s``."""
+        if self.keys is None:
+            raise crypto.MasterKeyError("tenant transforms need a master key")
+        seed = os.urandom(crypto.KEY_BYTES)
+        wrapped = self.keys.wrap(seed, _transform_ctx(tenant_id))
+        row = s.get(TenantTransform, tenant_id)
+        if row is None:
+            s.add(TenantTransform(tenant_id=tenant_id, wrapped=wrapped, master_id=self.keys.key_id))
+        else:
+            row.wrapped, row.master_id, row.created_at = wrapped, self.keys.key_id, _now()
+        s.flush()
+        return seed
 
     def revoke_key(self, key_id: str) -> bool:
         """Revoke a key (it then gets 401); False when there is no such key."""
@@ -894,20 +950,22 @@ class Store:
         """Raise ``crypto.MasterKeyError`` unless every stored data key is wrapped by the
         configured master key (none configured, with encrypted rows stored: an error too)."""
         with self._sessions() as s:
-            q = select(SubjectKey.master_id, func.count()).group_by(SubjectKey.master_id)
-            held = {m: int(n) for m, n in s.execute(q).all()}
+            held: dict[str, int] = {}
+            for col in (SubjectKey.master_id, TenantTransform.master_id):
+                for m, n in s.execute(select(col, func.count()).group_by(col)).all():
+                    held[m] = held.get(m, 0) + int(n)
         if not held:
             return
         if self.keys is None:
             raise crypto.MasterKeyError(
-                f"the database holds encrypted templates ({sum(held.values())} subject keys "
+                f"the database holds encrypted templates ({sum(held.values())} subject/tenant keys "
                 f"under master key {', '.join(sorted(held))}) but no master key is configured: "
                 f"set --master-key-file / ADVFACE_MASTER_KEY_FILE or ADVFACE_MASTER_KEY"
             )
         other = sorted(set(held) - {self.keys.key_id})
         if other:
             raise crypto.MasterKeyError(
-                f"{sum(held[m] for m in other)} subject keys are wrapped by master key(s) "
+                f"{sum(held[m] for m in other)} subject/tenant keys are wrapped by master key(s) "
                 f"{', '.join(other)}, not by the configured key {self.keys.key_id}: wrong key, "
                 "or an unfinished rotation (rerun advface keys rotate-master)"
             )
@@ -919,7 +977,8 @@ class Store:
         batch: int = 256,
         on_batch: Callable[[int], None] | None = None,
     ) -> int:
-        """Re-wrap every data key under ``new`` (the maps and embeddings are not touched).
+        """Re-wrap every data key and tenant transform seed under ``new`` (the maps and
+        embeddings are not touched).
 
         Each batch is one transaction, and rows already under ``new`` are skipped, so an
         interrupted rotation resumes where it stopped. Returns how many keys were re-wrapped.
@@ -927,24 +986,34 @@ class Store:
         if self.keys is None:
             raise crypto.MasterKeyError("rotating needs the current master key")
         old, done = self.keys, 0
-        while True:
-            with self._sessions.begin() as s:
-                q = select(SubjectKey).where(SubjectKey.master_id != new.key_id)
-                rows = list(s.scalars(q.order_by(SubjectKey.subject_pk).limit(batch)))
-                for r in rows:
-                    if r.master_id != old.key_id:
-                        raise crypto.MasterKeyError(
-                            f"subject key {r.subject_pk} is under master key {r.master_id}, "
-                            f"neither the current ({old.key_id}) nor the new one"
-                        )
-                    ctx = crypto.aad("data-key", r.tenant_id, r.subject_pk)
-                    r.wrapped = new.wrap(old.unwrap(r.wrapped, ctx), ctx)
-                    r.master_id = new.key_id
-            if not rows:
-                break
-            done += len(rows)
-            if on_batch is not None:
-                on_batch(len(rows))
+        tables: list[tuple[Any, Any, Callable[[Any], bytes]]] = [
+            (
+                SubjectKey,
+                SubjectKey.subject_pk,
+                lambda r: crypto.aad("data-key", r.tenant_id, r.subject_pk),
+            ),
+            (TenantTransform, TenantTransform.tenant_id, lambda r: _transform_ctx(r.tenant_id)),
+        ]
+        for table, pk, context in tables:
+            while True:
+                with self._sessions.begin() as s:
+                    q = select(table).where(table.master_id != new.key_id)
+                    rows = list(s.scalars(q.order_by(pk).limit(batch)))
+                    for r in rows:
+                        if r.master_id != old.key_id:
+                            raise crypto.MasterKeyError(
+                                f"{table.__tablename__} row {getattr(r, pk.key)} is under "
+                                f"master key {r.master_id}, neither the current "
+                                f"({old.key_id}) nor the new one"
+                            )
+                        ctx = context(r)
+                        r.wrapped = new.wrap(old.unwrap(r.wrapped, ctx), ctx)
+                        r.master_id = new.key_id
+                if not rows:
+                    break
+                done += len(rows)
+                if on_batch is not None:
+                    on_batch(len(rows))
         self.keys = new
         return done
 

@@ -92,6 +92,16 @@ def render(meta: dict, rows: list[dict]) -> str:
         "cannot be checked against LFW/CFP names).",
         "",
     ]
+    if meta.get("protections"):
+        lines += [
+            "Protections (the server's settings; `dp` is Laplace noise of scale "
+            "b = sensitivity / epsilon_dp on every element):",
+            "",
+        ]
+        for m, prm in meta["protections"].items():
+            shown = {k: v for k, v in prm.items() if not k.endswith("sha256") and k != "name"}
+            lines.append(f"- `{m}`: {shown}")
+        lines.append("")
     for d in sorted({r["dataset"] for r in rows}):
         lines += [
             f"## {d}",

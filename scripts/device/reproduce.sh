@@ -35,7 +35,7 @@ timeout "${BUDGET_S:-480}" "$py" scripts/device/device_main.py "$job" \
 rc=$?
 echo "$job exit $rc after $(($(date +%s) - t0)) s" | tee -a "$out/device.txt"
 tail -c 4000 "$out/log.txt"
-# Outputs (tables, report, figures) and the trained decoders, which a later session can carry
+# Outputs (tables, report, figures) and the trained decoders, which a later run can carry
 # back into $WORK/run/cache to resume training elsewhere.
 tar czf "$out/results.tar.gz" -C "$work/run" --exclude=./cache . 2>/dev/null
 [ "${MODELS:-1}" = 1 ] && (cd "$work/run/cache" 2>/dev/null && ls -d model-* >/dev/null 2>&1 &&

@@ -221,7 +221,7 @@ def _protect_stage(
     from advface.metrics.image import image_metrics
     from advface.models.facenet import preprocess
 
-    # Unprotected features: every attacker is replayed (the attack benchmark of issue 3).
+    # Unprotected features: every attacker is replayed (the attack benchmark).
     replayed = set(attackers) if cfg.method == "none" else set(REPLAYED) & set(attackers)
     p = ctx.profile
     # Only what the stage's output depends on: a change elsewhere in the profile (a note, the

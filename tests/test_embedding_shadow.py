@@ -180,9 +180,7 @@ def test_protect_options_build_embedding_shadow_from_checkpoints(tmp_path, rando
 
 
 def test_missing_packaged_networks_are_named(monkeypatch, tmp_path, nets):
-    import advface.protection.embedding_shadow as es
-
-    monkeypatch.setattr(es, "PACKAGED_WEIGHTS", tmp_path / "nothing")
+    monkeypatch.setenv("ADVFACE_CACHE_DIR", str(tmp_path / "empty-cache"))
     with pytest.raises(ValueError, match="advface train-protection"):
         EmbeddingShadow(extractor=nets["extractor"], head=nets["head"])
 

@@ -34,14 +34,19 @@ def _pairs(root: Path) -> list[tuple[str, Path, Path]]:
 
 def test_lfw_end_to_end(data_root: Path, tmp_path: Path) -> None:
     from advface.data.align import Aligner
+    from advface.pipelines.default_weights import train_default_protection
+    from advface.protection.embedding_shadow import default_weights_dir
     from advface.service.sdk import AdvFaceClient, NotFoundError
 
+    if not (default_weights_dir() / "manifest.json").is_file():
+        # A fresh cache: build the default protection's networks as an operator would (smaller).
+        train_default_protection(epochs=3, limit=300, check_faces=4, progress=False)
     pairs = _pairs(data_root)
     db_url = f"sqlite:///{tmp_path / 'lfw.db'}"
     store = Store(db_url)
     key = store.create_key("lfw-e2e")
     store.close()
-    # The default protection: embedding-shadow with the packaged networks.
+    # The default protection: embedding-shadow with the networks `train-protection` built.
     srv = dict(db_url=db_url, backend="facenet", threshold=THRESHOLD)
     srv_kw = dict(srv, log_path=tmp_path / "server.log", ready_timeout=600)
     aligner = Aligner(prefer_center=True)  # LFW images are centred on the labelled person

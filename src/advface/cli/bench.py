@@ -51,7 +51,10 @@ def bench_cmd(
 
 
 def train_protection_cmd(
-    out: Annotated[Path | None, typer.Option(help="folder (default: the package's own)")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="folder (default: $ADVFACE_CACHE_DIR/weights/embedding-shadow)"),
+    ] = None,
     data_root: DataRootOpt = None,
     epochs: Annotated[int, typer.Option(min=1)] = 5,
     limit: Annotated[int | None, typer.Option(help="images of CelebA's server half")] = None,
@@ -59,11 +62,12 @@ def train_protection_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train the shadow and generator embedding-shadow uses by default (CelebA server half)."""
-    from advface.pipelines.default_weights import PACKAGED, train_default_protection
+    from advface.pipelines.default_weights import train_default_protection
+    from advface.protection.embedding_shadow import default_weights_dir
 
     with user_errors():
         manifest = train_default_protection(
-            out or PACKAGED,
+            out,
             data_root=data_root,
             epochs=epochs,
             limit=limit,
@@ -71,4 +75,4 @@ def train_protection_cmd(
             progress=not quiet,
         )
     typer.echo(json.dumps(manifest["check"]))
-    typer.echo(f"wrote {out or PACKAGED} ({manifest['seconds']} s)")
+    typer.echo(f"wrote {out or default_weights_dir()} ({manifest['seconds']} s)")

@@ -66,7 +66,7 @@ def serve_cmd(
         str | None,
         typer.Option(
             help="embedding-shadow|advface|random|dp|none [ADVFACE_PROTECTION; default: "
-            "embedding-shadow with the packaged networks]"
+            "embedding-shadow with the networks of advface train-protection]"
         ),
     ] = None,
     allow_unprotected: Annotated[

@@ -1,4 +1,4 @@
-"""``advface train-protection``: the networks embedding-shadow ships with.
+"""``advface train-protection``: the networks embedding-shadow uses by default.
 
 Trains the server's shadow S (ResRec) and generator D (EmbDec) of the CPU profile on CelebA's
 server half (identity-disjoint from CelebA's attacker half and from every test set by source),
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from advface.protection.embedding_shadow import PACKAGED_WEIGHTS as PACKAGED
+from advface.protection.embedding_shadow import default_weights_dir
 
 
 def _train(images: np.ndarray, enc, arch: str, feature_fn, epochs: int, seed: int, progress):
@@ -68,7 +68,7 @@ def _check(out: Path, root: Path, n: int, seed: int) -> dict[str, float]:
 
 
 def train_default_protection(
-    out: str | Path = PACKAGED,
+    out: str | Path | None = None,
     *,
     data_root: str | Path | None = None,
     epochs: int = 5,
@@ -94,7 +94,7 @@ def train_default_protection(
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     root = config.data_root(data_root)
-    out = Path(out)
+    out = Path(out) if out is not None else default_weights_dir()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     t0 = time.perf_counter()

@@ -44,9 +44,15 @@ from advface.protection.advface import (
 )
 from advface.protection.base import Protection, check_choice, check_finite_number, check_int
 
-#: The networks the package ships (``advface train-protection``): used when no generator or
-#: shadow is given.
-PACKAGED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "embedding-shadow"
+
+def default_weights_dir() -> Path:
+    """Where ``advface train-protection`` puts the default generator and shadow (used when none
+    is given): ``$ADVFACE_CACHE_DIR/weights/embedding-shadow``. Trained networks are data, not
+    code: they live in the cache, with a manifest of how they were made."""
+    from advface.config import cache_dir
+
+    return cache_dir() / "weights" / "embedding-shadow"
+
 
 #: ``sign``: alpha * sign(g) (AdvFace's step); ``scaled``: alpha * g / mean|g| (the same mean
 #: step, larger where the gradient is larger; it measured no better than sign).
@@ -74,9 +80,10 @@ class EmbeddingShadow(Protection):
 
     Args:
         generator: D, embedding -> image in [0,1] (module or EmbDec checkpoint directory),
-            trained by the server on its own faces; default: the packaged one.
+            trained by the server on its own faces; default: the one ``advface
+            train-protection`` built.
         shadow: S, feature -> image (module or checkpoint), the reconstructor PGD works against;
-            default: the packaged one (:data:`PACKAGED_WEIGHTS`).
+            default: the one ``advface train-protection`` built (:func:`default_weights_dir`).
         extractor, head: E and Psi; default the converted FaceNet split at conv2d_2b.
         steps: PGD iterations T (default 30).
         alpha: mean step size (default 0.1).
@@ -133,13 +140,14 @@ class EmbeddingShadow(Protection):
         self.random_start = random_start
         self.bn = check_choice("bn", bn, BN_MODES)
         if generator is None or shadow is None:
-            if not (PACKAGED_WEIGHTS / "manifest.json").is_file():
+            default = default_weights_dir()
+            if not (default / "manifest.json").is_file():
                 raise ValueError(
-                    "no generator/shadow given and no packaged networks at "
-                    f"{PACKAGED_WEIGHTS} (build them with `advface train-protection`)"
+                    f"no generator/shadow given and no trained networks at {default}: build "
+                    "them once with `advface train-protection` (CelebA's server half, minutes)"
                 )
-            generator = PACKAGED_WEIGHTS / "generator" if generator is None else generator
-            shadow = PACKAGED_WEIGHTS / "shadow" if shadow is None else shadow
+            generator = default / "generator" if generator is None else generator
+            shadow = default / "shadow" if shadow is None else shadow
         gen, self._info = _module(generator, "generator")
         sha, info = _module(shadow, "shadow")
         self._info.update(info)

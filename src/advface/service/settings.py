@@ -35,9 +35,9 @@ class ServiceSettings:
     db_url: str = ""
     # Cosine similarity of L2-normalised Psi embeddings at or above which verify says "match".
     threshold: float = 0.4
-    # "default": embedding-shadow with the packaged networks (the toy backend, a test stand-in
-    # without trained networks, defaults to none). "none" with the FaceNet backend stores the
-    # clients' uploads as they are and needs allow_unprotected=1.
+    # "default": embedding-shadow with the networks of `advface train-protection` (the toy
+    # backend, a test stand-in without trained networks, defaults to none). "none" with the
+    # FaceNet backend stores the clients' uploads as they are and needs allow_unprotected=1.
     protection: str = "default"
     protection_params: dict[str, Any] = field(default_factory=dict)
     allow_unprotected: int = 0

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from advface.pipelines.robustness.models import BenchContext
+from advface.pipelines.robustness.models import BenchContext, code_fingerprint
 
 DATASET_OF = {"lfw": "lfw", "cfp-fp": "cfp"}
 
@@ -77,7 +77,9 @@ def clean_protocol(ctx: BenchContext, dataset: str, embed: Callable) -> Protocol
         load_protocol(dataset, ctx.root), pairs_per_fold=p.pairs_per_fold, seed=p.seed
     )
     key = hashlib.sha256("\n".join(sub.keys).encode()).hexdigest()[:16]
-    settings = dict(dataset=dataset, keys=key, weights=ctx.weights_sha)
+    # Clean embeddings run FaceNet only: keyed by its code and weights.
+    code = code_fingerprint(("models/facenet.py", "models/split.py"))
+    settings = dict(dataset=dataset, keys=key, weights=ctx.weights_sha, code=code)
 
     def compute() -> dict[str, np.ndarray]:
         images = aligned_images(

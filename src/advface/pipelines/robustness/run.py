@@ -354,8 +354,8 @@ def run_bench(
     for i, method in enumerate(ORDER):
         adaptive = _adaptive_attackers(ctx, nets, attacker_split, method)
         for ev in evals.values():
-            rows += _evaluate_method(ctx, ev, nets, adaptive, method)
-        ctx.protections[method] = _public_params(_server_protection(ctx, nets, method))
+            method_rows, ctx.protections[method] = _evaluate_method(ctx, ev, nets, adaptive, method)
+            rows += method_rows
         meta = _meta(ctx, splits, t_start, complete=i == len(ORDER) - 1)
         report.write_all(out, meta, rows)
     grids = {d: ev.grid for d, ev in evals.items()}
@@ -481,8 +481,9 @@ def _evaluate_method(
     nets: Networks,
     adaptive: dict[str, nn.Module],
     method: str,
-) -> list[dict]:
-    """Every attacker against ``method`` on one dataset, and its verification accuracy."""
+) -> tuple[list[dict], dict]:
+    """Every attacker against ``method`` on one dataset, its verification accuracy, and the
+    protection's parameters (without paths)."""
     from advface.pipelines.robustness.metrics import accuracy_rows, recon_rows
 
     p, d = ctx.profile, ev.dataset
@@ -511,4 +512,4 @@ def _evaluate_method(
     emb = _stored_embeddings(
         ctx, f"stored-{d}-{method}", stored_key, ev.proto.stored_images(ctx), prot.protect
     )
-    return rows + accuracy_rows(d, method, emb, ev.proto)
+    return rows + accuracy_rows(d, method, emb, ev.proto), _public_params(prot)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advface.attacks.train import unit_to_facenet
+from advface.models.facenet import unit_to_facenet
 
 
 def total_variation(x: Tensor) -> Tensor:

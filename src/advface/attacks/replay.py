@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from advface.attacks.train import unit_to_facenet
 from advface.metrics.image import proportion_ci
+from advface.models.facenet import unit_to_facenet
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from advface.models.facenet import unit_to_facenet  # noqa: F401 (re-exported: older imports)
 from advface.models.recon import build_recon, load_checkpoint, read_config, save_checkpoint
 from advface.models.recon.checkpoint import atomic_save_tensors
 
@@ -60,11 +61,6 @@ def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if t.dtype != torch.uint8 or t.ndim != 4 or t.shape[-1] != 3:
         raise ValueError(f"expected uint8 images (N,H,W,3), got {t.dtype} {tuple(t.shape)}")
     return t.permute(0, 3, 1, 2).float().div(255.0)
-
-
-def unit_to_facenet(x: torch.Tensor) -> torch.Tensor:
-    """[0,1] images (N,3,H,W) -> FaceNet input: x*255 then (x - 127.5)/128 (no uint8 rounding)."""
-    return (x * 255.0 - 127.5) / 128.0
 
 
 @dataclass

@@ -49,8 +49,11 @@ __all__ = [
     "embedding_head",
     "facenet_pb_path",
     "load_facenet",
+    "facenet_to_unit",
     "load_state_dict_file",
     "preprocess",
+    "standardize_pixels",
+    "unit_to_facenet",
 ]
 
 ARCHITECTURE = "inception_resnet_v1"
@@ -259,6 +262,31 @@ class InceptionResnetV1(nn.Module):
 
 # --------------------------------------------------------------------------- preprocessing
 
+#: FaceNet's input standardisation: a pixel value v in [0, 255] enters as (v - 127.5) / 128.
+PIXEL_MEAN = 127.5
+PIXEL_SCALE = 128.0
+
+
+def standardize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixel values in [0, 255] (any shape) -> FaceNet input (v - 127.5) / 128.
+
+    The one place FaceNet's input transform lives: :func:`preprocess` (uint8 images) and
+    :func:`unit_to_facenet` ([0,1] images) both go through it.
+    """
+    return (pixels - PIXEL_MEAN) / PIXEL_SCALE
+
+
+def unit_to_facenet(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0,1] (N,3,H,W) -> FaceNet input (x*255 - 127.5) / 128, without rounding to
+    uint8 (what E and the full network expect of a reconstruction or a generated face)."""
+    return standardize_pixels(x * 255.0)
+
+
+def facenet_to_unit(y: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`unit_to_facenet`: FaceNet input -> (y*128 + 127.5) / 255 in [0,1]
+    (up to float rounding; values outside FaceNet's input range map outside [0,1])."""
+    return (y * PIXEL_SCALE + PIXEL_MEAN) / 255.0
+
 
 def preprocess(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 RGB images (N,H,W,3), numpy or tensor -> float32 (N,3,H,W) as (x - 127.5) / 128.
@@ -284,7 +312,7 @@ def preprocess(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if min(tensor.shape[:3]) == 0:
         raise ValueError(f"preprocess got an empty batch or image: {tuple(tensor.shape)}")
     # Both steps are exact in float32 (half-integers, division by a power of two).
-    out = (tensor.permute(0, 3, 1, 2).to(torch.float32) - 127.5) / 128.0
+    out = standardize_pixels(tensor.permute(0, 3, 1, 2).to(torch.float32))
     return out.contiguous()
 
 

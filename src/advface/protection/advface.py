@@ -24,16 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from advface.models.facenet import unit_to_facenet
 from advface.protection.base import Protection, check_choice, check_finite_number, check_int
+from advface.protection.pgd import PGD, PGDTrace
 
 READINGS: tuple[str, ...] = ("per-step", "projected")
 BN_MODES: tuple[str, ...] = ("batch", "sample", "running")
 EXTRACTOR_INPUTS: tuple[str, ...] = ("facenet", "unit")
 
 
-def facenet_standardize(x: Tensor) -> Tensor:
-    """Images in [0,1] -> FaceNet input (x*255 - 127.5) / 128 (what E expects)."""
-    return (x * 255.0 - 127.5) / 128.0
+#: Images in [0,1] -> FaceNet input (x*255 - 127.5) / 128 (what E expects); the function lives
+#: with the model, this name is kept for older imports.
+facenet_standardize = unit_to_facenet
 
 
 class _ShadowNorm(nn.Module):
@@ -208,9 +210,13 @@ class AdvFace(Protection):
         channels_last: run S and E in channels-last memory format (about 12% less CPU time
             with oneDNN in our measurement; results differ from the default only by float
             rounding). An execution detail, so not part of :meth:`params`.
+        keep_best: store, for each face, the iterate z_0..z_T with the highest shadow loss
+            ||S(z_t) - x~||_1 (that face's share of eq. 5 as evaluated in its batch) instead of
+            z_T. Off by default (the paper stores z_T).
 
     The loss is the L1 norm summed over all elements of the batch (eq. 5); only its sign
     matters, so sum vs mean does not change the result. sign(0) = 0 as in the paper.
+    The iterations run on the shared PGD engine (:mod:`advface.protection.pgd`).
     Deterministic: no randomness is used (``seed`` is accepted for interface uniformity);
     on CUDA, non-deterministic cuDNN kernels can still flip signs of near-zero gradients.
     """
@@ -231,9 +237,13 @@ class AdvFace(Protection):
         extractor_input: str = "facenet",
         device: str | torch.device | None = None,
         channels_last: bool = False,
+        keep_best: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if not isinstance(keep_best, bool):
+            raise ValueError(f"keep_best must be a bool, got {keep_best!r}")
+        self.keep_best = keep_best
         self.channels_last = bool(channels_last)
         self.steps = check_int("steps", steps, low=0)
         self.alpha = check_finite_number("alpha", alpha, low=0.0)
@@ -243,7 +253,7 @@ class AdvFace(Protection):
         self.clamp_min = None if clamp_min is None else check_finite_number("clamp_min", clamp_min)
         self.extractor_input = check_choice("extractor_input", extractor_input, EXTRACTOR_INPUTS)
         self._to_input: Callable[[Tensor], Tensor] = (
-            facenet_standardize if extractor_input == "facenet" else (lambda x: x)
+            unit_to_facenet if extractor_input == "facenet" else (lambda x: x)
         )
 
         self._shadow_info: dict[str, Any] = {}
@@ -288,7 +298,9 @@ class AdvFace(Protection):
         return self._run(z, trace=False).z
 
     def _loss(self, z: Tensor, x_shadow: Tensor) -> Tensor:
-        return (self.shadow(z) - x_shadow).abs().sum()
+        """||S(z) - x~||_1: summed over the batch (eq. 5), or per face (N,) for keep-best."""
+        diff = (self.shadow(z) - x_shadow).abs()
+        return diff.flatten(1).sum(1) if self.keep_best else diff.sum()
 
     def _run(self, z: Tensor, trace: bool) -> AdvFaceResult:
         dtype = next(self.shadow.parameters(), torch.empty(0)).dtype
@@ -305,29 +317,22 @@ class AdvFace(Protection):
             )
         if self.clamp_min is not None:
             z0 = z0.clamp_min(self.clamp_min)
-        result = AdvFaceResult(z=z0, shadow_image=x_shadow, shadow_feature=z0)
-        zt = z0
-        step_size = min(self.alpha, self.epsilon) if self.reading == "per-step" else self.alpha
-        # With epsilon = 0 every reading keeps z~: skip the (costly) gradient steps.
-        for _ in range(self.steps if self.epsilon > 0 else 0):
-            with torch.enable_grad():
-                zg = zt.detach().requires_grad_(True)
-                loss = self._loss(zg, x_shadow)
-                (grad,) = torch.autograd.grad(loss, zg)
-            # Per-step: alpha*sign clipped to [-eps, eps] == min(alpha, eps)*sign.
-            znext = zt + step_size * grad.sign()
-            if self.reading == "projected":
-                znext = z0 + (znext - z0).clamp(-self.epsilon, self.epsilon)
-            if self.clamp_min is not None:
-                znext = znext.clamp_min(self.clamp_min)
-            if trace:
-                result.losses.append(float(loss))
-                result.step_linf.append(float((znext - zt).abs().max()))
-            zt = znext
-        if trace:
-            result.losses.append(float(self._loss(zt, x_shadow)))
-            result.drift_linf = float((zt - z0).abs().max()) if self.steps else 0.0
-        result.z = zt
+        engine = PGD(
+            # With epsilon = 0 every reading keeps z~: skip the (costly) gradient steps.
+            steps=self.steps if self.epsilon > 0 else 0,
+            alpha=self.alpha,
+            epsilon=self.epsilon,
+            reading=self.reading,
+            step_rule="sign",
+            clamp_min=self.clamp_min,
+            keep_best=self.keep_best,
+        )
+        record = PGDTrace() if trace else None
+        zt = engine(z0, loss=lambda zz: self._loss(zz, x_shadow), trace=record)
+        result = AdvFaceResult(z=zt, shadow_image=x_shadow, shadow_feature=z0)
+        if record is not None:
+            result.losses, result.step_linf = record.losses, record.step_linf
+            result.drift_linf = record.drift_linf
         return result
 
     def _params(self) -> dict[str, Any]:
@@ -341,5 +346,6 @@ class AdvFace(Protection):
             "extractor_input": self.extractor_input,
             "shadow_sha256": self.shadow_sha256,
             "extractor_sha256": self.extractor_sha256,
+            **({"keep_best": True} if self.keep_best else {}),  # older records stay unchanged
             **self._shadow_info,
         }

@@ -48,6 +48,25 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return str(value)
 
 
+def noise_like(z: Tensor, generator: torch.Generator | None, kind: str = "uniform") -> Tensor:
+    """Noise shaped like ``z`` on ``z``'s device: ``uniform`` U[-1, 1) or ``laplace``
+    Laplace(0, 1). Drawn on the CPU when seeded so that results do not depend on the
+    device; unseeded draws happen on the device directly."""
+    device = "cpu" if generator is not None else z.device
+    if kind == "uniform":
+        u = torch.rand(z.shape, generator=generator, device=device, dtype=z.dtype)
+        noise = u.mul_(2).sub_(1)
+    elif kind == "laplace":
+        # Difference of two Exp(1) variables is Laplace(0, 1); 1 - U lies in (0, 1], so
+        # the logarithms stay finite.
+        u1 = torch.rand(z.shape, generator=generator, device=device, dtype=z.dtype)
+        u2 = torch.rand(z.shape, generator=generator, device=device, dtype=z.dtype)
+        noise = torch.log1p(-u2).sub_(torch.log1p(-u1))
+    else:  # pragma: no cover - internal misuse
+        raise ValueError(f"unknown noise kind {kind!r}")
+    return noise.to(z.device)
+
+
 def _check_seed(seed: Any) -> int | None:
     if seed is None:
         return None
@@ -148,24 +167,8 @@ class Protection(ABC):
         """Method-specific entries of :meth:`params`."""
         return {}
 
-    @staticmethod
-    def _noise_like(z: Tensor, generator: torch.Generator | None, kind: str = "uniform") -> Tensor:
-        """Noise shaped like ``z`` on ``z``'s device: ``uniform`` U[-1, 1) or ``laplace``
-        Laplace(0, 1). Drawn on the CPU when seeded so that results do not depend on the
-        device; unseeded draws happen on the device directly."""
-        device = "cpu" if generator is not None else z.device
-        if kind == "uniform":
-            u = torch.rand(z.shape, generator=generator, device=device, dtype=z.dtype)
-            noise = u.mul_(2).sub_(1)
-        elif kind == "laplace":
-            # Difference of two Exp(1) variables is Laplace(0, 1); 1 - U lies in (0, 1], so
-            # the logarithms stay finite.
-            u1 = torch.rand(z.shape, generator=generator, device=device, dtype=z.dtype)
-            u2 = torch.rand(z.shape, generator=generator, device=device, dtype=z.dtype)
-            noise = torch.log1p(-u2).sub_(torch.log1p(-u1))
-        else:  # pragma: no cover - internal misuse
-            raise ValueError(f"unknown noise kind {kind!r}")
-        return noise.to(z.device)
+    #: Noise shaped like a tensor (see :func:`noise_like`).
+    _noise_like = staticmethod(noise_like)
 
 
 class NoProtection(Protection):

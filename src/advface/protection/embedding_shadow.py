@@ -34,15 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advface.protection.advface import (
-    BN_MODES,
-    _frozen_copy,
-    _swap_norms,
-    facenet_standardize,
-    fingerprint,
-    load_shadow,
-)
+from advface.models.facenet import unit_to_facenet
+from advface.protection.advface import BN_MODES, _frozen_copy, _swap_norms, fingerprint, load_shadow
 from advface.protection.base import Protection, check_choice, check_finite_number, check_int
+from advface.protection.pgd import PGD, unit_scale
 
 
 def default_weights_dir() -> Path:
@@ -55,7 +50,8 @@ def default_weights_dir() -> Path:
 
 
 #: ``sign``: alpha * sign(g) (AdvFace's step); ``scaled``: alpha * g / mean|g| (the same mean
-#: step, larger where the gradient is larger; it measured no better than sign).
+#: step, larger where the gradient is larger; it measured no better than sign). The iterations
+#: run on the shared PGD engine (:mod:`advface.protection.pgd`).
 STEP_RULES: tuple[str, ...] = ("sign", "scaled")
 
 
@@ -204,27 +200,32 @@ class EmbeddingShadow(Protection):
     def _from_embedding(self, e: Tensor, generator: torch.Generator | None) -> Tensor:
         e = F.normalize(e, dim=1)
         x_shadow = self.generator(e)
-        z0 = self.extractor(facenet_standardize(x_shadow))
-        zt = z0
-        if self.random_start and self.epsilon > 0:
-            zt = z0 + self.epsilon * self._noise_like(z0, generator, "uniform")
-        steps = self.steps if self.epsilon > 0 else 0
-        for t in range(steps):
+        z0 = self.extractor(unit_to_facenet(x_shadow))
+        engine = PGD(
+            steps=self.steps if self.epsilon > 0 else 0,
+            alpha=self.alpha,
+            epsilon=self.epsilon,
+            reading="projected",
+            step_rule=self.step_rule,
+            # "decay": alpha * 2(T - t)/T, the same total path with large early steps and fine
+            # late ones (sign steps of a fixed size oscillate around the target embedding).
+            schedule="decay" if self.decay else "constant",
+            random_start=self.random_start,
+        )
+
+        def direction(zt: Tensor) -> Tensor:
             with torch.enable_grad():
                 zg = zt.detach().requires_grad_(True)
                 rec = (self.shadow(zg) - x_shadow).abs().sum()
                 (g_rec,) = torch.autograd.grad(rec, zg)
-                g = _unit(g_rec)
+                g = unit_scale(g_rec)
                 if self.identity_weight > 0:
                     ident = F.cosine_similarity(self.head(zg), e, dim=1).sum()
                     (g_id,) = torch.autograd.grad(ident, zg)
-                    g = g + self.identity_weight * _unit(g_id)
-            step = g.sign() if self.step_rule == "sign" else _unit(g)
-            # "decay": alpha * 2(T - t)/T, the same total path with large early steps and fine
-            # late ones (sign steps of a fixed size oscillate around the target embedding).
-            size = self.alpha * 2 * (steps - t) / steps if self.decay else self.alpha
-            zt = z0 + (zt + size * step - z0).clamp(-self.epsilon, self.epsilon)
-        return zt.detach()
+                    g = g + self.identity_weight * unit_scale(g_id)
+            return g
+
+        return engine(z0, direction=direction, generator=generator)
 
     def _params(self) -> dict[str, Any]:
         return {
@@ -239,9 +240,3 @@ class EmbeddingShadow(Protection):
             **self.fingerprints,
             **self._info,
         }
-
-
-def _unit(g: Tensor) -> Tensor:
-    """g divided by its mean absolute value per sample (so two gradients can be mixed)."""
-    scale = g.abs().flatten(1).mean(1).clamp_min(1e-20)
-    return g / scale.view(-1, *([1] * (g.dim() - 1)))

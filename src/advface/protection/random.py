@@ -7,7 +7,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from advface.protection.base import Protection, check_choice, check_finite_number, check_int
+from advface.protection.base import (
+    Protection,
+    check_choice,
+    check_finite_number,
+    check_int,
+    noise_like,
+)
+from advface.protection.pgd import PGD
 
 
 class RandomPerturbation(Protection):
@@ -22,7 +29,8 @@ class RandomPerturbation(Protection):
     ``reading="accumulated"`` (default, the paper's text) lets the rounds add up (per-element
     spread about ``bound * sqrt(steps / 3)``); ``reading="projected"`` projects the running sum
     onto {||z' - z||_inf <= epsilon} after every round, the same budget as AdvFace's projected
-    reading, so that the two are compared like for like.
+    reading, so that the two are compared like for like. Runs on the shared PGD engine
+    (:mod:`advface.protection.pgd`) with a random direction and the ``raw`` step rule.
     """
 
     name: ClassVar[str] = "random"
@@ -45,16 +53,22 @@ class RandomPerturbation(Protection):
         self.distribution = check_choice("distribution", distribution, ("uniform", "sign"))
 
     def _protect(self, z: Tensor, generator: torch.Generator | None) -> Tensor:
-        out = z.clone()
-        for _ in range(self.steps):
+        engine = PGD(
+            steps=self.steps,
+            alpha=self.bound,
+            epsilon=self.epsilon,
+            reading=self.reading,
+            step_rule="raw",
+        )
+
+        def direction(_: Tensor) -> Tensor:
             # One draw per round (not one scaled draw) so that each round is bounded on its own.
-            n = self._noise_like(z, generator, "uniform")
+            n = noise_like(z, generator, "uniform")
             if self.distribution == "sign":
                 n = torch.where(n >= 0, 1.0, -1.0).to(z.dtype)
-            out.add_(n, alpha=self.bound)
-            if self.reading == "projected":
-                out = z + (out - z).clamp_(-self.epsilon, self.epsilon)
-        return out
+            return n
+
+        return engine(z, direction=direction)
 
     def _params(self) -> dict[str, Any]:
         out = {"steps": self.steps, "bound": self.bound, "distribution": self.distribution}

@@ -129,6 +129,30 @@ def test_preprocess_values_and_layout() -> None:
     assert torch.equal(preprocess(torch.from_numpy(images)), out)
 
 
+def test_one_input_transform_for_unit_images_and_its_inverse() -> None:
+    from advface.attacks import train
+    from advface.models.facenet import facenet_to_unit, standardize_pixels, unit_to_facenet
+    from advface.protection import advface
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 8, 8, generator=g)
+    x[0, 0, 0, :3] = torch.tensor([0.0, 0.5, 1.0])
+    y = unit_to_facenet(x)
+    # The documented formula, bit for bit, and the form the evaluation pipelines once wrote.
+    assert torch.equal(y, (x * 255.0 - 127.5) / 128.0)
+    assert torch.equal(y, x * 255.0 / 128.0 - 127.5 / 128.0)
+    assert y[0, 0, 0, :3].tolist() == [-127.5 / 128, 0.0, 127.5 / 128]
+    assert torch.allclose(facenet_to_unit(y), x, atol=1e-6)
+    # uint8 images go through the same standardisation, exactly.
+    u8 = torch.randint(0, 256, (2, 5, 5, 3), generator=g, dtype=torch.uint8)
+    assert torch.equal(preprocess(u8), standardize_pixels(u8.permute(0, 3, 1, 2).float()))
+    assert torch.allclose(unit_to_facenet(u8.permute(0, 3, 1, 2).float() / 255), preprocess(u8))
+    # Older import paths name the same function.
+    assert (
+        advface.facenet_standardize is unit_to_facenet and train.unit_to_facenet is unit_to_facenet
+    )
+
+
 def test_preprocess_accepts_non_contiguous() -> None:
     images = np.zeros((2, 4, 4, 3), dtype=np.uint8)[:, ::-1]
     assert preprocess(images).shape == (2, 3, 4, 4)

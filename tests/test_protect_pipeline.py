@@ -126,6 +126,16 @@ def test_build_from_options_rejects_foreign_flags() -> None:
     with pytest.raises(ValueError, match="unknown method"):
         build_from_options("blur")
     assert build_from_options("dp", epsilon=0.4, epsilon_dp=2.0).scale == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="--keep-best"):
+        build_from_options("random", keep_best=True)
+
+
+def test_keep_best_option_reaches_advface(shadow_ckpt) -> None:
+    e = _extractor()
+    on = build_from_options("advface", shadow=shadow_ckpt, steps=1, extractor=e, keep_best=True)
+    off = build_from_options("advface", shadow=shadow_ckpt, steps=1, extractor=e)
+    assert on.keep_best and on.params()["keep_best"] is True
+    assert not off.keep_best and "keep_best" not in off.params()
 
 
 def test_cli_protect_random_json(tmp_path, features) -> None:

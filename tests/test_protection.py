@@ -302,6 +302,29 @@ def test_clamp_min_keeps_features_in_relu_range() -> None:
     assert float(unclamped.min()) < 0.0  # the literal eq. 6 leaves E's range
 
 
+def test_keep_best_stores_each_faces_highest_shadow_loss() -> None:
+    e, s = _pair()
+    z = _features(4, e)
+    # "sample" statistics: a face's shadow loss does not depend on its batch-mates, so the
+    # per-face best iterates can be compared directly.
+    plain = _advface(s, e, steps=12, alpha=0.3, bn="sample")
+    best = _advface(s, e, steps=12, alpha=0.3, bn="sample", keep_best=True)
+    assert "keep_best" not in plain.params() and best.params()["keep_best"] is True
+    res = best.run(z)
+    assert max(res.losses) > res.losses[-1]  # sign steps overshoot: the last is not the best
+
+    def per_face(out: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return best._loss(out, res.shadow_image)
+
+    last = plain.protect(z)
+    kept = best.protect(z)
+    assert (per_face(kept) >= per_face(last)).all() and (per_face(kept) > per_face(last)).any()
+    assert float((kept - res.shadow_feature).abs().max()) <= 0.2 + 1e-6
+    with pytest.raises(ValueError, match="keep_best"):
+        _advface(s, e, keep_best=1)
+
+
 def test_shadow_and_extractor_are_never_modified() -> None:
     e, s = _pair()
     s.train()  # whatever mode the caller left them in is kept

@@ -47,6 +47,10 @@ def protect_command(
     clamp_min: Annotated[
         float | None, typer.Option("--clamp-min", help="clamp AdvFace iterates (e.g. 0)")
     ] = None,
+    keep_best: Annotated[
+        bool,
+        typer.Option("--keep-best", help="store each face's highest-shadow-loss iterate (advface)"),
+    ] = False,
     epsilon_dp: Annotated[
         float | None, typer.Option("--epsilon-dp", help="dp privacy budget (default 1.0)")
     ] = None,
@@ -88,6 +92,7 @@ def protect_command(
             reading=reading,
             bn=bn,
             clamp_min=clamp_min,
+            keep_best=True if keep_best else None,
             epsilon_dp=epsilon_dp,
             generator=generator,
             extractor=extractor,

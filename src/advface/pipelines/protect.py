@@ -35,6 +35,7 @@ def build_from_options(
     reading: str | None = None,
     bn: str | None = None,
     clamp_min: float | None = None,
+    keep_best: bool | None = None,
     epsilon_dp: float | None = None,
     generator: str | Path | None = None,
     extractor: torch.nn.Module | None = None,
@@ -56,6 +57,7 @@ def build_from_options(
         "reading": reading,
         "bn": bn,
         "clamp_min": clamp_min,
+        "keep_best": keep_best,
         "epsilon_dp": epsilon_dp,
         "generator": generator,
     }

@@ -40,7 +40,8 @@ def build_protection(name: str, **params: Any) -> Protection:
     - ``dp``: ``epsilon_dp=1.0, sensitivity=0.2, seed``
     - ``advface``: ``shadow`` (module or checkpoint dir, required), ``extractor`` (module;
       default: E of the converted FaceNet), ``steps=40, alpha=0.2, epsilon=0.2,
-      reading="projected"|"per-step", bn="batch"|"sample"|"running", clamp_min=None, device``
+      reading="projected"|"per-step", bn="batch"|"sample"|"running", clamp_min=None,
+      keep_best=False, device``
     - ``embedding-shadow``: ``generator`` and ``shadow`` (modules or checkpoint dirs, required),
       ``extractor``/``head`` (default: the converted FaceNet's E and Psi), ``steps=30,
       alpha=0.1, epsilon=1.0, decay=True, identity_weight=1.0, random_start=True,

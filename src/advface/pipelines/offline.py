@@ -188,6 +188,31 @@ def _epoch(parts, data, opt, settings, gen, deadline, bar) -> tuple[dict[str, fl
     return {k: v / count for k, v in sums.items()} | {"images": count}, stopped
 
 
+def _train(parts, data, opt, settings, history, deadline, save, progress) -> str:
+    """Epochs until ``settings.epochs`` (``history`` grows in place, ``save`` after each);
+    returns why training stopped."""
+    n = len(data["target"])
+    gen = torch.Generator().manual_seed(settings.seed)
+    for _ in range(len(history)):  # the same shuffles as an uninterrupted run
+        torch.randperm(n, generator=gen)
+    steps_per_epoch = math.ceil(n / settings.batch_size)
+    with tqdm(
+        total=settings.epochs * steps_per_epoch,
+        initial=len(history) * steps_per_epoch,
+        desc="distill",
+        disable=not progress,
+        unit="step",
+    ) as bar:
+        while len(history) < settings.epochs:
+            rec, timed_out = _epoch(parts, data, opt, settings, gen, deadline, bar)
+            history.append({k: round(v, 6) for k, v in rec.items()})
+            bar.set_postfix(loss=f"{rec['protected']:.4f}")
+            save()
+            if timed_out:
+                return "time budget"
+    return "epochs"
+
+
 @torch.no_grad()
 def _eval_loss(parts, data, settings) -> dict[str, float]:
     out = {}
@@ -232,26 +257,17 @@ def distill_head(
     tparts = head_parts(teacher, settings.train_from)
     src = images if images is not None else features
     assert src is not None
-    data_hash = hashlib.sha256(
-        np.ascontiguousarray(
-            src if isinstance(src, np.ndarray) else src.detach().cpu().numpy()
-        ).tobytes()
-    ).hexdigest()
+    arr = src if isinstance(src, np.ndarray) else src.detach().cpu().numpy()
+    data_hash = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
     # Epochs and the time budget only say when to stop: a rerun with more of either resumes.
     trained = {k: v for k, v in asdict(settings).items() if k not in ("epochs", "time_budget_s")}
     key = _run_key(teacher_fp, _protection_record(protection), data_hash, trained)
     wd = Path(work_dir) if work_dir is not None else None
     state = _open_work_dir(wd, key)
     data = _feature_chunks(
-        src,
-        extractor,
-        tparts.prefix,
-        tparts.tail,
-        protect,
-        batch=settings.feature_batch,
-        work_dir=wd,
-        progress=progress,
-    )
+        src, extractor, tparts.prefix, tparts.tail, protect,
+        batch=settings.feature_batch, work_dir=wd, progress=progress,
+    )  # fmt: skip
     feature_s = time.monotonic() - t0
     torch.manual_seed(settings.seed)
     opt = torch.optim.Adam([p for p in parts.tail.parameters() if p.requires_grad], lr=settings.lr)
@@ -260,30 +276,15 @@ def distill_head(
         _resume(wd, student, opt, state)
         history = state["history"]
     start_loss = state["start_loss"] if state else _eval_loss(parts, data, settings)
-    gen = torch.Generator().manual_seed(settings.seed)
-    for _ in range(len(history)):  # the same shuffles as an uninterrupted run
-        torch.randperm(n, generator=gen)
     # The budget counts from the start (feature pass included); training stops at the first
     # step past it, after the feature pass at the latest.
     deadline = None if settings.time_budget_s is None else t0 + settings.time_budget_s
-    steps_per_epoch = math.ceil(n / settings.batch_size)
-    stop = "epochs"
-    with tqdm(
-        total=settings.epochs * steps_per_epoch,
-        initial=len(history) * steps_per_epoch,
-        desc="distill",
-        disable=not progress,
-        unit="step",
-    ) as bar:
-        while len(history) < settings.epochs:
-            rec, timed_out = _epoch(parts, data, opt, settings, gen, deadline, bar)
-            history.append({k: round(v, 6) for k, v in rec.items()})
-            bar.set_postfix(loss=f"{rec['protected']:.4f}")
-            if wd is not None:
-                _checkpoint(wd, student, opt, key, history, start_loss, settings, teacher_fp)
-            if timed_out:
-                stop = "time budget"
-                break
+
+    def save() -> None:
+        if wd is not None:
+            _checkpoint(wd, student, opt, key, history, start_loss, settings, teacher_fp)
+
+    stop = _train(parts, data, opt, settings, history, deadline, save, progress)
     record = {
         "settings": asdict(settings),
         "images": n,
@@ -484,6 +485,23 @@ def _embed_all(images, ids, enc, prefix, tails, protect, batch, progress, desc):
     return out
 
 
+def _score_rows(sub, stored: np.ndarray, clean: dict, prot: dict) -> dict[str, dict]:
+    """Accuracy of each pairing: stored side (first image) protected except for ``clean``."""
+    from advface.pipelines.eval_fr import pair_scores
+
+    pos = np.searchsorted(stored, sub.idx_a)
+    a_t, a_s = prot["teacher"][pos], prot["student"][pos]
+    b_t, b_s = clean["teacher"][sub.idx_b], clean["student"][sub.idx_b]
+    pairs = {
+        "clean": (clean["teacher"][sub.idx_a], b_t),
+        "online": (a_t, b_t),
+        "offline": (a_s, b_s),
+        # Psi' for the stored side, the original Psi for probes (what the loss targets).
+        "offline_teacher_probe": (a_s, b_t),
+    }
+    return {k: _accuracy(pair_scores(a, b), sub.issame, sub.fold) for k, (a, b) in pairs.items()}
+
+
 def offline_accuracy(
     protection: Any,
     student: str | Path | nn.Module,
@@ -509,7 +527,7 @@ def offline_accuracy(
     from advface.models.facenet import load_facenet
     from advface.models.split import split_facenet
     from advface.pipelines.data import aligned_images
-    from advface.pipelines.eval_fr import DATASETS, pair_scores, sample_pairs
+    from advface.pipelines.eval_fr import DATASETS, sample_pairs
 
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
@@ -545,15 +563,7 @@ def offline_accuracy(
     prot = _embed_all(
         images, stored, enc, prefix, tails, protect, batch_size, progress, "embed protected"
     )
-    pos = np.searchsorted(stored, sub.idx_a)
-    a_t, a_s = prot["teacher"][pos], prot["student"][pos]
-    b_t, b_s = clean["teacher"][sub.idx_b], clean["student"][sub.idx_b]
-    acc = {
-        "clean": _accuracy(pair_scores(clean["teacher"][sub.idx_a], b_t), sub.issame, sub.fold),
-        "online": _accuracy(pair_scores(a_t, b_t), sub.issame, sub.fold),
-        "offline": _accuracy(pair_scores(a_s, b_s), sub.issame, sub.fold),
-        "offline_teacher_probe": _accuracy(pair_scores(a_s, b_t), sub.issame, sub.fold),
-    }
+    acc = _score_rows(sub, stored, clean, prot)
     used = np.unique(np.r_[sub.idx_a, sub.idx_b])
     pairs_note = (
         "full protocol"
@@ -571,6 +581,10 @@ def offline_accuracy(
         "train_from": train_from,
         **acc["offline"],
         "pairs": pairs_note,
+        "pairs_per_fold": pairs_per_fold,
+        "pairs_seed": seed,
+        # AdvFace with bn="batch" depends on the batch: the stored side is protected in these.
+        "protect_batch": batch_size,
         "reference": {k: v for k, v in acc.items() if k != "offline"},
         "n_images": int(len(used)),
         "no_face": int((~found[used]).sum()),

@@ -205,7 +205,10 @@ def _train(parts, data, opt, settings, history, deadline, save, progress) -> str
     ) as bar:
         while len(history) < settings.epochs:
             rec, timed_out = _epoch(parts, data, opt, settings, gen, deadline, bar)
-            history.append({k: round(v, 6) for k, v in rec.items()})
+            # + 0.0: no "-0.0" in the record
+            history.append(
+                {k: v if isinstance(v, int) else round(v, 6) + 0.0 for k, v in rec.items()}
+            )
             bar.set_postfix(loss=f"{rec['protected']:.4f}")
             save()
             if timed_out:
@@ -290,8 +293,8 @@ def distill_head(
         "images": n,
         "teacher_fingerprint": teacher_fp,
         "protection": _protection_record(protection),
-        "loss_before": {k: round(v, 6) for k, v in start_loss.items()},
-        "loss_after": {k: round(v, 6) for k, v in _eval_loss(parts, data, settings).items()},
+        "loss_before": {k: round(v, 6) + 0.0 for k, v in start_loss.items()},
+        "loss_after": {k: round(v, 6) + 0.0 for k, v in _eval_loss(parts, data, settings).items()},
         "history": history,
         "steps": sum(math.ceil(h["images"] / settings.batch_size) for h in history),
         "stopped_by": stop,

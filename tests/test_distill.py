@@ -298,5 +298,7 @@ def test_distill_and_eval_cli(tmp_path: Path, data_root: Path) -> None:
     row = json.loads((out / "eval-lfw.json").read_text())
     assert row["n_pairs"] == 20 and "seeded sample" in row["pairs"]
     assert row["student"] == cfg["model_version"] and row["train_from"] == "last_linear"
+    lo, hi = row["accuracy_ci95"]
+    assert 0.0 <= lo <= row["accuracy"] <= hi <= 1.0
     for ref in ("clean", "online", "offline_teacher_probe"):
         assert row["reference"][ref]["accuracy"] == row["accuracy"]

@@ -276,7 +276,7 @@ def test_distill_and_eval_cli(tmp_path: Path, data_root: Path) -> None:
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["train_set"] == "celeba-server[2]" and cfg["data"]["images"] == 2
-    assert cfg["data"]["identity_check"]["overlap"] == 0
+    assert cfg["data"]["identity_check"]["overlap"] == 0 and len(cfg["data"]["keys"]) == 2
     assert cfg["record"]["loss_before"]["protected"] == pytest.approx(0.0, abs=1e-6)
     r = CliRunner().invoke(cli_app, args)  # an existing student is not overwritten
     assert r.exit_code == 2 and "exists" in r.output

@@ -439,6 +439,7 @@ def run_distill(
         "no_face": int((~found).sum()),
         "seed": settings.seed,
         "identity_check": identity,
+        "keys": split.keys,  # the images used, in training order
     }
     return save_student(
         out,

@@ -22,6 +22,7 @@ _AREAS: tuple[str, ...] = (
     "bench",
     "data",
     "fr",
+    "offline",
     "protect",
     "reproduce",
     "service",

@@ -37,6 +37,11 @@ BackendOpt = Annotated[
     ),
 ]
 
+HeadOpt = Annotated[
+    str | None,
+    typer.Option(help="distilled head folder used as Psi (advface distill) [ADVFACE_HEAD]"),
+]
+
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
@@ -83,6 +88,7 @@ def serve_cmd(
     ] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help="request body limit")] = None,
     backend: Annotated[str | None, typer.Option(help="facenet | toy (tests)")] = None,
+    head: HeadOpt = None,
     torch_threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (0: default)")
     ] = None,
@@ -137,6 +143,7 @@ def serve_cmd(
         threshold=threshold,
         max_body_bytes=max_body_bytes,
         backend=backend,
+        head=head,
         torch_threads=torch_threads,
         header_timeout=header_timeout,
         read_timeout=read_timeout,
@@ -220,6 +227,7 @@ def _serve(settings: Any, log_level: str) -> None:
     typer.echo(
         f"advface serve: http://{settings.host}:{settings.port} db={db} "
         f"protection={settings.protection} backend={settings.backend} "
+        f"psi={app.state.service.backend.embedding_version} "
         f"threshold={settings.threshold} index={type(app.state.service.index).__name__} "
         f"workers={settings.workers}",
         err=True,
@@ -230,6 +238,7 @@ def _serve(settings: Any, log_level: str) -> None:
 def reembed_cmd(
     db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL]")] = None,
     backend: Annotated[str | None, typer.Option(help="facenet | toy (tests)")] = None,
+    head: HeadOpt = None,
     batch: Annotated[int, typer.Option(min=1, max=4096, help="templates per Psi batch")] = 32,
     drop_other_versions: Annotated[
         bool, typer.Option(help="afterwards delete embeddings of other Psi versions")
@@ -251,14 +260,18 @@ def reembed_cmd(
     from advface.service.core import embed_missing
 
     settings = _settings(
-        db_url=db_url, backend=backend, torch_threads=torch_threads, master_key_file=master_key_file
+        db_url=db_url,
+        backend=backend,
+        head=head,
+        torch_threads=torch_threads,
+        master_key_file=master_key_file,
     )
     with user_errors():
         if settings.torch_threads > 0:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        net = load_backend(settings.backend)
+        net = load_backend(settings.backend, settings.head)
     store = _open_store(settings)
     try:
         with user_errors():
@@ -292,6 +305,7 @@ def migrate_cmd(
     ] = "{}",
     db_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL]")] = None,
     backend: Annotated[str | None, typer.Option(help="facenet | toy (tests)")] = None,
+    head: HeadOpt = None,
     batch: Annotated[int, typer.Option(min=1, max=4096, help="templates per transaction")] = 32,
     master_key_file: MasterKeyOpt = None,
 ) -> None:
@@ -310,7 +324,7 @@ def migrate_cmd(
     from advface.service.backend import load_backend
     from advface.service.core import public_params, reprotect
 
-    settings = _settings(db_url=db_url, backend=backend, master_key_file=master_key_file)
+    settings = _settings(db_url=db_url, backend=backend, head=head, master_key_file=master_key_file)
     with user_errors():
         try:
             params = json.loads(protection_params)
@@ -318,7 +332,7 @@ def migrate_cmd(
             raise ValueError(f"--protection-params is not JSON: {exc}") from None
         if not isinstance(params, dict):
             raise ValueError("--protection-params must be a JSON object")
-        net = load_backend(settings.backend)
+        net = load_backend(settings.backend, settings.head)
         target = replace(settings, protection=protection, protection_params=params)
         prot = protection_for(target, net)
     store = _open_store(settings)

@@ -137,9 +137,17 @@ def create_app(
     settings = settings or ServiceSettings.from_env()
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
-    backend = backend or load_backend(settings.backend)
+    backend = backend or load_backend(settings.backend, settings.head)
     if protection is None:
         protection = protection_for(settings, backend)
+    served = str(getattr(protection, "name", settings.protection))
+    if backend.head_protection and backend.head_protection != served:
+        log.warning(
+            "Psi %s was distilled for protection %r but the service stores %r templates",
+            backend.embedding_version,
+            backend.head_protection,
+            served,
+        )
     if getattr(protection, "name", settings.protection) == "none":
         log.warning(
             "PROTECTION IS OFF: templates are stored as uploaded; a stolen database yields "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,8 @@ class Backend:
     # Version of Psi alone (stored with each embedding). Change it when Psi changes but E does
     # not: stored maps stay valid and ``advface reembed`` recomputes their embeddings.
     psi_version: str = ""
+    # Protection a distilled Psi was trained for ("" for the original Psi).
+    head_protection: str = ""
     _dim: int = 0
 
     @property
@@ -90,10 +93,32 @@ def facenet_backend() -> Backend:
     return Backend(extractor=e.eval(), psi=psi.eval(), version=FACENET_VERSION)
 
 
-def load_backend(name: str) -> Backend:
-    """``"facenet"`` or ``"toy"``."""
+def with_head(base: Backend, head: str | Path) -> Backend:
+    """``base`` with Psi replaced by the distilled head in folder ``head`` (``advface
+    distill``): same E and feature maps, Psi version = the head's ``model_version``, so stored
+    embeddings are recorded under it and ``advface reembed`` migrates them. The head must have
+    been distilled from ``base``'s Psi (checked by fingerprint)."""
+    from advface.models.distill import load_student
+
+    if not isinstance(base.psi, nn.Module):
+        raise ValueError("a distilled head needs a backend whose Psi is a torch module")
+    student, config = load_student(head, base.psi)
+    return Backend(
+        extractor=base.extractor,
+        psi=student,
+        version=base.version,
+        feature_shape=base.feature_shape,
+        psi_version=config["model_version"],
+        head_protection=str((config.get("protection") or {}).get("name", "")),
+    )
+
+
+def load_backend(name: str, head: str | Path | None = None) -> Backend:
+    """``"facenet"`` or ``"toy"``; with ``head``, its Psi is that distilled head."""
     if name == "facenet":
-        return facenet_backend()
-    if name == "toy":
-        return toy_backend()
-    raise ValueError(f"unknown backend {name!r}; choose 'facenet' or 'toy'")
+        base = facenet_backend()
+    elif name == "toy":
+        base = toy_backend()
+    else:
+        raise ValueError(f"unknown backend {name!r}; choose 'facenet' or 'toy'")
+    return with_head(base, head) if head else base

@@ -85,6 +85,8 @@ class Ready(BaseModel):
     rebuild_seconds: float
     rebuild_cpu_seconds: float
     model_version: str
+    # Version of Psi that embeds templates and probes (a distilled head's own version).
+    psi_version: str = ""
     protection: str
     # Stored templates of all tenants per protection name and per model version of E.
     templates_by_protection: dict[str, int]

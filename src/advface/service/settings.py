@@ -43,6 +43,9 @@ class ServiceSettings:
     allow_unprotected: int = 0
     # "facenet": the real split network; "toy": tiny deterministic stand-in (tests, smoke runs).
     backend: str = "facenet"
+    # Folder of a distilled server head (``advface distill``) used as Psi instead of the
+    # backend's own; its model version is recorded with every embedding. Empty: the original.
+    head: str = ""
     max_body_bytes: int = 4 * 1024 * 1024
     # Largest |value| accepted in a feature map (E's ReLU maps are O(10)).
     max_feature_abs: float = 1000.0
@@ -92,6 +95,8 @@ class ServiceSettings:
             raise ValueError("max_page_size, max_top_k and rebuild_batch must be >= 1")
         if self.backend not in ("facenet", "toy"):
             raise ValueError(f"backend must be 'facenet' or 'toy', got {self.backend!r}")
+        if self.head and not Path(self.head).is_dir():
+            raise ValueError(f"head {self.head!r} is not a folder (a distilled head)")
         if not isinstance(self.protection_params, dict):
             raise ValueError("protection_params must be a JSON object")
         if self.protection == "default":

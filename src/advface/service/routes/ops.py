@@ -94,6 +94,7 @@ def router() -> APIRouter:
             rebuild_seconds=round(svc.rebuild_seconds, 4),
             rebuild_cpu_seconds=round(svc.rebuild_cpu_seconds, 4),
             model_version=svc.backend.version,
+            psi_version=svc.backend.embedding_version,
             protection=svc.protection_name,
             templates_by_protection=by_protection,
             templates_by_model_version=stats["by_model_version"],

@@ -1,0 +1,162 @@
+"""``advface distill`` and ``advface eval-offline``: the paper's offline mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from advface.cli._errors import user_errors
+from advface.cli._options import DataRootOpt, QuietOpt
+
+SpecOpt = Annotated[
+    str,
+    typer.Option(
+        "--protection",
+        help="protection spec (advface alone: the server's shadow of advface train-protection)",
+    ),
+]
+PairsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="evaluate on a seeded sample of N pairs per fold, stratified (default: full protocol)"
+    ),
+]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("distill")(distill_cmd)
+    app.command("eval-offline")(eval_offline_cmd)
+
+
+def distill_cmd(
+    out: Annotated[Path, typer.Option(help="student folder (model.safetensors + config.json)")],
+    protection: SpecOpt = "advface",
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="images of CelebA's server half (seeded sample)")
+    ] = 400,
+    epochs: Annotated[int, typer.Option(min=1)] = 20,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-4,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    train_from: Annotated[
+        str, typer.Option(help="first layer of Psi to fine-tune: all | a stage | last_linear")
+    ] = "repeat_3",
+    loss: Annotated[str, typer.Option(help="cosine | mse (on normalised embeddings)")] = "cosine",
+    clean_weight: Annotated[
+        float, typer.Option(help="weight of Psi'(z) ~ Psi(z), for clean probes")
+    ] = 1.0,
+    time_budget: Annotated[
+        float | None, typer.Option(help="seconds from the start after which training stops")
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="resumable state (default: OUT.work)")
+    ] = None,
+    eval_dataset: Annotated[
+        str | None, typer.Option(help="afterwards evaluate on lfw | cfp-fp | cfp-ff")
+    ] = None,
+    pairs_per_fold: PairsOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing OUT")] = False,
+    data_root: DataRootOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Distil Psi' from FaceNet's Psi for protected features on CelebA's server half.
+
+    Rerun the same command to resume (feature chunks and a checkpoint per epoch are kept in
+    the work dir). Prints the training record; with --eval-dataset also the offline row.
+    """
+    from advface.pipelines.offline import DistillSettings, run_distill
+
+    with user_errors():
+        settings = DistillSettings(
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            train_from=train_from,
+            loss=loss,
+            clean_weight=clean_weight,
+            time_budget_s=time_budget,
+            seed=seed,
+        )
+        config = run_distill(
+            protection,
+            out,
+            limit=limit,
+            settings=settings,
+            work_dir=work_dir,
+            overwrite=overwrite,
+            data_root=data_root,
+            progress=not quiet,
+        )
+    rec = config["record"]
+    typer.echo(
+        json.dumps(
+            {
+                "model_version": config["model_version"],
+                "images": config["data"]["images"],
+                "identity_overlap": config["data"]["identity_check"]["overlap"],
+                "loss_before": rec["loss_before"],
+                "loss_after": rec["loss_after"],
+                "steps": rec["steps"],
+                "stopped_by": rec["stopped_by"],
+                "seconds": rec["seconds"],
+            }
+        )
+    )
+    typer.echo(f"wrote {out}", err=True)
+    if eval_dataset is not None:
+        eval_offline_cmd(
+            out, protection, eval_dataset, pairs_per_fold, seed, None, data_root, quiet
+        )
+
+
+def eval_offline_cmd(
+    student: Annotated[Path, typer.Argument(help="distilled head folder")],
+    protection: SpecOpt = "advface",
+    dataset: Annotated[str, typer.Option(help="lfw | cfp-fp | cfp-ff")] = "lfw",
+    pairs_per_fold: PairsOpt = None,
+    seed: Annotated[int, typer.Option(min=0, help="seed of the pair sample")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="JSON file (default: STUDENT/eval-DATASET.json)")
+    ] = None,
+    data_root: DataRootOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Verification with the student (offline), the teacher on protected (online) and clean
+    features; the stored side of each pair is protected."""
+    from advface.models.facenet import load_facenet
+    from advface.models.split import split_facenet
+    from advface.pipelines.offline import default_spec, offline_accuracy
+    from advface.protection import protection_from_spec
+
+    with user_errors():
+        enc, head = split_facenet(load_facenet().eval())
+        prot = protection_from_spec(default_spec(protection), extractor=enc, head=head)
+        row = offline_accuracy(
+            prot,
+            student,
+            dataset,
+            pairs_per_fold,
+            seed=seed,
+            data_root=data_root,
+            progress=not quiet,
+        )
+    path = out or student / f"eval-{dataset}.json"
+    path.write_text(json.dumps(row, indent=1) + "\n")
+    ref = row["reference"]
+    typer.echo(
+        json.dumps(
+            {
+                "dataset": dataset,
+                "pairs": row["pairs"],
+                "n_pairs": row["n_pairs"],
+                "clean": ref["clean"]["accuracy"],
+                "online": ref["online"]["accuracy"],
+                "offline": row["accuracy"],
+                "offline_ci95": row["accuracy_ci95"],
+            }
+        )
+    )
+    typer.echo(f"wrote {path}", err=True)

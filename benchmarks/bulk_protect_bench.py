@@ -142,6 +142,7 @@ def main() -> None:
         out.update(batch_size=args.batch_size, shard_size=args.shard_size, threads=args.threads)
         out["plain_protect"] = plain(src, work / "plain.safetensors", spec, args.batch_size)
         t0 = time.perf_counter()
+        os.environ.setdefault("RAY_worker_niceness", "0")  # as run_bulk does for its own Ray
         ray.init(num_cpus=args.threads, include_dashboard=False, logging_level=logging.WARNING)
         out["ray_init_s"] = round(time.perf_counter() - t0, 2)
         out["ray"] = [bulk(src, work / f"ray-{a}", spec, args, a) for a in args.actors]

@@ -113,6 +113,7 @@ def test_ray_outputs_equal_plain_protect_and_resume(local_ray, tmp_path, maps, s
     # Resume: delete one shard; the rerun computes only that one.
     before = _mtimes(dst)
     (dst / SHARDS / "shard-00001.safetensors").unlink()
+    (dst / SHARDS / ".shard-00001.safetensors.killed.tmp").write_bytes(b"half a shard")
     s = run_bulk(src, dst, factory, shard_size=4, batch_size=2, ray_options=RayOptions(actors=2))
     assert (s["shards_computed"], s["shards_skipped"], s["faces_computed"]) == (1, 2, 4)
     after = _mtimes(dst)

@@ -342,6 +342,8 @@ def open_destination(dst: Path, plan: BulkPlan, *, overwrite: bool) -> list[Shar
     elif not dst.parent.is_dir():
         raise ValueError(f"output folder {dst.parent} does not exist")
     (dst / SHARDS).mkdir(parents=True, exist_ok=True)
+    for tmp in (dst / SHARDS).glob(".*.tmp"):  # shards a killed run was writing
+        tmp.unlink(missing_ok=True)
     write_manifest(dst, plan)
     return [s for s in plan.shards if not shard_done(dst, s, plan.plan_id)]
 
@@ -498,6 +500,9 @@ def _ray_results(
 
     started = not ray.is_initialized()
     if started:
+        # Ray starts its workers at niceness 15; the actors do the work here, so they run at
+        # the priority of the command itself (as `advface protect` would).
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
             address=opts.address,
             num_cpus=None

@@ -10,7 +10,8 @@ on the values). Protection: AdvFace (projected, alpha=epsilon=0.2) with the defa
 ``advface train-protection`` ($ADVFACE_CACHE_DIR/weights/embedding-shadow/shadow) when it is
 there, else an untrained ResRec of the same size (width 16, 2 blocks). Ray runs on a local
 cluster of ``--threads`` CPUs started once (its start-up is reported apart); each run's
-wall time includes starting its actors and loading FaceNet in each. Prints one JSON object.
+wall time includes starting its actors and loading FaceNet in each. The plain loop runs before
+and after the Ray runs (the load of a shared machine drifts). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ def main() -> None:
         out["ray_init_s"] = round(time.perf_counter() - t0, 2)
         out["ray"] = [bulk(src, work / f"ray-{a}", spec, args, a) for a in args.actors]
         ray.shutdown()
+        # Again after the Ray runs: on a shared machine the load drifts during the benchmark.
+        out["plain_protect_after"] = plain(src, work / "plain2.safetensors", spec, args.batch_size)
     finally:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -371,7 +371,7 @@ def protect_shard(
     """
     from advface.models.facenet import preprocess
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     source = plan.sources[shard.source]
     rows = read_rows(source, shard.start, shard.stop)
     gen = shard_generator(plan.seed, shard)
@@ -407,6 +407,7 @@ def protect_shard(
         "shard": shard.name,
         "rows": shard.stop - shard.start,
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,  # the whole worker process: one shard at a time
     }
 
 
@@ -465,29 +466,35 @@ class ShardWorker:
     """
 
     def __init__(self, factory: ProtectionFactory, plan: BulkPlan, dst: str, threads: int) -> None:
-        torch.set_num_threads(max(1, threads))
+        self.threads = max(1, threads)
+        torch.set_num_threads(self.threads)
         self.plan, self.dst = plan, Path(dst)
         need_e = plan.sources[0].kind == IMAGE_KEY
         self.protection, self.extractor = factory.build(need_e)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names, rows, secs, errors = [], [], [], []
+        # Ray Data may call from another thread than __init__'s: set the threads here too.
+        torch.set_num_threads(self.threads)
+        names, rows, secs, cpus, errors = [], [], [], [], []
         for i in batch["shard"]:
             shard = self.plan.shards[int(i)]
             try:
                 r = protect_shard(self.plan, shard, self.dst, self.protection, self.extractor)
                 rows.append(r["rows"])
                 secs.append(r["seconds"])
+                cpus.append(r["cpu_seconds"])
                 errors.append("")
             except ValueError as exc:
                 rows.append(0)
                 secs.append(0.0)
+                cpus.append(0.0)
                 errors.append(str(exc))
             names.append(shard.name)
         return {
             "shard": np.array(names),
             "rows": np.array(rows),
             "seconds": np.array(secs),
+            "cpu_seconds": np.array(cpus),
             "error": np.array(errors),
         }
 
@@ -547,7 +554,13 @@ def _serial_results(
         try:
             yield {**protect_shard(plan, s, dst, prot, extractor), "error": ""}
         except ValueError as exc:
-            yield {"shard": s.name, "rows": 0, "seconds": 0.0, "error": str(exc)}
+            yield {
+                "shard": s.name,
+                "rows": 0,
+                "seconds": 0.0,
+                "cpu_seconds": 0.0,
+                "error": str(exc),
+            }
 
 
 def run_bulk(
@@ -602,12 +615,13 @@ def run_bulk(
         results = _ray_results(factory, plan, dst, todo, opts)
     elif todo:
         results = _serial_results(factory, plan, dst, todo)
-    done_rows, errors, compute = 0, [], 0.0
+    done_rows, errors, compute, cpu = 0, [], 0.0, 0.0
     for r in results:
         if r["error"]:
             errors.append(f"{r['shard']}: {r['error']}")
         done_rows += int(r["rows"])
         compute += float(r["seconds"])
+        cpu += float(r["cpu_seconds"])
         if on_shard is not None:
             on_shard(r)
     wall = time.perf_counter() - t0
@@ -622,6 +636,9 @@ def run_bulk(
         "faces_computed": done_rows,
         "wall_s": round(wall, 3),
         "faces_per_s": round(done_rows / wall, 3) if wall > 0 and done_rows else None,
+        # Summed over the workers: seconds inside shards, and their processes' CPU time.
+        "shard_seconds": round(compute, 3),
+        "worker_cpu_seconds": round(cpu, 3),
         "engine": engine,
         "ray": asdict(opts) if engine == "ray" else None,
     }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install advface with its test tools.
+# Create .venv (if missing) and install advface with its test tools, PostgreSQL driver and
+# Ray (advface protect-bulk).
 # torch: on this project's CPU machines `torch==2.13.0` comes from a local wheel; elsewhere,
 # install your own torch (CUDA or CPU) first, or set ADVFACE_TORCH to the requirement you want.
 set -euo pipefail
@@ -12,4 +13,4 @@ fi
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "${ADVFACE_TORCH:-torch==2.13.0}"
 fi
-python -m pip install -q -e ".[test,postgres]"
+python -m pip install -q -e ".[test,postgres,bulk]"

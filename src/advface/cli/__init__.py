@@ -20,6 +20,7 @@ app = typer.Typer(
 _AREAS: tuple[str, ...] = (
     "attack",
     "bench",
+    "bulk",
     "data",
     "fr",
     "offline",

@@ -123,6 +123,13 @@ def serve_cmd(
         int | None,
         typer.Option(help="worker processes sharing the database [ADVFACE_WORKERS, 1]"),
     ] = None,
+    storage_codec: Annotated[
+        str | None,
+        typer.Option(
+            help="stored form of new maps: float16 | float32 | uint8 | embeddings-only "
+            "[ADVFACE_STORAGE_CODEC, float16]"
+        ),
+    ] = None,
     master_key_file: MasterKeyOpt = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
@@ -153,6 +160,7 @@ def serve_cmd(
         db_timeout=db_timeout,
         vector_index=vector_index,
         workers=workers,
+        storage_codec=storage_codec,
         master_key_file=master_key_file,
     )
     _serve(settings, log_level)
@@ -277,6 +285,8 @@ def reembed_cmd(
         with user_errors():
             build_index(settings, store, net)  # pgvector: its vectors are written alongside
         version = net.embedding_version
+        with user_errors():
+            _refuse_mapless(store.count_missing_embeddings(version, net.version, mapless=True))
         todo = store.count_missing_embeddings(version, net.version)
         with tqdm(total=todo, unit="template", desc=f"reembed {version}") as bar:
             done, corrupt = embed_missing(store, net, batch=batch, on_batch=bar.update)
@@ -296,6 +306,16 @@ def reembed_cmd(
             "skipped_other_models": other_models,
         }
     )
+
+
+def _refuse_mapless(n: int) -> None:
+    """Stop before any work when templates that need Psi or a protection have no map."""
+    if n:
+        raise ValueError(
+            f"{n} templates were stored as embeddings only (storage codec embeddings-only): "
+            "their feature maps were not kept, so they cannot be re-embedded or re-protected. "
+            "Enroll those subjects again (or delete them) first"
+        )
 
 
 def migrate_cmd(
@@ -339,9 +359,16 @@ def migrate_cmd(
     try:
         with user_errors():
             build_index(settings, store, net)  # pgvector: its vectors are rewritten alongside
+        with user_errors():
+            n = store.count_to_reprotect(
+                prot.name, public_params(prot), net.version, mapless=True
+            )
+            _refuse_mapless(n)
         todo = store.count_to_reprotect(prot.name, public_params(prot), net.version)
         with tqdm(total=todo, unit="template", desc=f"migrate to {prot.name}") as bar:
-            done, corrupt = reprotect(store, net, prot, batch=batch, on_batch=bar.update)
+            done, corrupt = reprotect(
+                store, net, prot, batch=batch, codec=settings.storage_codec, on_batch=bar.update
+            )
         left = store.count_to_reprotect(prot.name, public_params(prot), net.version) - corrupt
         other_models = store.count_other_models(net.version)
     finally:

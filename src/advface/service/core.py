@@ -66,12 +66,24 @@ def embed_missing(
     return done, corrupt
 
 
-def encode_stored(zp: np.ndarray) -> bytes:
-    """Storage encoding of a protected map: fp16, or fp32 where values exceed fp16's range."""
+def encode_stored(zp: np.ndarray, codec: str = "float16") -> bytes:
+    """Storage encoding of a protected map in ``codec`` (``ServiceSettings.storage_codec``):
+    float16 (float32 where values exceed its range), float32, uint8, or b"" for
+    embeddings-only (no map kept)."""
+    if codec == "embeddings-only":
+        return b""
+    if codec != "float16":
+        return payload.encode(zp, dtype=codec)
     try:
         return payload.encode(zp, dtype="float16")
     except ValueError:
         return payload.encode(zp, dtype="float32")
+
+
+def stored_map(blob: bytes, zp: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The map as a later read of ``blob`` gives it (``zp`` itself when no map is kept): the
+    embedding is computed from this, so a start-up rebuild gives the same scores."""
+    return zp if not blob else payload.decode(blob, expected_shape=shape)
 
 
 def public_params(protection: Any) -> dict[str, Any]:
@@ -87,9 +99,11 @@ def reprotect(
     protection: Any,
     *,
     batch: int = 32,
+    codec: str = "float16",
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[int, int]:
-    """Re-protect stored templates whose protection differs from ``protection``.
+    """Re-protect stored templates whose protection differs from ``protection``; the new maps
+    are stored in ``codec``. Templates stored as embeddings only have no map and are left.
 
     The stored map is already protected (the clear map was never kept), so the new protection
     is applied on top of it. Each batch is one transaction and migrated rows no longer match,
@@ -108,8 +122,8 @@ def reprotect(
                 corrupt += 1
                 continue
             zp = protection.protect(torch.from_numpy(z)[None])[0].numpy()
-            new = encode_stored(zp)
-            stored = payload.decode(new, expected_shape=backend.feature_shape)
+            new = encode_stored(zp, codec)
+            stored = stored_map(new, zp, backend.feature_shape)
             items.append((tid, new, backend.embed(torch.from_numpy(stored)[None])[0].numpy()))
         if items:
             done += store.replace_protected(items, protection=name, params=params, version=version)
@@ -322,7 +336,18 @@ class Service:
             self.store, self.backend, batch=self.settings.rebuild_batch, lock=self.compute_lock
         )
         self.backfilled_templates = done
-        self.skipped_templates = corrupt + self.store.count_other_models(self.backend.version)
+        version = self.backend.embedding_version
+        mapless = self.store.count_missing_embeddings(version, self.backend.version, mapless=True)
+        if mapless:
+            log.warning(
+                "%d templates were stored as embeddings only and have no embedding of Psi "
+                "version %s: they cannot be embedded and are left out of identification",
+                mapless,
+                version,
+            )
+        self.skipped_templates = (
+            corrupt + mapless + self.store.count_other_models(self.backend.version)
+        )
         if self.sync is not None:
             self.sync.reload()
         self.rebuild_seconds = time.perf_counter() - t0
@@ -379,9 +404,9 @@ class Service:
         z = self._decode(body)
         with self.compute_lock:
             zp = self.protection.protect(torch.from_numpy(z)[None])[0].numpy()
-        blob = encode_stored(zp)
+        blob = encode_stored(zp, self.settings.storage_codec)
         # Embed the decoded blob, not zp, so the start-up rebuild gives the same scores.
-        stored = payload.decode(blob, expected_shape=self.backend.feature_shape)
+        stored = stored_map(blob, zp, self.backend.feature_shape)
         with self.compute_lock:
             return blob, self._embed_checked(stored)
 

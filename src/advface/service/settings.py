@@ -12,6 +12,8 @@ from advface.config import cache_dir
 
 ENV_PREFIX = "ADVFACE_"
 VECTOR_INDEXES = ("auto", "hnsw", "pgvector", "exact")
+# Stored form of each protected map (see ``payload``); embeddings-only keeps no map at all.
+STORAGE_CODECS = ("float16", "float32", "uint8", "embeddings-only")
 
 
 def default_db_url() -> str:
@@ -76,6 +78,10 @@ class ServiceSettings:
     # 1: keep the in-process HNSW graphs in "<SQLite file>.index" (fast start-up); 0: rebuild
     # them from the stored embeddings at every start.
     index_snapshots: int = 1
+    # Stored form of new templates' maps: float16 (default), float32, uint8 (per-channel affine,
+    # about half the bytes), embeddings-only (no map: `advface reembed`/`migrate` cannot run on
+    # such templates). Each template records its form, so rows stored otherwise still decode.
+    storage_codec: str = "float16"
     # File holding the master key (base64) that wraps the per-subject data keys; empty: the
     # ADVFACE_MASTER_KEY variable, else the default file when it exists (see ``crypto``).
     master_key_file: str = ""
@@ -121,6 +127,11 @@ class ServiceSettings:
             raise ValueError(
                 f"vector_index must be one of {', '.join(VECTOR_INDEXES)}, "
                 f"got {self.vector_index!r}"
+            )
+        if self.storage_codec not in STORAGE_CODECS:
+            raise ValueError(
+                f"storage_codec must be one of {', '.join(STORAGE_CODECS)}, "
+                f"got {self.storage_codec!r}"
             )
         if not 1 <= self.index_ef_search <= 4096:
             raise ValueError(f"index_ef_search must be 1..4096, got {self.index_ef_search}")

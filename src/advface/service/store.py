@@ -1,6 +1,7 @@
 """SQLAlchemy schema and repository for tenants, keys, subjects and protected templates.
 
-Each template is a protected feature map (compressed blob, see ``payload``) plus, in
+Each template is a protected feature map (compressed blob, see ``payload``; ``map_codec`` says
+in which stored form, ``none`` when only the embedding is kept) plus, in
 ``template_embeddings``, Psi's embedding of that stored map, keyed by the Psi version that
 computed it. The embedding is a function of the stored map, so it reveals nothing the map does
 not; keeping it means start-up loads vectors instead of running Psi over every template.
@@ -41,7 +42,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from advface.service import auth, crypto
+from advface.service import auth, crypto, payload
 
 log = logging.getLogger("advface.service")
 
@@ -141,8 +142,12 @@ class Template(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     subject_pk: Mapped[int] = mapped_column(ForeignKey("subjects.id", ondelete="CASCADE"))
-    # Protected feature map, payload format (fp16, shape header, compressed).
+    # Protected feature map, payload format (fp16, shape header, compressed); b"" when the
+    # deployment keeps embeddings only.
     blob: Mapped[bytes] = mapped_column(LargeBinary)
+    # Stored form of the map: float16 | float32 | uint8 | none (embeddings only, no map kept).
+    # NULL: a row of an earlier version (a payload blob, whose header names its dtype).
+    map_codec: Mapped[str | None] = mapped_column(String(32), nullable=True)
     protection: Mapped[str] = mapped_column(String(32))
     protection_params: Mapped[str] = mapped_column(Text)  # JSON
     model_version: Mapped[str] = mapped_column(String(128))
@@ -385,6 +390,7 @@ class Store:
         # Creates what is missing: a database of an earlier version gains the embeddings table
         # (its templates are then embedded once, see ``core.Service.backfill``).
         Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         if self.is_sqlite:
             with self.engine.begin() as conn:
@@ -397,6 +403,22 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since a database was created (``create_all`` adds only tables)."""
+        from sqlalchemy import inspect
+        from sqlalchemy.exc import DBAPIError
+
+        have = {c["name"] for c in inspect(self.engine).get_columns("templates")}
+        if "map_codec" in have:
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(text("ALTER TABLE templates ADD COLUMN map_codec VARCHAR(32)"))
+        except DBAPIError:  # another worker added it at the same moment
+            have = {c["name"] for c in inspect(self.engine).get_columns("templates")}
+            if "map_codec" not in have:
+                raise
 
     def transaction(self) -> Any:
         """``with store.transaction() as session:`` - committed on success (index modules)."""
@@ -615,6 +637,7 @@ class Store:
                     tenant_id=tenant_id,
                     subject_pk=subj.id,
                     blob=keys.seal(s, blob, "map", tenant_id, subj.id, tid),
+                    map_codec=map_codec(blob),
                     protection=protection,
                     protection_params=json.dumps(protection_params, sort_keys=True),
                     model_version=model_version,
@@ -743,7 +766,7 @@ class Store:
             q = (
                 select(Template)
                 .where(Template.model_version == model_version, Template.id > after)
-                .where(~has.exists())
+                .where(~has.exists(), _HAS_MAP)
                 .order_by(Template.id)
                 .limit(batch)
             )
@@ -756,7 +779,11 @@ class Store:
                     out.append((t.id, b""))
             return out
 
-    def count_missing_embeddings(self, version: str, model_version: str) -> int:
+    def count_missing_embeddings(
+        self, version: str, model_version: str, *, mapless: bool = False
+    ) -> int:
+        """Templates of ``model_version`` without a ``version`` embedding: those with a map
+        (Psi can embed them), or with ``mapless`` those stored as embeddings only (it cannot)."""
         with self._sessions() as s:
             has = select(TemplateEmbedding.template_id).where(
                 TemplateEmbedding.template_id == Template.id, TemplateEmbedding.version == version
@@ -765,6 +792,7 @@ class Store:
                 select(func.count())
                 .select_from(Template)
                 .where(Template.model_version == model_version, ~has.exists())
+                .where(~_HAS_MAP if mapless else _HAS_MAP)
             )
             return int(s.scalar(q) or 0)
 
@@ -857,10 +885,18 @@ class Store:
         return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
     # -- protection migration and statistics ---------------------------------------------
-    def _other_protection(self, protection: str, params: dict[str, Any], model_version: str) -> Any:
-        return (Template.model_version == model_version) & or_(
-            Template.protection != protection,
-            Template.protection_params != json.dumps(params, sort_keys=True),
+    def _other_protection(
+        self, protection: str, params: dict[str, Any], model_version: str, mapless: bool = False
+    ) -> Any:
+        """Templates of ``model_version`` under another protection that have a map (or, with
+        ``mapless``, that were stored as embeddings only and so cannot be re-protected)."""
+        return (
+            (Template.model_version == model_version)
+            & or_(
+                Template.protection != protection,
+                Template.protection_params != json.dumps(params, sort_keys=True),
+            )
+            & (~_HAS_MAP if mapless else _HAS_MAP)
         )
 
     def to_reprotect(
@@ -886,9 +922,9 @@ class Store:
             return out
 
     def count_to_reprotect(
-        self, protection: str, params: dict[str, Any], model_version: str
+        self, protection: str, params: dict[str, Any], model_version: str, *, mapless: bool = False
     ) -> int:
-        where = self._other_protection(protection, params, model_version)
+        where = self._other_protection(protection, params, model_version, mapless)
         with self._sessions() as s:
             return int(s.scalar(select(func.count()).select_from(Template).where(where)) or 0)
 
@@ -912,6 +948,7 @@ class Store:
                 if t is None:
                     continue
                 t.blob = keys.seal(s, blob, "map", t.tenant_id, t.subject_pk, tid)
+                t.map_codec = map_codec(blob)
                 t.protection = protection
                 t.protection_params = json.dumps(params, sort_keys=True)
                 rows.append((tid, t.tenant_id, version, vec))
@@ -1054,6 +1091,21 @@ class Store:
             hi = conn.execute(text("SELECT max(seq) FROM index_changes")).scalar() or 0
             q = text("DELETE FROM index_changes WHERE seq <= :s")
             return int(conn.execute(q, {"s": int(hi) - keep}).rowcount or 0)
+
+
+# Templates whose map is stored (every row of an earlier version has one).
+_HAS_MAP = or_(Template.map_codec.is_(None), Template.map_codec != "none")
+
+
+def map_codec(blob: bytes) -> str | None:
+    """The stored form of a blob: its payload dtype, ``none`` for no map (b""), ``None`` for
+    bytes that are not a payload (reported as corrupt where they are decoded)."""
+    if not blob:
+        return "none"
+    try:
+        return payload.stored_dtype(blob)
+    except payload.PayloadError:
+        return None
 
 
 def _row(t: Template, subject_id: str, *, blob: bytes = b"") -> TemplateRow:

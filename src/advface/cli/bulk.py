@@ -1,0 +1,127 @@
+"""``advface protect-bulk``: protect a large set of feature maps (or faces) on Ray Data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from advface.cli._errors import user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("protect-bulk")(protect_bulk_command)
+
+
+def protect_bulk_command(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="a .safetensors/.npy file or a folder of them (z feature maps or uint8 "
+            "'images' aligned faces), or the output folder of an earlier protect-bulk run"
+        ),
+    ],
+    dst: Annotated[Path, typer.Argument(help="output folder: manifest.json + shards/")],
+    protection: Annotated[
+        str,
+        typer.Option(
+            "--protection",
+            help="protection spec: 'advface:SHADOW_CKPT[,steps=40,...]', 'random,seed=3', "
+            "'dp', 'none', 'embedding-shadow,generator=CKPT,shadow=CKPT'",
+        ),
+    ],
+    batch_size: Annotated[int, typer.Option(min=1, help="faces per protection call")] = 64,
+    shard_size: Annotated[
+        int, typer.Option(min=1, help="faces per output shard (the unit of resume)")
+    ] = 1024,
+    seed: Annotated[
+        int | None, typer.Option(min=0, help="seed of random protections (one stream per shard)")
+    ] = None,
+    actors: Annotated[int, typer.Option(min=1, help="Ray actors, each holding one protection")] = 1,
+    num_cpus: Annotated[
+        float, typer.Option(min=0.01, help="CPUs per actor (also its torch threads)")
+    ] = 1.0,
+    num_gpus: Annotated[float, typer.Option(min=0.0, help="GPUs per actor (0: CPU only)")] = 0.0,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address (e.g. 'auto', 'ray://head:10001'); default: local"),
+    ] = None,
+    ray_cpus: Annotated[
+        int | None,
+        typer.Option(min=1, help="CPUs of the local Ray (default: actors x --num-cpus)"),
+    ] = None,
+    engine: Annotated[
+        str, typer.Option(help="ray | serial (this process, no Ray: same shards and results)")
+    ] = "ray",
+    weights: Annotated[
+        Path | None, typer.Option(help="FaceNet weights for E (default: converted)")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu | cuda (default: cuda when --num-gpus > 0)")
+    ] = None,
+    precheck: Annotated[
+        bool, typer.Option(help="scan every feature map for NaN/Inf before writing anything")
+    ] = True,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace a DST that holds a run with other settings")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Protect every face of SRC into resumable shards under DST, on Ray actors.
+
+    Rerunning the same command resumes: finished shards are skipped. See docs/SERVICE.md
+    ("Bulk protection").
+    """
+    from advface.pipelines.bulk import ProtectionFactory, RayOptions, run_bulk
+
+    with user_errors():
+        opts = RayOptions(
+            actors=actors,
+            cpus_per_actor=num_cpus,
+            gpus_per_actor=num_gpus,
+            address=address,
+            num_cpus=ray_cpus,
+        )
+        if engine == "ray":
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    "Ray is not installed: pip install 'advface[bulk]' (or use --engine serial)"
+                ) from None
+        factory = ProtectionFactory(
+            protection,
+            weights=None if weights is None else str(weights),
+            device=device or ("cuda" if num_gpus > 0 else "cpu"),
+        )
+        bar = None
+        if not as_json:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc="protect-bulk", unit="shard")
+        try:
+            summary = run_bulk(
+                src,
+                dst,
+                factory,
+                shard_size=shard_size,
+                batch_size=batch_size,
+                seed=seed,
+                engine=engine,
+                ray_options=opts,
+                precheck=precheck,
+                overwrite=overwrite,
+                on_shard=None if bar is None else (lambda r: bar.update(1)),
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(
+        f"protected {summary['faces_computed']} faces in {summary['shards_computed']} shards "
+        f"({summary['shards_skipped']} already done) in {summary['wall_s']} s -> {dst}"
+    )

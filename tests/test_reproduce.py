@@ -254,7 +254,7 @@ def test_attack_and_reproduce_measure_the_same(data_root, tmp_path):
     from advface.protection import build_protection
 
     torch.manual_seed(0)
-    net = build_recon("resrec", width=4, blocks=1)
+    net = build_recon("resrec", width=4, blocks=1).eval()
     save_checkpoint(tmp_path / "ck", net, "resrec", {"width": 4, "blocks": 1},
                     train_set="lfw-attacker", epochs=0, seed=0, features="clean")  # fmt: skip
     thresholds = {"operating": 0.2, "far_1e-3": 0.4}

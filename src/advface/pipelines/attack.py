@@ -145,6 +145,49 @@ def _test_keys(dataset: str, root: Path, ckpt: dict[str, Any]) -> tuple[list[str
     return test.keys, info
 
 
+def _reconstruct(
+    images: np.ndarray,
+    extractor: torch.nn.Module,
+    protect: FeatureFn | None,
+    recon: torch.nn.Module,
+    model: torch.nn.Module,
+    batch_size: int,
+    device: str,
+    grid_faces: int,
+    progress: bool,
+) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per-image metrics and replayed embeddings of R(protect(E(x))), the clean embeddings,
+    and the first ``grid_faces`` (original, reconstruction) pairs."""
+    from tqdm.auto import tqdm
+
+    from advface.models.facenet import preprocess
+
+    per: dict[str, list[np.ndarray]] = {}
+    clean: list[np.ndarray] = []
+    shown: tuple[torch.Tensor, torch.Tensor] | None = None
+    for s in tqdm(range(0, len(images), batch_size), desc="attack", disable=not progress):
+        batch = images[s : s + batch_size]
+        x = to_unit(batch)
+        with torch.no_grad():
+            z = extractor(preprocess(batch).to(device))
+        if protect is not None:
+            z = protect(z)  # a protection (e.g. AdvFace's PGD) may need autograd inside
+        with torch.no_grad():
+            r = recon(z.detach()).float().clamp(0, 1)
+        # The same measurement as `advface reproduce` and the bench (pipelines.recon_eval).
+        for k, v in measure_batch(r, x, model).items():
+            per.setdefault(k, []).append(v)
+        r = r.cpu()
+        clean.append(clean_embeddings(model, batch, device))
+        if shown is None:
+            shown = (x[:grid_faces], r[:grid_faces])
+        elif len(shown[0]) < grid_faces:
+            need = grid_faces - len(shown[0])
+            shown = (torch.cat([shown[0], x[:need]]), torch.cat([shown[1], r[:need]]))
+    values = {k: np.concatenate(v) for k, v in per.items()}
+    return values, np.concatenate(clean), shown
+
+
 def run_attack(
     attacker: str | Path,
     dataset: str,
@@ -172,10 +215,9 @@ def run_attack(
     ``operating`` and ``far_1e-3``); by default they come from the unprotected benchmark on
     the full protocol (or ``threshold_pairs_per_fold`` pairs of each fold).
     """
-    from tqdm.auto import tqdm
 
     from advface.config import data_root as resolve_root
-    from advface.models.facenet import load_facenet, preprocess
+    from advface.models.facenet import load_facenet
     from advface.models.recon import load_checkpoint
     from advface.models.split import split_facenet
     from advface.pipelines.data import aligned_images
@@ -213,30 +255,11 @@ def run_attack(
         DATASETS[dataset], keys, data_root=root, cache=cache, progress=progress
     )
 
-    per: dict[str, list[np.ndarray]] = {}
-    clean: list[np.ndarray] = []
-    shown: tuple[torch.Tensor, torch.Tensor] | None = None
-    for s in tqdm(range(0, len(images), batch_size), desc="attack", disable=not progress):
-        batch = images[s : s + batch_size]
-        x = to_unit(batch)
-        with torch.no_grad():
-            z = extractor(preprocess(batch).to(device))
-        if protect is not None:
-            z = protect(z)  # a protection (e.g. AdvFace's PGD) may need autograd inside
-        with torch.no_grad():
-            r = recon(z.detach()).float().clamp(0, 1).cpu()
-        # The same measurement as `advface reproduce` and the bench (pipelines.recon_eval).
-        for k, v in measure_batch(r, x, model).items():
-            per.setdefault(k, []).append(v)
-        clean.append(clean_embeddings(model, batch, device))
-        if shown is None:
-            shown = (x[:grid_faces], r[:grid_faces])
-        elif len(shown[0]) < grid_faces:
-            need = grid_faces - len(shown[0])
-            shown = (torch.cat([shown[0], x[:need]]), torch.cat([shown[1], r[:need]]))
-    values = {k: np.concatenate(v) for k, v in per.items()}
+    values, clean, shown = _reconstruct(
+        images, extractor, protect, recon, model, batch_size, device, grid_faces, progress
+    )
     out: dict[str, Any] = {"dataset": dataset, "n_images": len(keys), **identity}
-    out.update(summarize_recon(values, np.concatenate(clean), thresholds))
+    out.update(summarize_recon(values, clean, thresholds))
     out["no_face"] = int((~np.asarray(found, dtype=bool)).sum())
     out.update(
         {

@@ -36,8 +36,8 @@ def measure_batch(
     (N,3,H,W), [0,1]; ``rec`` is clamped to [0,1] first, as any image would be), and, with a
     ``facenet``, the unit-norm embedding of each reconstruction fed as a [0,1] image (``emb``,
     the replay attack)."""
-    from advface.attacks.train import unit_to_facenet
     from advface.metrics.image import image_metrics
+    from advface.models.facenet import unit_to_facenet
 
     if rec.shape != target.shape:
         raise ValueError(f"reconstructions {tuple(rec.shape)} and originals differ in shape")

@@ -110,7 +110,7 @@ def test_run_attack_with_stand_ins(monkeypatch, tmp_path) -> None:
     json.dumps(out)
     assert out["n_images"] == 4 and len(seen) == 2
     assert out["srra"] == 1.0 and out["srra_far_1e-3"] == 0.0
-    for k in ("ssim", "psnr", "mse", "ssim_ci", "srra_ci"):
+    for k in ("ssim", "psnr", "mse", "ssim_ci95", "srra_ci95", "no_face"):
         assert k in out
     assert (tmp_path / "grid.png").is_file()
     with pytest.raises(ValueError):

@@ -39,9 +39,14 @@ def test_stage_cache_reuses_results(tmp_path):
 
 
 def test_profiles_and_paper_tables_are_consistent():
-    assert set(PROFILES) == {"smoke", "cpu", "paper"}
+    assert set(PROFILES) == {"smoke", "cpu", "cpu-full", "paper"}
     with pytest.raises(ValueError):
         get_profile("huge")
+    with pytest.raises(ValueError, match="attacker_set"):
+        get_profile("smoke", attacker_set="lfw-nonpairs")
+    full = PROFILES["cpu-full"]  # full protocols, attackers trained for 30 minutes or more
+    assert full.pairs_per_fold is None and full.fr_full and full.max_minutes >= 30
+    assert PROFILES["cpu"].pairs_per_fold is not None  # a stated sample
     for shadow, attacker in paper.TABLE4:
         assert shadow in PROFILES["paper"].archs and attacker in PROFILES["paper"].archs
 
@@ -59,8 +64,25 @@ def test_smoke_profile_end_to_end_and_resumes(data_root, tmp_path):
         assert set(ROW_KEYS) <= set(r)
         for k in ("accuracy", "srra"):
             assert r[k] is None or 0.0 <= r[k] <= 1.0
-    assert (out / "report.md").read_text().startswith("# AdvFace reproduction")
-    assert (out / "table1.csv").exists() and list(out.glob("*.png"))
+    report = (out / "report.md").read_text()
+    assert report.startswith("# AdvFace reproduction") and "identity overlap" in report
+    assert "MTCNN fallbacks" in report and "seeded (seed 0) random sample" in report
+    assert (out / "table1.csv").exists() and (out / "loss_curves.png").exists()
+    # Attackers never saw a test person (counted by name); their records say so.
+    attackers = {k: v for k, v in data["training"].items() if not k.startswith("shadow")}
+    assert set(attackers) == {"attacker-transrec", "attacker-resrec", "attacker-urec",
+                              "adaptive-resrec"}  # fmt: skip
+    for rec in attackers.values():
+        assert rec["identity_overlap_with_test"] == 0 and rec["identity_check"]["checked_by_name"]
+        assert rec["train_set"].startswith("lfw-attacker") and rec["loss_curve"]
+    assert data["splits"]["server"]["identity_check"]["overlap"] == 0
+    assert all(f["fallbacks"] >= 0 and f["images"] > 0 for f in data["fallbacks"].values())
+    assert {"lfw pairs", "cfp-fp pairs", "lfw test faces"} <= set(data["fallbacks"])
+    for r in data["rows"]:
+        if r["accuracy"] is not None:
+            assert r["n_pairs"] == 20 and r["accuracy_ci95"][0] <= r["accuracy"]
+            assert r["full_protocol"] is False
+    assert "bn" in data["protections"]["advface-resrec-eps0.20"]
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*") if p.is_file()}
     again = reproduce(get_profile("smoke"), out, progress=False)
     assert again["rows"] == res["rows"]
@@ -90,3 +112,169 @@ def test_memo_features_protects_each_map_once():
     assert torch.allclose(first, z + 1, atol=1e-2) and torch.equal(again, first[[2, 0]])
     memo(torch.cat([z[:1], z[:1] + 5]))
     assert calls == [4, 1]
+
+
+# -- identity, caches, resume, one evaluation path ------------------------------------------------
+
+
+def _context(tmp_path, facenet, **overrides):
+    from advface.pipelines.reproduce.networks import Context
+
+    prof = get_profile("smoke", **{"protect_batch": 2, "chunk": 4, "grid_n": 1, **overrides})
+    return Context.from_facenet(prof, tmp_path / "run", facenet, data_root=tmp_path)
+
+
+def test_identity_record_refuses_a_shared_person():
+    from advface.data.splits import IdentitySplit
+    from advface.pipelines.reproduce.networks import identity_record
+
+    test = IdentitySplit("lfw-test", "lfw", ["A/A_1.jpg"], ["ann"])
+    clean = IdentitySplit("train", "lfw", ["B/B_1.jpg", "C/C_1.jpg"], ["bob", "cy"])
+    record = identity_record(clean, [test])
+    assert record["overlap"] == 0 and record["checked_by_name"]
+    leaky = IdentitySplit("train", "lfw", ["A/A_2.jpg", "B/B_1.jpg"], ["ann", "bob"])
+    with pytest.raises(ValueError, match="shares identities"):
+        identity_record(leaky, [test])
+    celeba = IdentitySplit("celeba-attacker", "celeba", ["1.jpg"], ["celeba:1"])
+    assert identity_record(celeba, [test])["overlap"] is None  # anonymous ids: stated
+
+
+def test_stage_keys_follow_weights_and_every_protection_parameter(tmp_path, random_facenet):
+    """An identical rerun reuses the stage; a change of FaceNet's or the shadow's weights, or of
+    any protection parameter (bn, clamp_min, extractor_input, ...) recomputes it."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from advface.models.recon import build_recon
+    from advface.pipelines.reproduce.evaluate import TestFaces, recon_stage
+    from advface.protection import build_protection
+
+    facenet = copy.deepcopy(random_facenet)
+    ctx = _context(tmp_path, facenet)
+    torch.manual_seed(0)
+    shadow, attacker = build_recon("resrec", width=4), build_recon("transrec", width=4)
+    images = (np.random.default_rng(0).random((2, 160, 160, 3)) * 255).astype(np.uint8)
+    faces = TestFaces("lfw", ["a", "b"], images, np.zeros((2, 512), np.float32))
+
+    def run(c, prot) -> set[str]:
+        recon_stage(c, faces, "x", prot, {"resrec": attacker}, {"resrec": "k"}, {"resrec"})
+        return {p.name for p in (tmp_path / "run" / "cache").iterdir()}
+
+    def advface(c=ctx, net=shadow, **kw):
+        return build_protection("advface", shadow=net, extractor=c.encoder, steps=1, **kw)
+
+    first = run(ctx, advface())
+    stamps = {n: (tmp_path / "run" / "cache" / n).stat().st_mtime_ns for n in first}
+    assert run(ctx, advface()) == first  # identical rerun: cached
+    assert {n: (tmp_path / "run" / "cache" / n).stat().st_mtime_ns for n in first} == stamps
+    seen = first
+    changes = [
+        dict(bn="sample"),
+        dict(clamp_min=0.0),
+        dict(extractor_input="unit"),
+        dict(epsilon=0.1),
+        dict(alpha=0.1),
+        dict(reading="per-step"),
+        dict(seed=1),
+    ]
+    for change in changes:
+        now = run(ctx, advface(**change))
+        assert len(now - seen) == 1, change  # one new stage file
+        seen = now
+    other_shadow = copy.deepcopy(shadow)
+    with torch.no_grad():
+        next(other_shadow.parameters()).add_(0.01)
+    now = run(ctx, advface(net=other_shadow))
+    assert len(now - seen) == 1
+    seen = now
+    with torch.no_grad():  # a head weight: not in E, so only FaceNet's fingerprint sees it
+        facenet.last_linear.weight.add_(0.01)
+    ctx2 = _context(tmp_path, facenet)
+    assert ctx2.weights_sha != ctx.weights_sha
+    now = run(ctx2, advface(c=ctx2))
+    assert len(now - seen) == 1
+    random = build_protection("random", steps=2, bound=0.1, reading="projected", epsilon=0.1)
+    seen = run(ctx2, random)
+    wider = build_protection("random", steps=2, bound=0.1, reading="projected", epsilon=0.2)
+    assert len(run(ctx2, wider) - seen) == 1
+
+
+def test_interrupted_training_resumes_and_budget_counts_spent_time(
+    tmp_path, random_facenet, monkeypatch
+):
+    import numpy as np
+
+    import advface.attacks.train as train_mod
+    from advface.data.splits import IdentitySplit
+    from advface.pipelines.reproduce import networks
+
+    ctx = _context(tmp_path, random_facenet, epochs=2, train_batch=4)
+    keys = [f"P{i}/P{i}_0001.jpg" for i in range(8)]
+    images = (np.random.default_rng(0).random((8, 160, 160, 3)) * 255).astype(np.uint8)
+    monkeypatch.setattr(ctx, "images", lambda dataset, k: images[: len(k)])
+    monkeypatch.setattr(ctx, "count_fallbacks", lambda *a: None)
+    split = IdentitySplit("t", "lfw", keys, [f"p{i}" for i in range(8)])
+    real = train_mod.train_recon
+
+    def killed_after_one_epoch(*args, settings, **kw):
+        settings.epochs = 1  # the checkpoint of epoch 1 is written, then the process dies
+        real(*args, settings=settings, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train_recon", killed_after_one_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        networks.train_model(ctx, "attacker-resrec", "resrec", split, identity={"overlap": 0})
+    monkeypatch.setattr(train_mod, "train_recon", real)
+    _, key = networks.train_model(ctx, "attacker-resrec", "resrec", split, identity={"overlap": 0})
+    rec = ctx.training["attacker-resrec"]
+    assert rec["epochs"] == 2 and len(rec["loss_curve"]) == 2
+    first = json.loads((ctx.stages.root / key / "config.json").read_text())
+    assert first["done"] and first["history"][0]["epoch"] == 1
+    # A time budget counts the minutes of the complete epochs already in the checkpoint.
+    hist = [{"epoch": 1, "seconds": 60.0}, {"epoch": 2, "seconds": 30.0}]
+    assert networks._spent_minutes({"epochs": 1, "history": hist}) == 1.0
+    assert networks._spent_minutes({"epochs": 2, "history": hist}) == 1.5
+
+
+@pytest.mark.data
+def test_attack_and_reproduce_measure_the_same(data_root, tmp_path):
+    """`advface attack` and `advface reproduce` give the same numbers for the same
+    reconstructions (one evaluation function)."""
+    import numpy as np
+    import torch
+
+    from advface.data.splits import lfw_test_split
+    from advface.models.facenet import load_facenet
+    from advface.models.recon import build_recon, save_checkpoint
+    from advface.pipelines.attack import run_attack, select_keys
+    from advface.pipelines.recon_eval import clean_embeddings
+    from advface.pipelines.reproduce.evaluate import TestFaces, recon_stage, recon_values
+    from advface.protection import build_protection
+
+    torch.manual_seed(0)
+    net = build_recon("resrec", width=4, blocks=1).eval()
+    save_checkpoint(tmp_path / "ck", net, "resrec", {"width": 4, "blocks": 1},
+                    train_set="lfw-attacker", epochs=0, seed=0, features="clean")  # fmt: skip
+    thresholds = {"operating": 0.2, "far_1e-3": 0.4}
+    n, bs = 6, 3
+    att = run_attack(tmp_path / "ck", "lfw", limit=n, data_root=data_root, batch_size=bs,
+                     thresholds=thresholds, grid=False, progress=False)  # fmt: skip
+    ctx = _context(tmp_path, load_facenet(), protect_batch=bs, chunk=n)
+    keys = select_keys(lfw_test_split(data_root).keys, n, 0)
+    images = ctx.images("lfw", keys)
+    faces = TestFaces("lfw", keys, images, clean_embeddings(ctx.facenet, images))
+    res = recon_stage(ctx, faces, "none", build_protection("none"), {"resrec": net},
+                      {"resrec": "k"}, {"resrec"})  # fmt: skip
+
+    class Ev:  # the dataset evaluation, reduced to what recon_values reads
+        pass
+
+    ev = Ev()
+    ev.faces, ev.thresholds = faces, thresholds
+    ours = recon_values(res, "resrec", ev)
+    ours = {**ours, **ours.pop("extra")}
+    assert att["n_images"] == ours["n_images"] == n
+    for k in ("ssim", "psnr", "mse", "srra", "srra_far_1e-3", "replay_cosine"):
+        assert np.isclose(att[k], ours[k], rtol=1e-5, atol=1e-6), k

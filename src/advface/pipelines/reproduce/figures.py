@@ -54,11 +54,40 @@ def psnr_accuracy_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def loss_curves_plot(training: dict[str, dict], path: Path) -> None:
+    """Training L1 per epoch of every decoder (a last partial epoch, cut by the time budget,
+    is drawn as an open marker)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, rec in sorted(training.items()):
+        curve = rec.get("loss_curve") or []
+        if not curve:
+            continue
+        x = np.arange(1, len(curve) + 1)
+        (line,) = ax.plot(x, curve, marker="o", ms=3, label=name)
+        if rec.get("partial_epoch"):
+            ax.plot(x[-1], curve[-1], "o", mfc="white", color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training L1")
+    ax.set_title("decoder training loss", fontsize=9)
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_all(
-    out: Path, rows: list[dict], grids: dict[str, dict[str, np.ndarray]], profile
+    out: Path,
+    rows: list[dict],
+    grids: dict[str, dict[str, np.ndarray]],
+    profile,
+    training: dict[str, dict] | None = None,
 ) -> list[str]:
     """Write every figure into ``out``; return the file names."""
     files: list[str] = []
+    if training:
+        loss_curves_plot(training, out / "loss_curves.png")
+        files.append("loss_curves.png")
     sweep = [r for r in rows if r["table"] == "fig4"]
     if sweep:
         psnr_accuracy_plot(sweep, out / "fig4_psnr_accuracy.png")

@@ -9,7 +9,11 @@ def _pct(v: float | None) -> str:
 
 def headline_table(rows: list[dict]) -> str:
     """Table 1 + Table 2 in one block: per dataset and method, SSIM, PSNR, SRRA, accuracy."""
-    acc = {(r["dataset"], r["method"]): r["accuracy"] for r in rows if r["table"] == "table2"}
+    acc = {
+        (r["dataset"], r["method"]): r["accuracy"]
+        for r in rows
+        if r["table"] == "table2" and r.get("mode", "online") == "online"
+    }
     lines = [f"{'dataset':8} {'method':8} {'SSIM':>6} {'PSNR':>6} {'SRRA':>8} {'accuracy':>9}"]
     for r in rows:
         if r["table"] != "table1":

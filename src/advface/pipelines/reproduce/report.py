@@ -78,9 +78,22 @@ def _fmt(v: float | None, kind: str) -> str:
     return f"{v:.2f}"
 
 
-def _cell(ours: float | None, ref: float | None, kind: str, flags: list[str], where: str) -> str:
-    """'ours (paper)' with a flag when the difference exceeds the stated tolerance."""
-    text = f"{_fmt(ours, kind)} ({_fmt(ref, kind)})"
+def _ci(row: dict, kind: str) -> str:
+    """' [low-high]' of a rate's 95% interval when the row has one."""
+    ci = row.get(f"{kind}_ci95") if kind in ("accuracy", "srra") else None
+    return f" [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci else ""
+
+
+def _cell(
+    ours: float | None,
+    ref: float | None,
+    kind: str,
+    flags: list[str],
+    where: str,
+    ci: str = "",
+) -> str:
+    """'ours [95% interval] (paper)' with a flag when the difference exceeds the tolerance."""
+    text = f"{_fmt(ours, kind)}{ci} ({_fmt(ref, kind)})"
     if ours is not None and ref is not None and abs(ours - ref) > paper.TOLERANCE[kind]:
         flags.append(f"{where} {kind}: {_fmt(ours, kind)} vs paper {_fmt(ref, kind)}")
         text += " ⚑"
@@ -115,191 +128,215 @@ def _paper_cells(
         theirs = theirs if isinstance(theirs, tuple) else (theirs,) * len(keys)
         cells.append(
             " / ".join(
-                _cell(r.get(k), theirs[i], k, flags, f"{label} {d}") for i, k in enumerate(keys)
+                _cell(r.get(k), theirs[i], k, flags, f"{label} {d}", _ci(r, k))
+                for i, k in enumerate(keys)
             )
         )
     return [*cells, NO_COPY]
 
 
-def render_markdown(meta: dict, rows: list[dict]) -> str:
-    prof = meta["profile"]
-    datasets = list(prof["datasets"])
-    flags: list[str] = []
+class _Doc:
+    """The report being written: its lines, the deviation flags and the table layout."""
+
+    def __init__(self, meta: dict, rows: list[dict]) -> None:
+        self.meta, self.rows, self.prof = meta, rows, meta["profile"]
+        self.datasets = list(self.prof["datasets"])
+        self.flags: list[str] = []
+        self.lines: list[str] = []
+        self.cols = [*self.datasets, AGEDB]
+
+    def table(self, title: str, first: list[str], intro: str = "") -> None:
+        self.lines += ["", f"## {title}", ""] + ([intro, ""] if intro else [])
+        self.lines += [
+            "| " + " | ".join(first + self.cols) + " |",
+            "|---" * (len(self.cols) + len(first)) + "|",
+        ]
+
+    def paper_row(self, label: list[str], keys, ref: dict, where: str, **match) -> None:
+        cells = _paper_cells(self.rows, self.flags, self.datasets, keys, ref, where, **match)
+        self.lines.append("| " + " | ".join(label + cells) + " |")
+
+    def plain(self, title: str, head: list[str], rows: list[dict], cells) -> None:
+        """A table of ``rows`` (no paper column); ``cells(row)`` gives a row's cells."""
+        if not rows:
+            return
+        self.lines += ["", f"## {title}", "", "| " + " | ".join(head) + " |"]
+        self.lines.append("|---" * len(head) + "|")
+        self.lines += ["| " + " | ".join(str(c) for c in cells(r)) + " |" for r in rows]
+
+
+def _header(doc: _Doc) -> None:
+    meta, prof = doc.meta, doc.prof
     tol = ", ".join(f"{k} ±{v}" for k, v in paper.TOLERANCE.items())
-    lines = [
+    doc.lines += [
         f"# AdvFace reproduction — profile `{prof['name']}`",
         "",
         f"Device: {meta.get('device')}; machine: {meta.get('machine')}; "
         f"wall time {meta.get('wall_s', 0):.0f} s; advface {meta.get('advface_version')}, "
-        f"torch {meta.get('torch_version')}.",
+        f"torch {meta.get('torch_version')}; FaceNet weights sha256 "
+        f"{meta.get('facenet_weights_sha256')}.",
         "",
-        "Each cell reads **ours (paper)**; ⚑ marks a difference beyond the tolerance "
-        f"({tol}). AgeDB-30 columns: {NO_COPY}.",
-        "",
-        "Sizes and settings: " + json.dumps(meta.get("sizes", {})),
+        "Each cell reads **ours [95% interval] (paper)**; ⚑ marks a difference beyond the "
+        f"tolerance ({tol}). AgeDB-30 columns: {NO_COPY}.",
         "",
     ]
     for note in prof.get("notes", ()):
-        lines += [f"> {note}", ""]
-    for dev in meta.get("deviations", ()):
-        lines += [f"- Deviation: {dev}"]
-    lines.append("")
+        doc.lines += [f"> {note}", ""]
+    doc.lines += [f"- Deviation: {dev}" for dev in meta.get("deviations", ())]
 
-    cols = [*datasets, AGEDB]
-    head = "| method | " + " | ".join(cols) + " |"
-    sep = "|---" * (len(cols) + 1) + "|"
-    attackers = [r for r in rows if r["table"] == "attackers"]
-    if attackers:
-        lines += [
-            "## Attackers on unprotected features",
-            "",
-            "| dataset | attacker | SSIM | PSNR | MSE | SRRA | SRRA @ FAR=1e-3 |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in attackers:
-            lines.append(
-                f"| {r['dataset']} | {r['attacker']} | {_fmt(r['ssim'], 'ssim')} | "
-                f"{_fmt(r['psnr'], 'psnr')} | {_fmt(r['mse'], 'mse')} | "
-                f"{_fmt(r['srra'], 'srra')} | {_fmt(r.get('srra_far_1e-3'), 'srra')} |"
-            )
-        lines.append("")
-    lines += [
-        "## Table 1 — reconstruction (ResRec attacker, ResRec shadow): SSIM / PSNR / MSE / SRRA",
-        "",
-        head,
-        sep,
-    ]
+
+def _pairs_note(meta: dict, rows: list[dict]) -> str:
+    """How many pairs the accuracy rows use: the full protocol, or a stated sample."""
+    prof = meta["profile"]
+    n = {r["dataset"]: r.get("n_pairs") for r in rows if r["table"] == "table2"}
+    sizes = ", ".join(f"{d} n_pairs = {v}" for d, v in n.items())
+    if prof.get("pairs_per_fold") is None:
+        return f"Accuracy on the full protocols ({sizes}); 95% Wilson intervals over pairs."
+    return (
+        f"Accuracy on a seeded (seed {prof['seed']}) random sample of {prof['pairs_per_fold']} "
+        f"pairs per fold, half genuine, over all 10 folds ({sizes}), not the full protocols; "
+        "95% Wilson intervals over pairs."
+    )
+
+
+def _setup(doc: _Doc) -> None:
+    """Protocols, training (identity overlap, loss), MTCNN fallbacks, protections."""
+    meta = doc.meta
+    unprot = meta.get("unprotected", {})
+    doc.plain(
+        "Unprotected system (operating thresholds for SRRA)",
+        ["dataset", "pairs", "full protocol", "accuracy [95%]", "threshold", "FAR=1e-3 thr."],
+        [{"dataset": d, **u} for d, u in unprot.items()],
+        lambda u: [u["dataset"], u["n_pairs"], u.get("full_protocol"),
+                   _fmt(u["accuracy"], "accuracy") + _ci(u, "accuracy"),
+                   f"{u['threshold']:.3f}", f"{u['threshold_far_1e-3']:.3f}"],
+    )  # fmt: skip
+    doc.plain(
+        "Trained networks (identity overlap with the test people, counted by name)",
+        ["network", "arch", "train set", "images", "people", "epochs", "seconds",
+         "last L1", "identity overlap"],
+        [{"name": k, **v} for k, v in meta.get("training", {}).items()],
+        lambda t: [t["name"], t["arch"], t["train_set"], t["n_train"], t["people"],
+                   f"{t['epochs']}{' + partial' if t.get('partial_epoch') else ''}",
+                   t["seconds"], (t["loss_curve"] or ["—"])[-1],
+                   _overlap(t["identity_check"])],
+    )  # fmt: skip
+    if "loss_curves.png" in meta.get("figures", []):
+        doc.lines += ["", "![training loss](loss_curves.png)"]
+    doc.plain(
+        "MTCNN fallbacks (no face found: a fixed crop is used)",
+        ["images of", "dataset", "images", "fallbacks"],
+        [{"role": k, **v} for k, v in meta.get("fallbacks", {}).items()],
+        lambda f: [f["role"], f["dataset"], f["images"], f["fallbacks"]],
+    )
+    doc.plain(
+        "Protections (complete parameters, in every stage key)",
+        ["setting", "parameters"],
+        [{"label": k, "params": v} for k, v in meta.get("protections", {}).items()],
+        lambda r: [r["label"], json.dumps(
+            {k: v for k, v in r["params"].items() if not k.endswith("sha256")})],
+    )  # fmt: skip
+
+
+def _overlap(check: dict | None) -> str:
+    if not check:
+        return "—"
+    if check.get("checked_by_name"):
+        return str(check["overlap"])
+    return "not comparable (anonymous CelebA ids)"
+
+
+def _recon_cells(r: dict) -> list[str]:
+    return [r["dataset"], r["attacker"], _fmt(r["ssim"], "ssim"), _fmt(r["psnr"], "psnr"),
+            _fmt(r["mse"], "mse"), _fmt(r["srra"], "srra") + _ci(r, "srra"),
+            _fmt(r.get("srra_far_1e-3"), "srra")]  # fmt: skip
+
+
+def _paper_tables(doc: _Doc) -> None:
+    """Tables 1-4 beside the paper."""
+    doc.table("Table 1 — reconstruction (ResRec attacker, ResRec shadow): SSIM / PSNR / MSE / "
+              "SRRA", ["method"])  # fmt: skip
     for m in ("none", "random", "dp", "advface"):
-        cells = _paper_cells(
-            rows,
-            flags,
-            datasets,
-            RECON_KEYS,
-            paper.TABLE1[m],
-            f"table1 {m}",
-            table="table1",
-            method=m,
-        )
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-
-    lines += [
-        "",
-        "## Table 2 — verification accuracy (online mode: stored side protected)",
-        "",
-        head,
-        sep,
-    ]
+        doc.paper_row([m], RECON_KEYS, paper.TABLE1[m], f"table1 {m}", table="table1", method=m)
+    doc.table("Table 2 — verification accuracy (online mode: stored side protected)", ["method"])
     for m in ("none", "random", "dp", "advface"):
-        cells = _paper_cells(
-            rows,
-            flags,
-            datasets,
-            ("accuracy",),
-            paper.TABLE2[m],
-            f"table2 {m}",
-            table="table2",
-            method=m,
-        )
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("AdvFace (offline mode, retraining Psi): not implemented; no row.")
+        doc.paper_row(
+            [m], ("accuracy",), paper.TABLE2[m], f"table2 {m}", table="table2", method=m,
+            mode="online",
+        )  # fmt: skip
+    rows = doc.rows
+    offline = [r for r in rows if r["table"] == "table2" and r.get("mode") not in (None, "online")]
+    for m, mode, label in dict.fromkeys((r["method"], r["mode"], r["head"]) for r in offline):
+        ref = (paper.TABLE2_OFFLINE if mode == "offline" else {}).get(m, {})
+        doc.paper_row([f"{m} ({mode}, {label})"], ("accuracy",), ref, f"table2 {m} {mode}",
+                      table="table2", method=m, mode=mode, head=label)  # fmt: skip
+    doc.lines.append("")
+    if not offline:
+        doc.lines.append("Offline mode (Psi' on protected features): no head given to this run.")
+    doc.lines.append(_pairs_note(doc.meta, rows))
+    doc.table("Table 3 — accuracy per shadow model", ["shadow"])
+    for s in doc.prof["archs"]:
+        doc.paper_row([s], ("accuracy",), paper.TABLE3.get(s, {}), f"table3 {s}",
+                      table="table3", shadow=s)  # fmt: skip
+    doc.table("Table 4 — SSIM / PSNR per shadow x attacker", ["shadow", "attacker"])
+    for s in doc.prof["archs"]:
+        for a in doc.prof["archs"]:
+            doc.paper_row([s, a], ("ssim", "psnr"), paper.TABLE4.get((s, a), {}),
+                          f"table4 {s}->{a}", table="table4", shadow=s, attacker=a)  # fmt: skip
 
-    lines += [
-        "",
-        "## Table 3 — accuracy per shadow model",
-        "",
-        "| shadow | " + " | ".join(cols) + " |",
-        sep,
-    ]
-    for s in prof["archs"]:
-        ref = paper.TABLE3.get(s, {})
-        cells = _paper_cells(
-            rows, flags, datasets, ("accuracy",), ref, f"table3 {s}", table="table3", shadow=s
-        )
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
 
-    lines += [
-        "",
-        "## Table 4 — SSIM / PSNR per shadow x attacker",
-        "",
-        "| shadow | attacker | " + " | ".join(cols) + " |",
-        "|---" * (len(cols) + 2) + "|",
-    ]
-    for s in prof["archs"]:
-        for a in prof["archs"]:
-            ref = paper.TABLE4.get((s, a), {})
-            label = f"table4 {s}->{a}"
-            cells = _paper_cells(
-                rows,
-                flags,
-                datasets,
-                ("ssim", "psnr"),
-                ref,
-                label,
-                table="table4",
-                shadow=s,
-                attacker=a,
-            )
-            lines.append(f"| {s} | {a} | " + " | ".join(cells) + " |")
-
-    sweep = [r for r in rows if r["table"] == "fig4"]
+def _extra_tables(doc: _Doc) -> None:
+    """The sweep, both readings, the adaptive attacker."""
+    rows, prof = doc.rows, doc.prof
+    sweep = sorted((r for r in rows if r["table"] == "fig4"),
+                   key=lambda r: (r["dataset"], r["epsilon"]))  # fmt: skip
+    doc.plain(
+        "Fig. 3/4 — noise-bound sweep (ResRec shadow and attacker)",
+        ["dataset", "epsilon", "PSNR", "SSIM", "accuracy [95%]", "n_pairs"],
+        sweep,
+        lambda r: [r["dataset"], f"{r['epsilon']:.2f}", _fmt(r["psnr"], "psnr"),
+                   _fmt(r["ssim"], "ssim"), _fmt(r["accuracy"], "accuracy") + _ci(r, "accuracy"),
+                   r.get("n_pairs")],
+    )  # fmt: skip
     if sweep:
-        lines += [
-            "",
-            "## Fig. 3/4 — noise-bound sweep (ResRec shadow and attacker)",
-            "",
-            "| dataset | epsilon | PSNR | SSIM | accuracy |",
-            "|---|---|---|---|---|",
-        ]
-        for r in sorted(sweep, key=lambda r: (r["dataset"], r["epsilon"])):
-            lines.append(
-                f"| {r['dataset']} | {r['epsilon']:.2f} | {_fmt(r['psnr'], 'psnr')} | "
-                f"{_fmt(r['ssim'], 'ssim')} | {_fmt(r['accuracy'], 'accuracy')} |"
-            )
-        lines += ["", "![PSNR vs accuracy](fig4_psnr_accuracy.png)", ""]
+        doc.lines += ["", "![PSNR vs accuracy](fig4_psnr_accuracy.png)"]
+    doc.plain(
+        f"Readings (epsilon {prof['epsilon']}, alpha {prof['alpha']}, T={prof['steps']}): "
+        "AdvFace per-step (each step bounded, drift up to T x alpha) vs projected (PGD onto the "
+        "epsilon ball); random noise accumulated (the paper's text) vs projected (AdvFace's "
+        "budget)",
+        ["dataset", "method", "reading", "SSIM", "PSNR", "SRRA", "accuracy [95%]"],
+        [r for r in rows if r["table"] == "readings"],
+        lambda r: [r["dataset"], r["method"], r["reading"], _fmt(r["ssim"], "ssim"),
+                   _fmt(r["psnr"], "psnr"), _fmt(r["srra"], "srra"),
+                   _fmt(r["accuracy"], "accuracy") + _ci(r, "accuracy")],
+    )  # fmt: skip
+    doc.plain(
+        "Adaptive attacker vs the paper's attacker (AdvFace features)",
+        ["dataset", "attacker", "SSIM", "PSNR", "MSE", "SRRA [95%]", "SRRA @ FAR=1e-3"],
+        [r for r in rows if r["table"] == "adaptive"],
+        _recon_cells,
+    )
 
-    readings = [r for r in rows if r["table"] == "readings"]
-    if readings:
-        lines += [
-            "",
-            "## Two readings of eq. 6 (ResRec shadow and attacker, epsilon "
-            f"{prof['epsilon']}, alpha {prof['alpha']}, T={prof['steps']})",
-            "",
-            "per-step: each step bounded by epsilon (drift up to T x alpha); projected: "
-            "standard PGD onto the L-inf ball of radius epsilon around z~.",
-            "",
-            "| dataset | reading | SSIM | PSNR | SRRA | accuracy |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in readings:
-            lines.append(
-                f"| {r['dataset']} | {r['reading']} | {_fmt(r['ssim'], 'ssim')} | "
-                f"{_fmt(r['psnr'], 'psnr')} | {_fmt(r['srra'], 'srra')} | "
-                f"{_fmt(r['accuracy'], 'accuracy')} |"
-            )
 
-    adaptive = [r for r in rows if r["table"] == "adaptive"]
-    if adaptive:
-        lines += [
-            "",
-            "## Adaptive attacker vs the paper's attacker (AdvFace features)",
-            "",
-            "| dataset | attacker | SSIM | PSNR | MSE | SRRA |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in adaptive:
-            lines.append(
-                f"| {r['dataset']} | {r['attacker']} | {_fmt(r['ssim'], 'ssim')} | "
-                f"{_fmt(r['psnr'], 'psnr')} | {_fmt(r['mse'], 'mse')} | "
-                f"{_fmt(r['srra'], 'srra')} |"
-            )
-
-    figs = meta.get("figures", [])
+def render_markdown(meta: dict, rows: list[dict]) -> str:
+    doc = _Doc(meta, rows)
+    _header(doc)
+    _setup(doc)
+    doc.plain(
+        "Attackers on unprotected features",
+        ["dataset", "attacker", "SSIM", "PSNR", "MSE", "SRRA [95%]", "SRRA @ FAR=1e-3"],
+        [r for r in rows if r["table"] == "attackers"],
+        _recon_cells,
+    )
+    _paper_tables(doc)
+    _extra_tables(doc)
+    figs = [f for f in meta.get("figures", []) if f != "loss_curves.png"]
     if figs:
-        lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in figs]
-    lines += ["", "## Deviations beyond tolerance", ""]
-    lines += [f"- {f}" for f in flags] or ["- none"]
-    return "\n".join(lines) + "\n"
+        doc.lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in figs]
+    doc.lines += ["", "## Deviations beyond tolerance", ""]
+    doc.lines += [f"- {f}" for f in doc.flags] or ["- none"]
+    return "\n".join(doc.lines) + "\n"
 
 
 def write_report(out: Path, meta: dict, rows: list[dict]) -> Path:

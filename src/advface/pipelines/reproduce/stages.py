@@ -56,3 +56,26 @@ class StageCache:
         )
         os.replace(tmp, path)
         return value
+
+    def chunked(
+        self,
+        name: str,
+        settings: dict,
+        keys: list[str],
+        chunk: int,
+        compute: Callable[[slice], dict[str, np.ndarray]],
+    ) -> dict[str, np.ndarray]:
+        """:meth:`arrays` over ``keys`` in chunks of ``chunk`` (each keyed by ``settings`` and
+        its own keys), concatenated: an interrupted stage resumes at its first missing chunk.
+        ``compute(slice)`` returns the arrays of that slice of ``keys``; an array present in
+        only some chunks (e.g. the first faces' grids) is concatenated over those."""
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        parts: list[dict[str, np.ndarray]] = []
+        for i, start in enumerate(range(0, len(keys), chunk)):
+            sl = slice(start, start + chunk)
+            digest = hashlib.sha256("\n".join(keys[sl]).encode()).hexdigest()[:16]
+            key = {**settings, "chunk": [start, digest]}
+            parts.append(self.arrays(f"{name}-{i:04d}", key, lambda sl=sl: compute(sl)))
+        names = dict.fromkeys(k for part in parts for k in part)
+        return {k: np.concatenate([part[k] for part in parts if k in part]) for k in names}

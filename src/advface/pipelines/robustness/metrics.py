@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from advface.pipelines.context import FACENET_CODE
 from advface.pipelines.robustness.models import BenchContext, code_fingerprint
 
 DATASET_OF = {"lfw": "lfw", "cfp-fp": "cfp"}
@@ -78,7 +79,7 @@ def clean_protocol(ctx: BenchContext, dataset: str, embed: Callable) -> Protocol
     )
     key = hashlib.sha256("\n".join(sub.keys).encode()).hexdigest()[:16]
     # Clean embeddings run FaceNet only: keyed by its code and weights.
-    code = code_fingerprint(("models/facenet.py", "models/split.py"))
+    code = code_fingerprint(FACENET_CODE)
     settings = dict(dataset=dataset, keys=key, weights=ctx.weights_sha, code=code)
 
     def compute() -> dict[str, np.ndarray]:
@@ -132,30 +133,22 @@ def recon_rows(
     *,
     attacker: str | None = None,
 ) -> list[dict]:
-    """One row per attacker: SSIM / PSNR / MSE (mean, 95% CI), SRRA at both thresholds."""
-    from advface.metrics.image import proportion_ci, summarize
+    """One row per attacker: SSIM / PSNR / MSE (mean, 95% CI), SRRA at both thresholds
+    (:func:`advface.pipelines.recon_eval.summarize_recon`, as ``attack`` and ``reproduce``)."""
+    from advface.pipelines.recon_eval import summarize_recon
 
+    thresholds = {"operating": proto.threshold, "far_1e-3": proto.threshold_far}
     rows = []
     for a, res in results.items():
-        vals: dict = {}
-        for k in ("ssim", "psnr", "mse"):
-            s = summarize(res[f"{a}/{k}"])
-            vals[k], vals[f"{k}_ci95"] = s.mean, [s.ci_low, s.ci_high]
-        rec = res[f"{a}/emb"]
-        rec = rec / np.maximum(np.linalg.norm(rec, axis=1, keepdims=True), 1e-12)
-        sim = np.sum(rec * clean_emb[: len(rec)], axis=1)
-        n = len(sim)
-        hits = int(np.sum(sim >= proto.threshold))
+        per = {k: res[f"{a}/{k}"] for k in ("ssim", "psnr", "mse", "emb")}
+        vals = summarize_recon(per, clean_emb, thresholds)
+        vals["srra_far"] = vals.pop("srra_far_1e-3")
+        vals["srra_far_ci95"] = vals.pop("srra_far_1e-3_ci95")
         vals.update(
-            srra=hits / n,
-            srra_ci95=list(proportion_ci(hits, n)),
-            srra_far=float(np.mean(sim >= proto.threshold_far)),
             chance_srra=proto.chance,
             chance_srra_far=proto.chance_far,
             threshold=proto.threshold,
             threshold_far=proto.threshold_far,
-            replay_cosine=float(np.mean(sim)),
-            n_images=n,
         )
         rows.append(_row(dataset, method if attacker is None else attacker, a, **vals))
     return rows

@@ -26,34 +26,23 @@ from tqdm.auto import tqdm
 
 from advface.attacks.train import MemoFeatures
 from advface.data.splits import IdentitySplit
-from advface.pipelines.context import RunContext
+from advface.pipelines.context import EVAL_CODE as SHARED_EVAL_CODE
+from advface.pipelines.context import (  # noqa: F401 (re-exported for the bench's run)
+    PROTECTION_CODE,
+    TRAIN_CODE,
+    RunContext,
+    code_fingerprint,
+)
 from advface.pipelines.robustness.profiles import BenchProfile
 
-#: Sources (folders or files under the package) whose code a stage runs, hashed into its key:
-#: decoder training, the protections (adaptive attackers train on their output), evaluation.
-TRAIN_CODE = ("models/recon", "attacks/train.py")
-PROTECTION_CODE = ("protection",)
-EVAL_CODE = ("models/recon", "attacks", "protection", "metrics", "pipelines/robustness")
-
-
-def code_fingerprint(parts: tuple[str, ...]) -> str:
-    """sha256 (16 hex) over the package's Python sources under ``parts``: a code change
-    invalidates exactly the stages that run that code."""
-    base = Path(__file__).resolve().parents[2]
-    h = hashlib.sha256()
-    for part in parts:
-        target = base / part
-        for path in sorted(target.rglob("*.py")) if target.is_dir() else [target]:
-            h.update(str(path.relative_to(base)).encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+#: Code of the bench's evaluation stages (the shared parts and the bench's own).
+EVAL_CODE = (*SHARED_EVAL_CODE, "pipelines/robustness")
 
 
 @dataclass
 class BenchContext(RunContext):
     """The bench's context: FaceNet's fingerprint (in every key) and the training records."""
 
-    weights_sha: str = ""
     training: dict[str, dict] = field(default_factory=dict)
     protections: dict[str, dict] = field(default_factory=dict)
     tag: ClassVar[str] = "bench"

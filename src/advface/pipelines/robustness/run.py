@@ -208,11 +208,6 @@ def _embed_clean(ctx: BenchContext, images: np.ndarray, desc: str) -> np.ndarray
     return torch.cat(out).numpy()
 
 
-@torch.no_grad()
-def _replay(ctx: BenchContext, rec: torch.Tensor) -> torch.Tensor:
-    return ctx.facenet(rec * 255.0 / 128.0 - 127.5 / 128.0).float()
-
-
 def _attack_stage(
     ctx: BenchContext,
     name: str,
@@ -223,8 +218,8 @@ def _attack_stage(
     limits: dict[str, int],
 ) -> dict[str, np.ndarray]:
     """Protect the test images, run every attacker, keep per-image metrics and replays."""
-    from advface.metrics.image import image_metrics
     from advface.models.facenet import preprocess
+    from advface.pipelines.recon_eval import measure_batch
 
     p = ctx.profile
 
@@ -242,10 +237,9 @@ def _attack_stage(
                 if not take:
                     continue
                 rec = net(zp[:take]).clamp(0, 1)
-                m = image_metrics(rec, target[:take])
-                for k in ("ssim", "psnr", "mse"):
-                    out.setdefault(f"{a}/{k}", []).append(m[k].cpu().numpy())
-                out.setdefault(f"{a}/emb", []).append(_replay(ctx, rec).cpu().numpy())
+                # The measurement shared with `advface attack` and `advface reproduce`.
+                for k, v in measure_batch(rec, target[:take], ctx.facenet).items():
+                    out.setdefault(f"{a}/{k}", []).append(v)
                 keep = max(0, p.grid_n - s)
                 if keep:
                     grid = (rec[:keep] * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()

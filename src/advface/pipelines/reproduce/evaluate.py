@@ -1,0 +1,396 @@
+"""The reproduction's measurements: protections, cached stages and the values of a row.
+
+Per dataset (:func:`prepare_dataset`): the verification pairs (the full protocol or a seeded
+stratified sample) with their clean embeddings and the unprotected system's thresholds, and the
+reconstruction test faces (LFW folds 1-5, CFP's faces: no attacker has seen their people).
+Per protection: :func:`recon_stage` (every attacker on the test faces' protected features,
+measured by :mod:`advface.pipelines.recon_eval`) and :func:`stored_stage` (the stored side of
+the pairs through Psi, or an extra head). Each stage is keyed by the protection's complete
+``params()`` (shadow and E weights included), FaceNet's weights, the attackers' keys and the
+code it runs, and cached in chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from advface.pipelines.context import EVAL_CODE, FACENET_CODE, code_fingerprint
+from advface.pipelines.eval_fr import PairSubset
+from advface.pipelines.reproduce.networks import Context, Networks, public_params
+
+#: Attackers whose reconstructions are replayed (SRRA) under every protection: Table 1's and
+#: the adaptive attacker. On unprotected features every attacker is replayed.
+REPLAYED = ("resrec", "adaptive-resrec")
+#: The two readings of eq. 6 (see advface.protection.advface) and of the random baseline.
+OTHER_READING = {"per-step": "projected", "projected": "per-step"}
+ALIGNED = {"lfw": "lfw", "cfp-fp": "cfp"}
+
+
+@dataclass(frozen=True)
+class ProtectionConfig:
+    """One protection setting of the experiments (``reading``: None = the profile's)."""
+
+    method: str
+    shadow: str | None = None
+    epsilon: float | None = None
+    reading: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.method == "random":
+            return "random" if self.reading in (None, "projected") else f"random-{self.reading}"
+        if self.method != "advface":
+            return self.method
+        suffix = f"-{self.reading}" if self.reading else ""
+        return f"advface-{self.shadow}-eps{self.epsilon:.2f}{suffix}"
+
+
+@dataclass(frozen=True)
+class ExtraHead:
+    """A recognition head besides FaceNet's Psi, for extra Table 2 rows (the offline mode: a
+    Psi' fine-tuned on ``method``'s protected features, e.g. distilled to match Psi on clean
+    ones). The stored side's protected features go through ``module``, the probe side's clean
+    features through Psi; the stage is keyed by ``module``'s weights."""
+
+    module: nn.Module
+    method: str = "advface"
+    mode: str = "offline"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("random", "dp", "advface"):
+            raise ValueError(f"an extra head protects random, dp or advface, not {self.method!r}")
+
+
+@dataclass
+class TestFaces:
+    """Reconstruction test faces of a dataset and their clean FaceNet embeddings."""
+
+    dataset: str
+    keys: list[str]
+    images: np.ndarray
+    clean: np.ndarray
+
+
+@dataclass
+class DatasetEval:
+    """One dataset's pairs, clean embeddings, thresholds and test faces; results so far."""
+
+    dataset: str
+    pairs: PairSubset
+    full: bool  # the pairs are the whole protocol
+    clean: np.ndarray  # clean embeddings of pairs.keys
+    unprotected: dict  # the unprotected system (full protocol when the profile says so)
+    faces: TestFaces
+    grids: dict[str, np.ndarray] = field(default_factory=dict)
+    recon: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    stored: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def stored_idx(self) -> np.ndarray:
+        return np.unique(self.pairs.idx_a)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        u = self.unprotected
+        return {"operating": u["threshold"], "far_1e-3": u["threshold_far_1e-3"]}
+
+
+# -- protections --------------------------------------------------------------------------------
+
+
+def advface_protection(ctx: Context, shadow: nn.Module, epsilon: float, reading: str):
+    from advface.protection import build_protection
+
+    p = ctx.profile
+    return build_protection(
+        "advface",
+        shadow=shadow,
+        extractor=ctx.encoder,
+        steps=p.steps,
+        alpha=p.alpha,
+        epsilon=epsilon,
+        reading=reading,
+        seed=p.seed,
+        device=ctx.device,
+    )
+
+
+def build(ctx: Context, cfg: ProtectionConfig, nets: Networks):
+    """The protection of ``cfg`` with the profile's settings; its parameters are recorded."""
+    from advface.protection import build_protection
+
+    p = ctx.profile
+    if cfg.method == "none":
+        prot = build_protection("none", seed=p.seed)
+    elif cfg.method == "random":
+        # Default: AdvFace's budget (steps of alpha, projected onto the epsilon ball).
+        reading = cfg.reading or "projected"
+        kw = dict(epsilon=p.epsilon) if reading == "projected" else {}
+        prot = build_protection(
+            "random", steps=p.steps, bound=p.alpha, reading=reading, seed=p.seed, **kw
+        )
+    elif cfg.method == "dp":
+        prot = build_protection(
+            "dp", epsilon_dp=p.dp_epsilon, sensitivity=p.dp_sensitivity, seed=p.seed
+        )
+    elif cfg.method == "advface":
+        prot = advface_protection(
+            ctx, nets.shadows[cfg.shadow], cfg.epsilon, cfg.reading or p.reading
+        )
+    else:
+        raise ValueError(f"unknown method {cfg.method!r}")
+    ctx.protections[cfg.label] = public_params(prot)
+    return prot
+
+
+# -- stages -------------------------------------------------------------------------------------
+
+
+def _bar(ctx: Context, n: int, desc: str):
+    bs = ctx.profile.protect_batch
+    return tqdm(range(0, n, bs), desc=desc, disable=not ctx.progress, unit="batch", leave=False)
+
+
+def clean_stage(ctx: Context, dataset: str, keys: list[str]) -> np.ndarray:
+    """Unit-norm FaceNet embeddings of ``keys`` (chunked; keyed by weights and code)."""
+    from advface.pipelines.recon_eval import clean_embeddings
+
+    key = dict(dataset=dataset, weights=ctx.weights_sha, code=code_fingerprint(FACENET_CODE))
+    bs = ctx.profile.protect_batch
+
+    def compute(sl: slice) -> dict[str, np.ndarray]:
+        images = ctx.images(ALIGNED[dataset], keys[sl])
+        out = [clean_embeddings(ctx.facenet, images[s : s + bs], ctx.device)
+               for s in _bar(ctx, len(images), f"{dataset} clean")]  # fmt: skip
+        return {"emb": np.concatenate(out)}
+
+    return ctx.stages.chunked(f"clean-{dataset}", key, keys, ctx.profile.chunk, compute)["emb"]
+
+
+def recon_stage(
+    ctx: Context,
+    faces: TestFaces,
+    label: str,
+    prot,
+    attackers: dict[str, nn.Module],
+    attacker_keys: dict[str, str],
+    replayed: set[str],
+) -> dict[str, np.ndarray]:
+    """Protect the test faces' features; per attacker ``a``: ``a/ssim``, ``a/psnr``, ``a/mse``,
+    ``a/emb`` (replayed attackers) and ``a/grid`` (the first ``grid_n`` reconstructions)."""
+    from advface.attacks.train import to_unit
+    from advface.models.facenet import preprocess
+    from advface.pipelines.recon_eval import measure_batch
+
+    p = ctx.profile
+    key = dict(
+        dataset=faces.dataset,
+        protection=public_params(prot),
+        attackers={a: attacker_keys[a] for a in sorted(attackers)},
+        replayed=sorted(replayed),
+        batch=p.protect_batch,
+        grid_n=p.grid_n,
+        weights=ctx.weights_sha,
+        code=code_fingerprint(EVAL_CODE),
+    )
+
+    def compute(sl: slice) -> dict[str, np.ndarray]:
+        out: dict[str, list[np.ndarray]] = {}
+        images, t0, bs = faces.images[sl], time.perf_counter(), p.protect_batch
+        for s in _bar(ctx, len(images), f"{faces.dataset} {label}"):
+            batch = images[s : s + bs]
+            target = to_unit(batch).to(ctx.device)
+            with torch.no_grad():
+                zp = prot.protect(ctx.encoder(preprocess(batch).to(ctx.device)))
+            for a, net in attackers.items():
+                with torch.no_grad():
+                    rec = net(zp).clamp(0, 1)
+                m = measure_batch(rec, target, ctx.facenet if a in replayed else None)
+                for k, v in m.items():
+                    out.setdefault(f"{a}/{k}", []).append(v)
+                keep = max(0, p.grid_n - (sl.start + s))
+                if keep:
+                    grid = (rec[:keep] * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+                    out.setdefault(f"{a}/grid", []).append(grid)
+        ctx.timings[f"recon {faces.dataset} {label}"] = round(
+            ctx.timings.get(f"recon {faces.dataset} {label}", 0) + time.perf_counter() - t0, 1
+        )
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    name = f"recon-{faces.dataset}-{label}"
+    return ctx.stages.chunked(name, key, faces.keys, p.chunk, compute)
+
+
+def stored_stage(
+    ctx: Context,
+    ev: DatasetEval,
+    label: str,
+    prot,
+    head: nn.Module | None = None,
+    head_name: str = "psi",
+) -> np.ndarray:
+    """Embeddings head(protect(E(x))) of the pairs' stored side (``head``: Psi by default)."""
+    from advface.models.facenet import preprocess
+
+    head = ctx.head if head is None else head
+    keys = [ev.pairs.keys[i] for i in ev.stored_idx]
+    key = dict(
+        dataset=ev.dataset,
+        protection=public_params(prot),
+        head=ctx.weights_sha if head is ctx.head else _fingerprint(head),
+        batch=ctx.profile.protect_batch,
+        weights=ctx.weights_sha,
+        code=code_fingerprint(EVAL_CODE),
+    )
+
+    def compute(sl: slice) -> dict[str, np.ndarray]:
+        images = ctx.images(ALIGNED[ev.dataset], keys[sl])
+        out, bs, t0 = [], ctx.profile.protect_batch, time.perf_counter()
+        for s in _bar(ctx, len(images), f"{ev.dataset} stored {label}"):
+            with torch.no_grad():
+                z = ctx.encoder(preprocess(images[s : s + bs]).to(ctx.device))
+            zp = prot.protect(z)
+            with torch.no_grad():
+                out.append(nn.functional.normalize(head(zp).float(), dim=1).cpu().numpy())
+        name = f"stored {ev.dataset} {label}"
+        ctx.timings[name] = round(ctx.timings.get(name, 0) + time.perf_counter() - t0, 1)
+        return {"emb": np.concatenate(out)}
+
+    name = f"stored-{ev.dataset}-{label}-{head_name}"
+    return ctx.stages.chunked(name, key, keys, ctx.profile.chunk, compute)["emb"]
+
+
+def _fingerprint(module: nn.Module) -> str:
+    from advface.pipelines.context import weights_fingerprint
+
+    return weights_fingerprint(module)
+
+
+# -- a dataset's pairs and test faces ------------------------------------------------------------
+
+
+def verification(scores: np.ndarray, pairs: PairSubset) -> dict:
+    """10-fold verification of ``scores`` with a Wilson 95% interval over the pairs."""
+    from advface.metrics.image import proportion_ci
+    from advface.metrics.verification import evaluate_pairs
+
+    r = evaluate_pairs(scores, pairs.issame, pairs.fold)
+    n = int(r.n_pairs)
+    return {
+        "accuracy": r.accuracy,
+        "accuracy_ci95": list(proportion_ci(int(round(r.accuracy * n)), n)),
+        "accuracy_std": r.accuracy_std,
+        "n_pairs": n,
+        "threshold": r.threshold,
+        "threshold_far_1e-3": r.far_threshold,
+        "tar_at_far_1e-3": r.tar_at_far,
+    }
+
+
+def _test_faces(ctx: Context, dataset: str, known: dict[str, np.ndarray]) -> TestFaces:
+    """A seeded sample of the faces of people no attacker trained on: LFW folds 1-5, CFP."""
+    from advface.data.splits import IdentitySplit, cfp_identities, lfw_test_split
+
+    p = ctx.profile
+    if dataset == "lfw":
+        split = lfw_test_split(ctx.root)
+    else:
+        names = cfp_identities(ctx.root)
+        split = IdentitySplit("cfp-test", "cfp", list(names), list(names.values()))
+    split = split.sample(p.test_n, p.seed)
+    ctx.count_fallbacks(split.dataset, split.keys, f"{dataset} test faces")
+    if all(k in known for k in split.keys):  # already embedded with the pairs
+        clean = np.stack([known[k] for k in split.keys])
+    else:
+        clean = clean_stage(ctx, dataset, split.keys)
+    return TestFaces(dataset, split.keys, ctx.images(split.dataset, split.keys), clean)
+
+
+def prepare_dataset(ctx: Context, dataset: str) -> DatasetEval:
+    """Pairs (full protocol or a seeded stratified sample), their clean embeddings, the
+    unprotected system (its thresholds: on the full protocol when ``fr_full``) and test faces."""
+    from advface.data.protocols import load_protocol
+    from advface.pipelines.eval_fr import pair_scores, sample_pairs, select_pairs
+
+    p = ctx.profile
+    proto = load_protocol(dataset, ctx.root)
+    pairs = sample_pairs(proto, pairs_per_fold=p.pairs_per_fold, seed=p.seed)
+    bench = select_pairs(proto) if p.fr_full else pairs
+    ctx.count_fallbacks(ALIGNED[dataset], bench.keys, f"{dataset} pairs")
+    emb = clean_stage(ctx, dataset, bench.keys)
+    unprotected = verification(pair_scores(emb[bench.idx_a], emb[bench.idx_b]), bench)
+    unprotected["full_protocol"] = p.fr_full or p.pairs_per_fold is None
+    known = dict(zip(bench.keys, emb, strict=True))
+    clean = np.stack([known[k] for k in pairs.keys])
+    faces = _test_faces(ctx, dataset, known)
+    ev = DatasetEval(dataset, pairs, p.pairs_per_fold is None, clean, unprotected, faces)
+    ev.grids["original"] = faces.images[: p.grid_n]
+    return ev
+
+
+# -- measurements and row values ----------------------------------------------------------------
+
+
+def measure(
+    ctx: Context, ev: DatasetEval, nets: Networks, cfg: ProtectionConfig
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(reconstruction arrays of the test faces, stored-side embeddings) under ``cfg``."""
+    label = cfg.label
+    if label not in ev.recon:
+        prot = build(ctx, cfg, nets)
+        every = set(nets.attackers)
+        replayed = every if cfg.method == "none" else every & set(REPLAYED)
+        ev.recon[label] = recon_stage(
+            ctx, ev.faces, label, prot, nets.attackers, nets.keys, replayed
+        )
+        ev.stored[label] = (
+            ev.clean[ev.stored_idx] if cfg.method == "none" else stored_stage(ctx, ev, label, prot)
+        )
+    return ev.recon[label], ev.stored[label]
+
+
+def _values(measured: dict) -> dict:
+    """Split measured values into a row's columns and its ``extra`` entries."""
+    from advface.pipelines.reproduce.report import ROW_KEYS
+
+    vals = {k: v for k, v in measured.items() if k in ROW_KEYS}
+    vals["extra"] = {k: v for k, v in measured.items() if k not in ROW_KEYS}
+    return vals
+
+
+def recon_values(res: dict[str, np.ndarray], attacker: str, ev: DatasetEval) -> dict:
+    """SSIM / PSNR / MSE and (replayed attackers) SRRA of ``attacker``: the function
+    ``advface attack`` uses (:func:`advface.pipelines.recon_eval.summarize_recon`)."""
+    from advface.pipelines.recon_eval import summarize_recon
+
+    per = {k: res[f"{attacker}/{k}"] for k in ("ssim", "psnr", "mse", "emb")
+           if f"{attacker}/{k}" in res}  # fmt: skip
+    return _values(summarize_recon(per, ev.faces.clean, ev.thresholds))
+
+
+def accuracy_values(stored: np.ndarray, ev: DatasetEval) -> dict:
+    """Online verification: stored side protected, probe side clean."""
+    from advface.pipelines.eval_fr import pair_scores
+
+    pos = {int(i): j for j, i in enumerate(ev.stored_idx)}
+    a = stored[[pos[int(i)] for i in ev.pairs.idx_a]]
+    ver = verification(pair_scores(a, ev.clean[ev.pairs.idx_b]), ev.pairs)
+    return _values(
+        {
+            "accuracy": ver["accuracy"],
+            "accuracy_ci95": ver["accuracy_ci95"],
+            "accuracy_std": ver["accuracy_std"],
+            "n_pairs": ver["n_pairs"],
+            "full_protocol": ev.full,
+        }
+    )
+
+
+def merge(a: dict, b: dict) -> dict:
+    return {**a, **b, "extra": {**a.get("extra", {}), **b.get("extra", {})}}

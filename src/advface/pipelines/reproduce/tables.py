@@ -1,0 +1,166 @@
+"""One function per table or figure of the paper's Sec. 5: each measures what it needs
+(:func:`~advface.pipelines.reproduce.evaluate.measure`, cached) and returns its rows; the
+reconstructions it shows go into ``ev.grids`` for the figures."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from advface.pipelines.reproduce.evaluate import (
+    OTHER_READING,
+    DatasetEval,
+    ExtraHead,
+    ProtectionConfig,
+    accuracy_values,
+    build,
+    measure,
+    merge,
+    recon_values,
+    stored_stage,
+)
+from advface.pipelines.reproduce.networks import Context, Networks
+from advface.pipelines.reproduce.report import make_row
+
+METHODS: tuple[str, ...] = ("none", "random", "dp", "advface")
+
+
+def main_config(ctx: Context, method: str) -> ProtectionConfig:
+    """Tables 1/2's setting of ``method`` (AdvFace: ResRec shadow, the profile's epsilon)."""
+    if method == "advface":
+        return ProtectionConfig("advface", "resrec", ctx.profile.epsilon)
+    return ProtectionConfig(method)
+
+
+def _advface_cols(ctx: Context, method: str) -> dict:
+    adv = method == "advface"
+    return {"shadow": "resrec" if adv else None, "epsilon": ctx.profile.epsilon if adv else None}
+
+
+def attackers_table(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
+    """Every attacker on unprotected features (the attack benchmark)."""
+    res, _ = measure(ctx, ev, nets, ProtectionConfig("none"))
+    return [
+        make_row("attackers", ev.dataset, "none", attacker=a, **recon_values(res, a, ev))
+        for a in nets.attackers
+    ]
+
+
+def table1(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
+    """Reconstruction by the ResRec attacker under each method (and Fig. 5's grids)."""
+    rows = []
+    for m in METHODS:
+        res, _ = measure(ctx, ev, nets, main_config(ctx, m))
+        vals = recon_values(res, "resrec", ev)
+        rows.append(
+            make_row("table1", ev.dataset, m, attacker="resrec", **_advface_cols(ctx, m), **vals)
+        )
+        ev.grids[m] = res["resrec/grid"]
+    return rows
+
+
+def table2(
+    ctx: Context,
+    ev: DatasetEval,
+    nets: Networks,
+    extra_heads: Mapping[str, ExtraHead] | None = None,
+) -> list[dict]:
+    """Verification accuracy, online mode (stored side protected, probe clean); with
+    ``extra_heads`` (label -> head), one more row per head with ``mode``/``head`` columns:
+    its method's stored features through that head (e.g. the offline mode's Psi')."""
+    rows = []
+    for m in METHODS:
+        _, stored = measure(ctx, ev, nets, main_config(ctx, m))
+        vals = accuracy_values(stored, ev)
+        vals["extra"]["mode"] = "online"
+        if m == "none":
+            vals["extra"]["accuracy_full_protocol"] = ev.unprotected["accuracy"]
+        rows.append(make_row("table2", ev.dataset, m, **_advface_cols(ctx, m), **vals))
+    for label, head in (extra_heads or {}).items():
+        cfg = main_config(ctx, head.method)
+        stored = stored_stage(ctx, ev, cfg.label, build(ctx, cfg, nets), head.module, label)
+        vals = accuracy_values(stored, ev)
+        vals["extra"].update(mode=head.mode, head=label)
+        rows.append(
+            make_row("table2", ev.dataset, head.method, **_advface_cols(ctx, head.method), **vals)
+        )
+    return rows
+
+
+def _transfer(ctx: Context, ev: DatasetEval) -> tuple[str, ...]:
+    p = ctx.profile
+    return p.archs if ev.dataset in p.transfer_datasets else ()
+
+
+def table3(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
+    """AdvFace's accuracy with each shadow architecture."""
+    eps, rows = ctx.profile.epsilon, []
+    for s in _transfer(ctx, ev):
+        _, stored = measure(ctx, ev, nets, ProtectionConfig("advface", s, eps))
+        vals = accuracy_values(stored, ev)
+        rows.append(make_row("table3", ev.dataset, "advface", shadow=s, epsilon=eps, **vals))
+    return rows
+
+
+def table4(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
+    """Every attacker against AdvFace with every shadow (and Fig. 6's grids)."""
+    eps, rows = ctx.profile.epsilon, []
+    for s in _transfer(ctx, ev):
+        res, _ = measure(ctx, ev, nets, ProtectionConfig("advface", s, eps))
+        for a in ctx.profile.archs:
+            vals = recon_values(res, a, ev)
+            rows.append(
+                make_row("table4", ev.dataset, "advface", attacker=a, shadow=s, epsilon=eps, **vals)
+            )
+            ev.grids[f"{s}->{a}"] = res[f"{a}/grid"]
+    return rows
+
+
+def fig4(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
+    """The noise-bound sweep: reconstruction and accuracy per epsilon (and Fig. 3's grids)."""
+    p, rows = ctx.profile, []
+    if ev.dataset not in p.sweep_datasets:
+        return rows
+    for e in sorted(set(p.sweep) | {p.epsilon}):
+        res, stored = measure(ctx, ev, nets, ProtectionConfig("advface", "resrec", e))
+        vals = merge(recon_values(res, "resrec", ev), accuracy_values(stored, ev))
+        rows.append(
+            make_row(
+                "fig4", ev.dataset, "advface", attacker="resrec", shadow="resrec", epsilon=e, **vals
+            )
+        )
+        ev.grids[f"eps={e:.2f}"] = res["resrec/grid"]
+    return rows
+
+
+def readings(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
+    """Both readings of eq. 6 for AdvFace, and both for the random baseline (accumulated, as
+    the paper's text; projected onto AdvFace's epsilon ball, the like-for-like budget)."""
+    p, rows = ctx.profile, []
+    cfgs = [
+        (p.reading, main_config(ctx, "advface")),
+        (OTHER_READING[p.reading], ProtectionConfig("advface", "resrec", p.epsilon,
+                                                    OTHER_READING[p.reading])),
+        ("projected", ProtectionConfig("random")),
+        ("accumulated", ProtectionConfig("random", reading="accumulated")),
+    ]  # fmt: skip
+    for reading, cfg in cfgs:
+        res, stored = measure(ctx, ev, nets, cfg)
+        vals = merge(recon_values(res, "resrec", ev), accuracy_values(stored, ev))
+        vals["extra"]["reading"] = reading
+        rows.append(
+            make_row("readings", ev.dataset, cfg.method, attacker="resrec",
+                     **_advface_cols(ctx, cfg.method), **vals)
+        )  # fmt: skip
+    return rows
+
+
+def adaptive(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
+    """The paper's attacker and the adaptive attacker (trained on AdvFace features made with
+    its own shadow) on the server's AdvFace features."""
+    res, _ = measure(ctx, ev, nets, main_config(ctx, "advface"))
+    ev.grids["adaptive"] = res["adaptive-resrec/grid"]
+    return [
+        make_row("adaptive", ev.dataset, "advface", attacker=a, **_advface_cols(ctx, "advface"),
+                 **recon_values(res, a, ev))
+        for a in ("resrec", "adaptive-resrec")
+    ]  # fmt: skip

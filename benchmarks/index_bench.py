@@ -1,7 +1,8 @@
 """Benchmark of the in-process identification index (``HnswIndex``, usearch) at gallery scale.
 
-N synthetic 512-d unit embeddings sampled around identity centres (random unit vectors, or
-rows of ``--embeddings FILE.npy`` such as real Psi embeddings of LFW), all in one tenant:
+N synthetic 512-d unit embeddings sampled around identity centres (random unit vectors, rows
+of ``--embeddings FILE.npy``, or a Gaussian model fitted to labelled real embeddings with
+``--fit FILE.npz`` holding ``emb`` and ``ids``, e.g. FaceNet on all of LFW), all in one tenant:
 build time, then for each search breadth ef: recall@1 against exact search and identify latency
 p50/p99 at top-k 5 from 1 and 8 threads; start-up time (the service's path: stored embeddings
 read from SQLite + graph build; and restoring a saved graph), bytes per template.
@@ -58,6 +59,50 @@ def sample(
         hi = min(n, lo + 65536)
         noise = rng.standard_normal((hi - lo, centres.shape[1])).astype(np.float32)
         out[lo:hi] = _unit(centres[ident[lo:hi]] + a.spread * noise)
+    return out, ident
+
+
+def fit_faces(emb: np.ndarray, ids: list[str]) -> dict[str, np.ndarray]:
+    """Gaussian model of real face embeddings: identity centres ~ N(mu, C_between) and a
+    template = unit(centre + N(0, C_within)), fitted on labelled real embeddings (e.g. FaceNet
+    on all of LFW). Lets the benchmark draw a million identities that look like real ones."""
+    emb = _unit(emb.astype(np.float64))
+    names, inv = np.unique(np.asarray(ids), return_inverse=True)
+    counts = np.bincount(inv)
+    means = np.zeros((len(names), emb.shape[1]))
+    np.add.at(means, inv, emb)
+    means /= counts[:, None]
+    multi = counts[inv] >= 2  # within-identity spread from people with two or more images
+    resid = (emb - means[inv])[multi] * np.sqrt(counts[inv][multi] / (counts[inv][multi] - 1))[
+        :, None
+    ]
+    within = resid.T @ resid / len(resid)
+    # Means of n images carry within/n of noise; take it out of the between-identity spread.
+    between = np.cov(means.T) - within * float(np.mean(1.0 / counts))
+    return {"mu": means.mean(0), "between": _psd_root(between), "within": _psd_root(within)}
+
+
+def _psd_root(c: np.ndarray) -> np.ndarray:
+    """A matrix L with L @ L.T == c (negative eigenvalues from estimation noise dropped)."""
+    w, v = np.linalg.eigh((c + c.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))).astype(np.float32)
+
+
+def sample_fitted(
+    n: int, identities: int, model: dict[str, np.ndarray], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, dim) templates of ``identities`` people drawn from :func:`fit_faces`'s model."""
+    rng = np.random.default_rng(seed)
+    dim = len(model["mu"])
+    centres = model["mu"].astype(np.float32) + rng.standard_normal(
+        (identities, dim), dtype=np.float32
+    ) @ model["between"].T
+    ident = rng.integers(0, identities, n)
+    out = np.empty((n, dim), np.float32)
+    for lo in range(0, n, 65536):
+        hi = min(n, lo + 65536)
+        noise = rng.standard_normal((hi - lo, dim), dtype=np.float32) @ model["within"].T
+        out[lo:hi] = _unit(centres[ident[lo:hi]] + noise)
     return out, ident
 
 
@@ -155,21 +200,38 @@ def build(a: argparse.Namespace, vecs: np.ndarray, ident: np.ndarray) -> tuple[H
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
-    centres = _unit(np.load(a.embeddings).astype(np.float32)) if a.embeddings else None
-    if centres is not None:
-        a.identities = len(centres)  # one identity per real embedding
-    vecs, ident = sample(a.n, a, 0, centres)
+    model = None
+    if a.fit:
+        with np.load(a.fit) as f:
+            emb, ids = f["emb"], [str(x) for x in f["ids"]]
+        model = fit_faces(emb, ids)
+        vecs, ident = sample_fitted(a.n, a.identities, model, 0)
+        real = pair_stats(_unit(emb.astype(np.float32)), np.unique(ids, return_inverse=True)[1])
+        source = f"Gaussian fit to {len(emb)} real embeddings of {len(set(ids))} people ({a.fit})"
+    else:
+        centres = _unit(np.load(a.embeddings).astype(np.float32)) if a.embeddings else None
+        if centres is not None:
+            a.identities = len(centres)  # one identity per real embedding
+        vecs, ident = sample(a.n, a, 0, centres)
+        real = None
+        source = str(a.embeddings) if a.embeddings else f"random, subspace {a.subspace}"
     dim = vecs.shape[1]
     probe_ids = np.random.default_rng(1).choice(len(vecs), a.queries)
     # Genuine probes: a fresh sample of an enrolled identity (another "photo" of them).
-    noise = np.random.default_rng(2).standard_normal((a.queries, dim)).astype(np.float32)
-    probes = _unit(vecs[probe_ids] + a.spread * noise)
+    rng = np.random.default_rng(2)
+    if model is not None:
+        noise = rng.standard_normal((a.queries, dim), dtype=np.float32) @ model["within"].T
+        probes = _unit(vecs[probe_ids] + noise)
+    else:
+        noise = rng.standard_normal((a.queries, dim)).astype(np.float32)
+        probes = _unit(vecs[probe_ids] + a.spread * noise)
     out: dict[str, Any] = {
         "n": a.n,
         "dim": dim,
         "identities": a.identities,
-        "centres": str(a.embeddings) if a.embeddings else f"random, subspace {a.subspace}",
-        "spread": a.spread,
+        "centres": source,
+        "spread": None if model is not None else a.spread,
+        "real_pairs": real,
         "pairs": pair_stats(vecs, ident),
         "connectivity": a.m,
         "expansion_add": a.ef_add,
@@ -211,6 +273,9 @@ def main() -> None:
     # 0.028 per dimension: two samples of one identity at cosine ~0.7, like LFW genuine pairs.
     ap.add_argument("--spread", type=float, default=0.028)
     ap.add_argument("--embeddings", type=Path, help="(k, dim) .npy of real embeddings: centres")
+    ap.add_argument(
+        "--fit", type=Path, help=".npz with emb (k, dim) and ids (k,): fit a face model"
+    )
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--recall-queries", type=int, default=500)
     ap.add_argument("--top-k", type=int, default=5)

@@ -1,10 +1,13 @@
-"""Bounded loopback benchmark of the template service: enroll/verify latency and throughput.
+"""Bounded loopback benchmark of the template service: enroll/verify/identify latency and
+throughput.
 
-Starts ``advface serve`` (real uvicorn process, SQLite) on 127.0.0.1, sends pre-computed
-client payloads from C concurrent client threads (the client-side alignment + E is timed
-separately, once), and optionally measures the start-up gallery rebuild for N stored templates.
+Starts ``advface serve`` (real uvicorn process(es), SQLite) on 127.0.0.1 with W worker
+processes, sends pre-computed client payloads of real LFW faces from C concurrent client
+threads (the client-side alignment + E is timed separately, once), and optionally measures the
+start-up gallery rebuild for N stored templates.
 
-    python benchmarks/service_bench.py --clients 1 2 4 --requests 20 --rebuild 500
+    python benchmarks/service_bench.py --workers 1 2 4 --clients 4 --requests 10 \
+        --protection advface --protection-params shadow=PATH
 """
 
 from __future__ import annotations
@@ -70,8 +73,10 @@ def _load(url: str, key: str, clients: int, requests: int, fn_name: str, payload
                             body,
                             {"Idempotency-Key": uuid.uuid4().hex},
                         )
-                    else:
+                    elif fn_name == "verify":
                         c._binary(f"/v1/subjects/{sid}/verify", body)
+                    else:
+                        c._binary("/v1/identify", body, params={"top_k": 5})
                 except Exception as exc:  # noqa: BLE001 - counted and reported
                     errors.append(repr(exc))
                     continue
@@ -103,13 +108,17 @@ def main() -> None:
     ap.add_argument("--protection", default="none")
     ap.add_argument("--protection-params", default=None)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="server processes")
     ap.add_argument("--requests", type=int, default=20, help="per client and phase (bounded)")
     ap.add_argument("--rebuild", type=int, default=0, help="also time a rebuild of N templates")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", dest="json_out", default=None, help="write results here")
     a = ap.parse_args()
-    if a.requests > 500 or max(a.clients) > 16 or a.rebuild > 20000:
-        ap.error("keep it bounded: --requests <= 500, --clients <= 16, --rebuild <= 20000")
+    if a.requests > 500 or max(a.clients) > 16 or a.rebuild > 20000 or max(a.workers) > 8:
+        ap.error(
+            "keep it bounded: --requests <= 500, --clients <= 16, --rebuild <= 20000,"
+            " --workers <= 8"
+        )
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="advface-bench-"))
     db_url = f"sqlite:///{work / 'bench.db'}"
@@ -138,15 +147,20 @@ def main() -> None:
         extra_args=["--rate-limit", "0"],
     )
     results["loadavg_1m_start"] = os.getloadavg()[0]
-    with ServerProcess(**srv_kw) as srv:
-        # One enrollment per subject first, so verify always has a template.
-        _load(srv.url, key, max(a.clients), 1, "enroll", payloads)
-        for c in a.clients:
-            for op in ("enroll", "verify"):
-                r = _load(srv.url, key, c, a.requests, op, payloads)
-                r["loadavg_1m"] = os.getloadavg()[0]
-                print(json.dumps(r), flush=True)
-                results["runs"].append(r)  # type: ignore[union-attr]
+    for w in a.workers:
+        kw = dict(srv_kw, extra_args=[*srv_kw["extra_args"], "--workers", str(w)])
+        with ServerProcess(**kw) as srv:
+            # One enrollment per subject first, so verify always has a template.
+            _load(srv.url, key, max(a.clients), 1, "enroll", payloads)
+            # and one identification: the first one of a worker loads its index (start-up cost).
+            _load(srv.url, key, 1, 1, "identify", payloads)
+            for c in a.clients:
+                for op in ("enroll", "verify", "identify"):
+                    r = _load(srv.url, key, c, a.requests, op, payloads)
+                    r["workers"] = w
+                    r["loadavg_1m"] = os.getloadavg()[0]
+                    print(json.dumps(r), flush=True)
+                    results["runs"].append(r)  # type: ignore[union-attr]
     if a.rebuild:
         version = FACENET_VERSION if a.backend == "facenet" else TOY_VERSION
         have = store.count_templates()

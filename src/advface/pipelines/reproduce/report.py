@@ -258,7 +258,8 @@ def _paper_tables(doc: _Doc) -> None:
               "SRRA", ["method"])  # fmt: skip
     for m in ("none", "random", "dp", "advface"):
         doc.paper_row([m], RECON_KEYS, paper.TABLE1[m], f"table1 {m}", table="table1", method=m)
-    doc.table("Table 2 — verification accuracy (online mode: stored side protected)", ["method"])
+    doc.table("Table 2 — verification accuracy (stored side protected; online: Psi, offline: "
+              "a Psi' for protected features)", ["method"])  # fmt: skip
     for m in ("none", "random", "dp", "advface"):
         doc.paper_row(
             [m], ("accuracy",), paper.TABLE2[m], f"table2 {m}", table="table2", method=m,

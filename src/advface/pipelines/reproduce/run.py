@@ -164,8 +164,9 @@ def _deviations(p: Profile) -> list[str]:
 def _offline_deviation(p: Profile) -> list[str]:
     if not p.offline:
         return []
+    epochs = f"{p.distill_epochs} epoch{'s' if p.distill_epochs > 1 else ''}"
     return [
         "offline mode: Psi' distilled without labels (Psi'(protected z) and Psi'(z) match "
         f"Psi(z)) on {p.distill_limit or 'all'} images of CelebA's server half, up to "
-        f"{p.distill_epochs} epochs, instead of Psi retrained with labels"
+        f"{epochs}, instead of Psi retrained with labels; probes go through Psi"
     ]

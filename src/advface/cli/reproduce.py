@@ -26,6 +26,13 @@ def reproduce_cmd(
     cache_dir: CacheDirOpt = None,
     device: DeviceOpt = "cpu",
     weights: WeightsOpt = None,
+    head: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="LABEL=DIR: a head distilled by `advface distill` for an offline row of "
+            "Table 2 (repeat)"
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run (or resume) the paper's experiments; write results.json, CSVs, report.md, PNGs.
@@ -37,6 +44,7 @@ def reproduce_cmd(
     from advface.pipelines.reproduce.run import reproduce
 
     with user_errors():
+        heads = parse_heads(head or [])
         prof = get_profile(profile)
         res = reproduce(
             prof,
@@ -46,9 +54,27 @@ def reproduce_cmd(
             device=device,
             progress=not quiet,
             weights=weights,
+            head_dirs=heads,
         )
     typer.echo(headline_table(res["rows"]))
     typer.echo(f"\nreport: {out / 'report.md'}  ({res['wall_s']:.0f} s)")
+
+
+def parse_heads(specs: list[str]) -> dict[str, Path]:
+    """``LABEL=DIR`` options -> {label: folder}; a bad form, a label given twice or a missing
+    folder is a ValueError."""
+    heads: dict[str, Path] = {}
+    for spec in specs:
+        label, sep, folder = spec.partition("=")
+        label, folder = label.strip(), folder.strip()
+        if not sep or not label or not folder:
+            raise ValueError(f"--head takes LABEL=DIR, got {spec!r}")
+        if label in heads:
+            raise ValueError(f"--head label {label!r} given twice")
+        if not Path(folder).is_dir():
+            raise ValueError(f"--head {label}: no folder {folder}")
+        heads[label] = Path(folder)
+    return heads
 
 
 def stage_cmd(

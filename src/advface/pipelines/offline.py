@@ -16,6 +16,7 @@ retrains Psi with labels; no labels are needed here.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -118,6 +119,8 @@ def _feature_chunks(
     folder = work_dir / "features" if work_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
+    # E and the protection run on E's device; the student's tail trains on the CPU copies.
+    device = next(extractor.parameters()).device if extractor is not None else None
     starts = range(0, len(source), batch)
     for i, s in enumerate(tqdm(starts, desc="features", disable=not progress, unit="chunk")):
         path = folder / f"chunk-{i:05d}.safetensors" if folder is not None else None
@@ -127,10 +130,11 @@ def _feature_chunks(
             with torch.no_grad():
                 if isinstance(source, np.ndarray):
                     assert extractor is not None
-                    z = extractor(preprocess(source[s : s + batch]))
+                    z = extractor(preprocess(source[s : s + batch]).to(device))
                 else:
                     z = source[s : s + batch].float()
-            zp = protect(z)  # a protection may need gradients inside
+            zp = protect(z).cpu()  # a protection may need gradients inside
+            z = z.cpu()
             with torch.no_grad():
                 h = prefix(z)
                 got = {"clean": h, "prot": prefix(zp), "target": teacher_tail(h)}
@@ -389,7 +393,7 @@ def server_identity_check(root: Path, train) -> dict[str, Any]:
 
 
 def run_distill(
-    spec: str,
+    spec: str | Any,
     out: str | Path,
     *,
     data_root: str | Path | None = None,
@@ -398,10 +402,16 @@ def run_distill(
     work_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    facenet: nn.Module | None = None,
+    cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """``advface distill``: distil FaceNet's Psi for the protection ``spec`` on ``limit``
     images (seeded sample) of CelebA's server half; save the student to ``out`` and return its
-    config (record included). ``work_dir`` (default ``out`` + ``.work``) makes it resumable."""
+    config (record included). ``work_dir`` (default ``out`` + ``.work``) makes it resumable.
+
+    ``spec`` may be a built protection instead of a spec string (``advface reproduce``: the
+    very protection of its online rows), whose extractor is ``facenet``'s E; ``facenet``
+    (default: the converted wheel) is the teacher's network; ``cache``: the aligned faces'."""
     from advface import config
     from advface.data.splits import celeba_split
     from advface.models.facenet import load_facenet
@@ -416,11 +426,17 @@ def run_distill(
     root = config.data_root(data_root)
     split = celeba_split(root, "server").sample(limit, settings.seed)
     identity = server_identity_check(root, split)
-    enc, head = split_facenet(load_facenet().eval())
+    enc, head = split_facenet((facenet if facenet is not None else load_facenet()).eval())
     for p in enc.parameters():
         p.requires_grad_(False)
-    protection = protection_from_spec(default_spec(spec), extractor=enc, head=head)
-    images, found = aligned_images("celeba", split.keys, data_root=root, progress=progress)
+    if isinstance(spec, str):
+        protection = protection_from_spec(default_spec(spec), extractor=enc, head=head)
+    else:
+        protection, spec = spec, None
+    head = copy.deepcopy(head).cpu()  # the student trains on the CPU; E may be on a GPU
+    images, found = aligned_images(
+        "celeba", split.keys, data_root=root, cache=cache, progress=progress
+    )
     wd = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
     student, record = distill_head(
         head,

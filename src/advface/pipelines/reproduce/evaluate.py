@@ -56,11 +56,13 @@ class ExtraHead:
     """A recognition head besides FaceNet's Psi, for extra Table 2 rows (the offline mode: a
     Psi' fine-tuned on ``method``'s protected features, e.g. distilled to match Psi on clean
     ones). The stored side's protected features go through ``module``, the probe side's clean
-    features through Psi; the stage is keyed by ``module``'s weights."""
+    features through Psi; the stage is keyed by ``module``'s weights. ``version``: its
+    ``model_version`` (a distilled head's), recorded in the row."""
 
     module: nn.Module
     method: str = "advface"
     mode: str = "offline"
+    version: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("random", "dp", "advface"):

@@ -39,6 +39,8 @@ class Context(RunContext):
     splits: dict[str, dict] = field(default_factory=dict)
     fallbacks: dict[str, dict] = field(default_factory=dict)
     protections: dict[str, dict] = field(default_factory=dict)
+    #: Extra heads of Table 2 (offline mode): how each was made or where it came from.
+    heads: dict[str, dict] = field(default_factory=dict)
     tag: ClassVar[str] = "reproduce"
 
     def images(self, dataset: str, keys: list[str]) -> np.ndarray:

@@ -10,6 +10,8 @@ ARCHS: tuple[str, ...] = ("transrec", "resrec", "urec")
 #: Attackers' training sets: LFW people outside the test folds and CFP (identity-disjoint,
 #: checked by name), or CelebA's attacker half (the paper trains on CelebA; anonymous ids).
 ATTACKER_SETS: tuple[str, ...] = ("lfw-attacker", "celeba-attacker")
+#: Table 2's protections that can get an offline row (a Psi' distilled for them).
+OFFLINE_METHODS: tuple[str, ...] = ("random", "dp", "advface")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,17 @@ class Profile:
     adaptive_epochs: int | None = None
     grid_n: int = 6
     seed: int = 0
+    # Offline mode (Table 2's offline rows): a Psi' distilled for each listed method's
+    # protection (the online rows' own) on ``distill_limit`` images of CelebA's server half
+    # (seeded sample; None: all), for at most ``distill_epochs`` epochs and, when set,
+    # ``distill_minutes`` of wall time per head (feature pass included).
+    offline: tuple[str, ...] = ()
+    distill_limit: int | None = 400
+    distill_epochs: int = 20
+    distill_minutes: float | None = None
+    # The robustness bench (advface.pipelines.robustness) run into OUT/robustness with this
+    # bench profile, its rows merged into results.json (None: not run).
+    robustness: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -69,6 +82,28 @@ class Profile:
             raise ValueError("chunk must be >= 1 and grid_n >= 0")
         if "resrec" not in self.archs:
             raise ValueError("archs must include resrec (Table 1's attacker and shadow)")
+        self._check_extras()
+
+    def _check_extras(self) -> None:
+        bad = [m for m in self.offline if m not in OFFLINE_METHODS]
+        if bad or len(set(self.offline)) != len(self.offline):
+            raise ValueError(
+                f"offline must list distinct methods of {OFFLINE_METHODS}, got {self.offline}"
+            )
+        if self.distill_limit is not None and self.distill_limit < 1:
+            raise ValueError(f"distill_limit must be >= 1 or None, got {self.distill_limit}")
+        if self.distill_epochs < 1:
+            raise ValueError(f"distill_epochs must be >= 1, got {self.distill_epochs}")
+        if self.distill_minutes is not None and not self.distill_minutes > 0:
+            raise ValueError(f"distill_minutes must be > 0 or None, got {self.distill_minutes}")
+        if self.robustness is not None:
+            from advface.pipelines.robustness.profiles import PROFILES as BENCH
+
+            if self.robustness not in BENCH:
+                raise ValueError(
+                    f"robustness must be a bench profile ({sorted(BENCH)}) or None, "
+                    f"got {self.robustness!r}"
+                )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +130,9 @@ PROFILES: dict[str, Profile] = {
         adaptive_limit=16,
         adaptive_epochs=1,
         grid_n=3,
+        offline=("advface",),
+        distill_limit=8,
+        distill_epochs=1,
         notes=("smoke: tiny sizes to exercise every stage; figures are not meaningful",),
     ),
     "cpu": Profile(
@@ -137,13 +175,21 @@ PROFILES: dict[str, Profile] = {
         protect_batch=32,
         adaptive_limit=1000,
         adaptive_epochs=1000,
+        offline=OFFLINE_METHODS,
+        distill_limit=400,
+        distill_epochs=100,
+        distill_minutes=60.0,
+        robustness="cpu",
         notes=(
             "cpu-full: the full protocols (LFW 6,000 pairs, CFP-FP 7,000) for every accuracy "
             "row; decoders of the 'cpu' recon profile trained on every image of their "
             "identity-disjoint training set for a 30-minute budget each (lr 1e-3; loss curves "
             "below), the adaptive attacker on 1,000 protected features for the same budget; "
-            "reconstruction on 1,000 test faces per dataset. Every stage is cached in chunks "
-            "and training checkpoints every epoch: rerun the command to resume",
+            "reconstruction on 1,000 test faces per dataset. Offline rows: a Psi' per "
+            "protection distilled on 400 images of CelebA's server half for up to 100 epochs "
+            "or 60 minutes (feature pass included); the robustness bench's cpu profile runs "
+            "into robustness/. Every stage is cached in chunks and training checkpoints every "
+            "epoch: rerun the command to resume",
         ),
     ),
     "paper": Profile(
@@ -156,10 +202,14 @@ PROFILES: dict[str, Profile] = {
         train_limit=None,
         epochs=30,
         train_batch=64,
+        offline=OFFLINE_METHODS,
+        distill_limit=None,
+        robustness="gpu",
         notes=(
             "paper: full sizes for a GPU; attackers train on CelebA's attacker half and the "
             "server's shadows on its server half (no shared identity), smaller than the "
-            "paper's CelebA / CASIA-WebFace",
+            "paper's CelebA / CASIA-WebFace; offline rows: a Psi' per protection distilled "
+            "on all of the server half (20 epochs), not retrained with labels",
         ),
     ),
 }

@@ -258,7 +258,8 @@ def _paper_tables(doc: _Doc) -> None:
               "SRRA", ["method"])  # fmt: skip
     for m in ("none", "random", "dp", "advface"):
         doc.paper_row([m], RECON_KEYS, paper.TABLE1[m], f"table1 {m}", table="table1", method=m)
-    doc.table("Table 2 — verification accuracy (online mode: stored side protected)", ["method"])
+    doc.table("Table 2 — verification accuracy (stored side protected; online: Psi, offline: "
+              "a Psi' for protected features)", ["method"])  # fmt: skip
     for m in ("none", "random", "dp", "advface"):
         doc.paper_row(
             [m], ("accuracy",), paper.TABLE2[m], f"table2 {m}", table="table2", method=m,
@@ -272,8 +273,9 @@ def _paper_tables(doc: _Doc) -> None:
                       table="table2", method=m, mode=mode, head=label)  # fmt: skip
     doc.lines.append("")
     if not offline:
-        doc.lines.append("Offline mode (Psi' on protected features): no head given to this run.")
+        doc.lines.append("Offline mode (Psi' on protected features): no head in this run.")
     doc.lines.append(_pairs_note(doc.meta, rows))
+    _offline_heads(doc)
     doc.table("Table 3 — accuracy per shadow model", ["shadow"])
     for s in doc.prof["archs"]:
         doc.paper_row([s], ("accuracy",), paper.TABLE3.get(s, {}), f"table3 {s}",
@@ -283,6 +285,45 @@ def _paper_tables(doc: _Doc) -> None:
         for a in doc.prof["archs"]:
             doc.paper_row([s, a], ("ssim", "psnr"), paper.TABLE4.get((s, a), {}),
                           f"table4 {s}->{a}", table="table4", shadow=s, attacker=a)  # fmt: skip
+
+
+def _offline_heads(doc: _Doc) -> None:
+    """How each offline row's head was made: distilled here (its stage) or given."""
+    doc.plain(
+        "Offline heads (Psi' of Table 2's offline rows; distillation loss 1 - cos to Psi(z))",
+        ["head", "method", "source", "model_version", "images", "epochs", "stopped by",
+         "loss protected before -> after", "same protection as the online row"],
+        [{"label": k, **v} for k, v in doc.meta.get("offline_heads", {}).items()],
+        lambda h: [h["label"], h.get("method"), h["source"], h["model_version"], h["images"],
+                   h["epochs"], h["stopped_by"], _loss(h), h.get("protection_matches_run",
+                                                             True)],
+    )  # fmt: skip
+
+
+def _loss(h: dict) -> str:
+    before, after = h.get("loss_before") or {}, h.get("loss_after") or {}
+    if "protected" not in before or "protected" not in after:
+        return "—"
+    return f"{before['protected']:.4f} -> {after['protected']:.4f}"
+
+
+def _robustness(doc: _Doc) -> None:
+    """The robustness bench run inside this reproduction: a pointer to its own report."""
+    bench = doc.meta.get("robustness")
+    if not bench:
+        return
+    rows = [r for r in doc.rows if r["table"] == "robustness"]
+    methods = ", ".join(dict.fromkeys(r["method"] for r in rows))
+    state = "complete" if bench.get("complete") else "incomplete: rerun to resume"
+    doc.lines += [
+        "",
+        "## Robustness bench",
+        "",
+        f"Bench profile `{bench['profile']}` ({state}), run into `{bench['folder']}/`: "
+        f'{len(rows)} rows with `table: "robustness"` in results.json and robustness.csv '
+        f"({methods}; every attacker including adaptive ones, beside the floors). "
+        f"Full report: [{bench['report']}]({bench['report']}).",
+    ]
 
 
 def _extra_tables(doc: _Doc) -> None:
@@ -331,6 +372,7 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
     )
     _paper_tables(doc)
     _extra_tables(doc)
+    _robustness(doc)
     figs = [f for f in meta.get("figures", []) if f != "loss_curves.png"]
     if figs:
         doc.lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in figs]

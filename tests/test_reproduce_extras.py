@@ -1,0 +1,187 @@
+"""Reproduce's offline rows (distilled heads, given heads) and the robustness bench's rows."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from advface.cli import app
+from advface.pipelines.reproduce.profiles import PROFILES, get_profile
+
+
+def test_profile_offline_and_robustness_fields_are_validated():
+    smoke, full, paper = PROFILES["smoke"], PROFILES["cpu-full"], PROFILES["paper"]
+    assert smoke.offline == ("advface",) and smoke.robustness is None  # smoke stays fast
+    assert "advface" in full.offline and full.robustness == "cpu"
+    assert "advface" in paper.offline and paper.robustness == "gpu"
+    bad = [
+        dict(offline=("none",)),  # no offline row without a protection
+        dict(offline=("advface", "advface")),
+        dict(distill_limit=0),
+        dict(distill_epochs=0),
+        dict(distill_minutes=0.0),
+        dict(robustness="huge"),
+    ]
+    for change in bad:
+        with pytest.raises(ValueError, match=next(iter(change)).split("_")[0]):
+            get_profile("smoke", **change)
+    assert get_profile("smoke", robustness="smoke", offline=()).robustness == "smoke"
+
+
+# -- the offline stage ----------------------------------------------------------------------------
+
+
+def _run_context(tmp_path, facenet, **overrides):
+    from advface.pipelines.reproduce.networks import Context
+
+    prof = get_profile("smoke", **{"steps": 1, **overrides})
+    return Context.from_facenet(prof, tmp_path / "run", facenet, data_root=tmp_path)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """run_distill replaced by a stand-in that saves a (slightly changed) copy of the teacher;
+    CelebA's server half by eight made-up keys. Returns the list of calls."""
+    import advface.data.splits as splits
+    import advface.pipelines.offline as offline
+    from advface.data.splits import IdentitySplit
+    from advface.models.distill import save_student, state_fingerprint
+    from advface.models.split import split_facenet
+
+    keys = [f"{i:06d}.jpg" for i in range(8)]
+    server = IdentitySplit("celeba-server", "celeba", keys, [f"celeba:{i}" for i in range(8)])
+    monkeypatch.setattr(splits, "celeba_split", lambda root, part: server)
+    calls: list[dict] = []
+
+    def fake_run_distill(prot, out, *, facenet, settings, limit, overwrite, **kw):
+        assert overwrite and kw["work_dir"].name == out.name + ".work"
+        calls.append({"params": prot.params(), "settings": settings, "limit": limit})
+        _, head = split_facenet(facenet)
+        student = copy.deepcopy(head)
+        with torch.no_grad():
+            student.last_linear.weight.add_(0.001 * len(calls))
+        return save_student(
+            out, student, teacher_fingerprint=state_fingerprint(head), train_from="last_linear",
+            protection=offline._protection_record(prot), data={"images": limit},
+            record={"history": [{"protected": 0.1}], "stopped_by": "epochs",
+                    "loss_before": {"protected": 0.2}, "loss_after": {"protected": 0.1}},
+        )  # fmt: skip
+
+    monkeypatch.setattr(offline, "run_distill", fake_run_distill)
+    return calls
+
+
+def _nets():
+    from advface.models.recon import build_recon
+    from advface.pipelines.reproduce.networks import Networks
+
+    torch.manual_seed(0)
+    return Networks({}, {"resrec": build_recon("resrec", width=4).eval()}, {})
+
+
+def test_offline_stage_is_keyed_by_protection_settings_and_weights(
+    tmp_path, random_facenet, stand_in
+):
+    """An identical rerun reuses the distilled head; a change of any protection parameter,
+    of the distillation settings or of FaceNet's weights distils a new one."""
+    from advface.pipelines.reproduce.extras import offline_heads
+
+    facenet, nets = copy.deepcopy(random_facenet), _nets()
+    ctx = _run_context(tmp_path, facenet)
+    heads = offline_heads(ctx, nets)
+    assert list(heads) == ["advface-distilled"] and len(stand_in) == 1
+    head = heads["advface-distilled"]
+    assert head.method == "advface" and head.version.startswith("psi-distilled-")
+    assert stand_in[0]["params"]["epsilon"] == ctx.profile.epsilon  # the online row's AdvFace
+    assert stand_in[0]["limit"] == 8 and stand_in[0]["settings"].epochs == 1
+    rec = ctx.heads["advface-distilled"]
+    assert rec["source"] == "distilled" and rec["model_version"] == head.version
+    again = offline_heads(_run_context(tmp_path, facenet), nets)
+    assert len(stand_in) == 1 and again["advface-distilled"].version == head.version
+    changes = [dict(epsilon=0.1), dict(alpha=0.1), dict(steps=2), dict(distill_epochs=2),
+               dict(distill_minutes=5.0), dict(distill_limit=4)]  # fmt: skip
+    for i, change in enumerate(changes, start=2):
+        offline_heads(_run_context(tmp_path, facenet, **change), nets)
+        assert len(stand_in) == i, change
+    with torch.no_grad():  # a head weight: only FaceNet's fingerprint sees it
+        facenet.last_linear.weight.add_(0.01)
+    offline_heads(_run_context(tmp_path, facenet), nets)
+    assert len(stand_in) == len(changes) + 2
+    methods = offline_heads(_run_context(tmp_path, facenet, offline=("dp", "random")), nets)
+    assert {h.method for h in methods.values()} == {"dp", "random"}
+
+
+def test_given_heads_load_on_this_psi_and_name_their_method(tmp_path, random_facenet):
+    from advface.models.distill import save_student, state_fingerprint
+    from advface.pipelines.reproduce.extras import check_given, given_heads
+
+    ctx = _run_context(tmp_path, random_facenet)
+    fp = state_fingerprint(ctx.head)
+    for name in ("advface", "none"):
+        save_student(tmp_path / name, copy.deepcopy(ctx.head), teacher_fingerprint=fp,
+                     train_from="last_linear", protection={"name": name})  # fmt: skip
+    heads = given_heads(ctx, {"mine": tmp_path / "advface"})
+    assert heads["mine"].method == "advface" and ctx.heads["mine"]["source"].endswith("advface")
+    check_given(ctx, _nets(), ["mine"])
+    assert ctx.heads["mine"]["protection_matches_run"] is False  # made for another AdvFace
+    with pytest.raises(ValueError, match="distilled for 'none'"):
+        given_heads(ctx, {"x": tmp_path / "none"})
+
+
+# -- the robustness bench's rows ------------------------------------------------------------------
+
+
+def test_robustness_rows_are_merged_and_reported(tmp_path, random_facenet, monkeypatch):
+    import advface.pipelines.robustness as robustness
+    from advface.pipelines.reproduce.extras import robustness_rows
+    from advface.pipelines.reproduce.report import ROW_KEYS, make_row, render_markdown
+
+    calls = []
+    bench_rows = [
+        {"table": "robustness", "dataset": "lfw", "method": "advface", "attacker": "resrec",
+         "ssim": 0.3, "srra": 0.5, "srra_chance": 0.01},
+        {"table": "robustness", "dataset": "lfw", "method": "none", "accuracy": 0.98},
+    ]  # fmt: skip
+
+    def fake_bench(profile, out, **kw):
+        calls.append((profile.name, out, kw["device"]))
+        return {"rows": bench_rows, "complete": True, "wall_s": 2.0}
+
+    monkeypatch.setattr(robustness, "run_bench", fake_bench)
+    ctx = _run_context(tmp_path, random_facenet)
+    assert robustness_rows(ctx, tmp_path, None) == ([], None) and not calls  # smoke: no bench
+    ctx = _run_context(tmp_path, random_facenet, robustness="cpu")
+    rows, info = robustness_rows(ctx, tmp_path, None)
+    assert calls == [("cpu", tmp_path / "robustness", "cpu")]
+    assert len(rows) == 2 and all(set(ROW_KEYS) <= set(r) for r in rows)
+    assert rows[0]["srra_chance"] == 0.01 and rows[1]["accuracy"] == 0.98
+    assert info["report"] == "robustness/report.md" and info["complete"]
+    meta = {"profile": ctx.profile.to_dict(), "robustness": info}
+    md = render_markdown(meta, [make_row("table2", "lfw", "none", accuracy=0.99), *rows])
+    assert "## Robustness bench" in md and "(robustness/report.md)" in md and "2 rows" in md
+
+
+# -- the CLI's --head -----------------------------------------------------------------------------
+
+
+def test_cli_head_option_is_parsed_and_bad_forms_exit_2(tmp_path):
+    from advface.cli.reproduce import parse_heads
+
+    (tmp_path / "h").mkdir()
+    assert parse_heads([f"mine={tmp_path / 'h'}"]) == {"mine": tmp_path / "h"}
+    for bad, msg in [
+        (["nolabel"], "LABEL=DIR"),
+        ([f"={tmp_path / 'h'}"], "LABEL=DIR"),
+        (["x="], "LABEL=DIR"),
+        ([f"x={tmp_path / 'missing'}"], "no folder"),
+        ([f"x={tmp_path / 'h'}", f"x={tmp_path / 'h'}"], "given twice"),
+    ]:
+        args = ["reproduce", "--profile", "smoke", "--out", str(tmp_path / "out")]
+        for spec in bad:
+            args += ["--head", spec]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and msg in res.output, (bad, res.output)
+    assert not (tmp_path / "out").exists()  # refused before any work

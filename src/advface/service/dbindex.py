@@ -87,7 +87,7 @@ class PgVectorIndex(_DbIndex):
         dim: int,
         version: str,
         *,
-        ef_search: int = 64,
+        ef_search: int = 256,
         backfill: bool = True,
         transforms: TenantTransforms | None = None,
     ) -> None:

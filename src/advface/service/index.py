@@ -156,7 +156,7 @@ class HnswIndex(VectorIndex):
         *,
         connectivity: int = 16,
         expansion_add: int = 128,
-        expansion_search: int = 64,
+        expansion_search: int = 256,
     ) -> None:
         if dim < 1:
             raise VectorIndexError(f"dim must be >= 1, got {dim}")

@@ -74,7 +74,7 @@ class ServiceSettings:
     # uvicorn worker processes; they share state only through the database.
     workers: int = 1
     # HNSW search breadth (ef) of the in-process and pgvector indexes: recall vs latency.
-    index_ef_search: int = 64
+    index_ef_search: int = 256
     # 1: keep the in-process HNSW graphs in "<SQLite file>.index" (fast start-up); 0: rebuild
     # them from the stored embeddings at every start.
     index_snapshots: int = 1

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,8 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from advface.models.recon.checkpoint import atomic_write_bytes
+from advface.pipelines.protect import atomic_save
 from advface.protection.base import FEATURE_SHAPE, Protection, check_int
 
 FORMAT = "advface-bulk/1"
@@ -288,22 +288,12 @@ def shard_done(dst: Path, shard: Shard, plan_id: str) -> bool:
     return meta.get("bulk_plan_id") == plan_id and rows == shard.stop - shard.start
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def write_manifest(dst: Path, plan: BulkPlan, run: dict[str, Any] | None = None) -> None:
     body = {"format": FORMAT, "plan_id": plan.plan_id, "plan": plan.to_json(), "run": run or {}}
-    _atomic_write_text(dst / MANIFEST, json.dumps(body, indent=1, sort_keys=True, default=str))
+    atomic_write_bytes(
+        dst / MANIFEST, json.dumps(body, indent=1, sort_keys=True, default=str).encode()
+    )
 
 
 def read_manifest(dst: str | Path) -> dict[str, Any]:
@@ -402,7 +392,7 @@ def protect_shard(
     }
     if source.protection:
         meta["protection_previous"] = source.protection
-    _atomic_save(tensors, shard_path(dst, shard), meta)
+    atomic_save(tensors, shard_path(dst, shard), meta)
     return {
         "shard": shard.name,
         "rows": shard.stop - shard.start,
@@ -410,18 +400,6 @@ def protect_shard(
         "cpu_seconds": time.process_time() - c0,  # the whole worker process: one shard at a time
     }
 
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_bulk(dst: str | Path) -> dict[str, torch.Tensor]:

@@ -170,7 +170,7 @@ def protect_file(
     meta["protection_batch_size"] = str(batch_size)
     if seed is not None:
         meta["protection_file_seed"] = str(seed)
-    _atomic_save({FEATURE_KEY: out, **others}, dst, meta)
+    atomic_save({FEATURE_KEY: out, **others}, dst, meta)
     return {
         "input": str(src),
         "output": str(dst),
@@ -182,7 +182,7 @@ def protect_file(
     }
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename over it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

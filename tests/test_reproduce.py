@@ -117,11 +117,11 @@ def test_memo_features_protects_each_map_once():
 # -- identity, caches, resume, one evaluation path ------------------------------------------------
 
 
-def _context(tmp_path, facenet, **overrides):
+def _context(tmp_path, facenet, data_root=None, **overrides):
     from advface.pipelines.reproduce.networks import Context
 
     prof = get_profile("smoke", **{"protect_batch": 2, "chunk": 4, "grid_n": 1, **overrides})
-    return Context.from_facenet(prof, tmp_path / "run", facenet, data_root=tmp_path)
+    return Context.from_facenet(prof, tmp_path / "run", facenet, data_root=data_root or tmp_path)
 
 
 def test_identity_record_refuses_a_shared_person():
@@ -261,7 +261,7 @@ def test_attack_and_reproduce_measure_the_same(data_root, tmp_path):
     n, bs = 6, 3
     att = run_attack(tmp_path / "ck", "lfw", limit=n, data_root=data_root, batch_size=bs,
                      thresholds=thresholds, grid=False, progress=False)  # fmt: skip
-    ctx = _context(tmp_path, load_facenet(), protect_batch=bs, chunk=n)
+    ctx = _context(tmp_path, load_facenet(), data_root, protect_batch=bs, chunk=n)
     keys = select_keys(lfw_test_split(data_root).keys, n, 0)
     images = ctx.images("lfw", keys)
     faces = TestFaces("lfw", keys, images, clean_embeddings(ctx.facenet, images))

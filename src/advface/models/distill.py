@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from advface.models.facenet import embedding_head
+from advface.models.fingerprint import state_fingerprint
 from advface.models.recon.checkpoint import atomic_save_tensors, atomic_write_bytes
 from advface.models.split import ServerHead
 
@@ -45,15 +46,6 @@ CONFIG_FILE = "config.json"
 FORMAT = "advface-distilled-head/1"
 VERSION_PREFIX = "psi-distilled-"
 
-
-def state_fingerprint(module: nn.Module) -> str:
-    """sha256 over a module's state dict (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    for key, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def train_from_choices(head: nn.Module) -> list[str]:

@@ -13,7 +13,6 @@ even with epsilon = 0 the stored feature is E(S(z)).
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from advface.models.facenet import unit_to_facenet
+from advface.models.fingerprint import state_fingerprint as fingerprint
 from advface.protection.base import Protection, check_choice, check_finite_number, check_int
 from advface.protection.pgd import PGD, PGDTrace
 
@@ -91,15 +91,6 @@ def _swap_norms(module: nn.Module, mode: str) -> int:
             count += _swap_norms(child, mode)
     return count
 
-
-def fingerprint(module: nn.Module) -> str:
-    """sha256 over a module's state dict (names, dtypes, shapes, bytes): a model version."""
-    h = hashlib.sha256()
-    for key, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:

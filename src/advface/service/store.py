@@ -770,14 +770,18 @@ class Store:
                 .order_by(Template.id)
                 .limit(batch)
             )
-            keys, out = _Keys(self.keys), []
-            for t in s.scalars(q).all():
-                try:
-                    out.append((t.id, self._open_map(s, keys, t)))
-                except crypto.DecryptionError:
-                    # b"" fails payload decoding: counted and skipped like a corrupt blob.
-                    out.append((t.id, b""))
-            return out
+            return self._open_maps(s, q)
+
+    def _open_maps(self, s: Session, q: Any) -> list[tuple[str, bytes]]:
+        """``(template_id, map)`` of the templates ``q`` selects; b"" for a map that does not
+        decrypt (it fails payload decoding: counted and skipped like a corrupt blob)."""
+        keys, out = _Keys(self.keys), []
+        for t in s.scalars(q).all():
+            try:
+                out.append((t.id, self._open_map(s, keys, t)))
+            except crypto.DecryptionError:
+                out.append((t.id, b""))
+        return out
 
     def count_missing_embeddings(
         self, version: str, model_version: str, *, mapless: bool = False
@@ -913,13 +917,7 @@ class Store:
         where = self._other_protection(protection, params, model_version)
         q = select(Template).where(where, Template.id > after).order_by(Template.id).limit(batch)
         with self._sessions() as s:
-            keys, out = _Keys(self.keys), []
-            for t in s.scalars(q).all():
-                try:
-                    out.append((t.id, self._open_map(s, keys, t)))
-                except crypto.DecryptionError:
-                    out.append((t.id, b""))
-            return out
+            return self._open_maps(s, q)
 
     def count_to_reprotect(
         self, protection: str, params: dict[str, Any], model_version: str, *, mapless: bool = False

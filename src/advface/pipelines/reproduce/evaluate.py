@@ -24,6 +24,9 @@ from advface.pipelines.context import EVAL_CODE, FACENET_CODE, code_fingerprint
 from advface.pipelines.eval_fr import PairSubset
 from advface.pipelines.reproduce.networks import Context, Networks, public_params
 
+# The recon and stored stages run this module's code too (the bench keys its own likewise).
+STAGE_CODE: tuple[str, ...] = (*EVAL_CODE, "pipelines/reproduce/evaluate.py")
+
 #: Attackers whose reconstructions are replayed (SRRA) under every protection: Table 1's and
 #: the adaptive attacker. On unprotected features every attacker is replayed.
 REPLAYED = ("resrec", "adaptive-resrec")
@@ -199,7 +202,7 @@ def recon_stage(
         batch=p.protect_batch,
         grid_n=p.grid_n,
         weights=ctx.weights_sha,
-        code=code_fingerprint(EVAL_CODE),
+        code=code_fingerprint(STAGE_CODE),
     )
 
     def compute(sl: slice) -> dict[str, np.ndarray]:
@@ -248,7 +251,7 @@ def stored_stage(
         head=ctx.weights_sha if head is ctx.head else _fingerprint(head),
         batch=ctx.profile.protect_batch,
         weights=ctx.weights_sha,
-        code=code_fingerprint(EVAL_CODE),
+        code=code_fingerprint(STAGE_CODE),
     )
 
     def compute(sl: slice) -> dict[str, np.ndarray]:

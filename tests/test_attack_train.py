@@ -101,6 +101,34 @@ def test_feature_fn_is_applied() -> None:
     assert seen == [(4, 64, 77, 77), (4, 64, 77, 77)]
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_filled_memo_is_not_protected_again_while_training(flip: bool) -> None:
+    """After ``fill`` every epoch finds its features: no protection inside the time budget."""
+    from advface.attacks.train import MemoFeatures
+
+    calls: list[int] = []
+
+    def protect(z: torch.Tensor) -> torch.Tensor:
+        calls.append(len(z))
+        return z * 0.5
+
+    images, e = faces(6), stand_in_extractor()
+    memo = MemoFeatures(protect)
+    memo.fill(images, e, batch_size=4, flips=flip, progress=False)
+    filled = list(calls)
+    assert sum(filled) == len(images) * (2 if flip else 1) == len(memo)
+    s = TrainSettings(epochs=3, batch_size=4, seed=2, progress=False, flip=flip)
+    train_recon(images, e, arch="transrec", cfg={"width": 4}, settings=s, feature_fn=memo)
+    assert calls == filled
+    # The memo holds fn of E of each (mirrored) image.
+    x = to_unit(images[1:2])
+    x = x.flip(-1) if flip else x
+    with torch.no_grad():
+        want = e(unit_to_facenet(x)) * 0.5
+    got = memo.lookup([(1, flip)], lambda rows: pytest.fail("should be held"))
+    assert torch.allclose(got, want, atol=1e-2)
+
+
 def test_settings_validation() -> None:
     for bad in ({"epochs": 0}, {"batch_size": 1}, {"lr": 0.0}, {"max_minutes": -1.0}):
         with pytest.raises(ValueError):

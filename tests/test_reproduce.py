@@ -93,7 +93,7 @@ def test_smoke_profile_end_to_end_and_resumes(data_root, tmp_path):
     assert {p for p in (out / "cache").rglob("*") if p.is_file()} == set(stamps)
 
 
-def test_memo_features_protects_each_map_once():
+def test_memo_features_protects_each_image_once():
     import torch
 
     from advface.attacks.train import MemoFeatures
@@ -106,12 +106,14 @@ def test_memo_features_protects_each_map_once():
 
     memo = MemoFeatures(fn)
     z = torch.randn(4, 2, 3, 3)
-    first = memo(z)
-    again = memo(z[[2, 0]])
-    assert calls == [4]  # the second call found every map
+    first = memo.lookup([(i, False) for i in range(4)], lambda rows: z[rows])
+    # Keys are (image index, flipped), not values: a map that differs in its last bits (another
+    # batch size or kernel) is still found.
+    again = memo.lookup([(2, False), (0, False)], lambda rows: z[[2, 0]][rows] + 1e-6)
+    assert calls == [4]
     assert torch.allclose(first, z + 1, atol=1e-2) and torch.equal(again, first[[2, 0]])
-    memo(torch.cat([z[:1], z[:1] + 5]))
-    assert calls == [4, 1]
+    memo.lookup([(0, False), (0, True)], lambda rows: z[:2][rows])
+    assert calls == [4, 1] and len(memo) == 5
 
 
 # -- identity, caches, resume, one evaluation path ------------------------------------------------

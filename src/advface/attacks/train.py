@@ -1,17 +1,17 @@
 """Training reconstruction networks R on (x, E(x)) pairs with the L1 loss (paper eqs. 1 and 3).
 
-E is frozen; its features are computed on the fly (E is three convolutions, far cheaper than
-the decoder, and caching 64x77x77 floats would take 1.5 MB per image). ``feature_fn`` maps
-E's features before the decoder sees them, so an adaptive attacker can train on protected
-features. Training is resumable: after every epoch the model, Adam's state and the progress
-are written atomically to the output directory.
+E is frozen; clean features are computed on the fly (E is three convolutions, far cheaper
+than the decoder, and caching 64x77x77 floats would take 1.5 MB per image). ``feature_fn``
+maps E's features before the decoder sees them, so an adaptive attacker can train on protected
+features; a :class:`MemoFeatures` computes each training image's once. Training is resumable:
+after every epoch the model, Adam's state and the progress are written atomically to the
+output directory.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,28 +31,73 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 class MemoFeatures:
-    """Wrap a ``feature_fn`` so each distinct feature map is protected once, however many epochs
-    see it: an adaptive attacker's training set is a fixed set of protected features, as it
-    would be on disk (and re-running AdvFace every epoch would multiply its cost). Maps are
-    held in memory as float16 (0.76 MB each for 64x77x77)."""
+    """``fn``'s output for each training image, computed once and reused by every epoch: an
+    adaptive attacker's training set is a fixed set of protected features, as a stolen database
+    holds (re-running AdvFace every epoch would multiply its cost).
+
+    Entries are keyed by the image's position in the training array and whether it was flipped,
+    never by feature values: E's output for one image differs in its last bits between batch
+    sizes and kernels (on a GPU almost always), so a value key misses and protects again. One
+    memo therefore serves one training array. Entries are held as float16 on ``fn``'s output
+    device (0.76 MB per 64x77x77 map)."""
 
     def __init__(self, fn: FeatureFn) -> None:
         self.fn = fn
-        self.memo: dict[bytes, torch.Tensor] = {}
+        self.memo: dict[tuple[int, bool], torch.Tensor] = {}
+        self.fn_calls = 0  # batches that reached fn (misses)
 
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        # Keyed on fp16-rounded values: E's output for the same image can differ in the last
-        # float32 bits between batch compositions (different conv blocking). A strided 1/16 of
-        # each map is hashed, moved in one transfer: hashing whole maps made the memo the
-        # bottleneck of GPU training (4 ms per sample); two faces never share the sample.
-        sample = z.detach()[..., ::4, ::4].half().cpu().numpy()
-        keys = [hashlib.sha1(zi.tobytes()).digest() for zi in sample]
-        todo = [i for i, k in enumerate(keys) if k not in self.memo]
+    def __len__(self) -> int:
+        return len(self.memo)
+
+    def lookup(
+        self,
+        keys: Sequence[tuple[int, bool]],
+        features: Callable[[list[int]], torch.Tensor],
+    ) -> torch.Tensor:
+        """Mapped features for ``keys`` ((index, flipped) per row); ``features(rows)`` gives
+        E's features of the batch rows that are not held yet (only those are computed)."""
+        keys = [(int(i), bool(f)) for i, f in keys]
+        todo = [r for r, k in enumerate(keys) if k not in self.memo]
         if todo:
-            out = self.fn(z[todo])
-            for i, zi in zip(todo, out, strict=True):
-                self.memo[keys[i]] = zi.to(torch.float16).cpu()
-        return torch.stack([self.memo[k] for k in keys]).to(z.device, z.dtype)
+            self.fn_calls += 1
+            out = self.fn(features(todo))
+            if out.shape[0] != len(todo):
+                raise ValueError(f"feature_fn returned {out.shape[0]} rows for {len(todo)}")
+            for r, o in zip(todo, out, strict=True):
+                self.memo[keys[r]] = o.detach().to(torch.float16)
+        return torch.stack([self.memo[k] for k in keys]).float()
+
+    @torch.no_grad()
+    def fill(
+        self,
+        images: np.ndarray,
+        extractor: nn.Module,
+        *,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        flips: bool = False,
+        progress: bool = True,
+        desc: str = "features",
+    ) -> float:
+        """Compute every entry ``train_recon`` will ask for (each image, and its mirror image
+        when training flips) before training, so that a time budget buys training, not
+        protection; returns the seconds it took."""
+        t0 = time.perf_counter()
+        extractor = extractor.to(device).eval()
+        for flipped in (False, True) if flips else (False,):
+            for s in tqdm(
+                range(0, len(images), batch_size),
+                desc=f"{desc}{' (flipped)' if flipped else ''}",
+                disable=not progress,
+            ):
+                x = to_unit(images[s : s + batch_size]).to(device)
+                x = x.flip(-1) if flipped else x
+                rows = range(s, s + len(x))
+                self.lookup(
+                    [(i, flipped) for i in rows],
+                    lambda sel, x=x: extractor(unit_to_facenet(x[sel])),
+                )
+        return time.perf_counter() - t0
 
 
 def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -131,7 +176,7 @@ def train_recon(
     settings: TrainSettings | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
-    feature_fn: FeatureFn | None = None,
+    feature_fn: FeatureFn | MemoFeatures | None = None,
     meta: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``build_recon(arch, **cfg)`` to invert ``extractor`` on uint8 faces (N,160,160,3).
@@ -207,14 +252,22 @@ def train_recon(
         total, count, t0 = 0.0, 0, time.perf_counter()
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{s.epochs}", disable=not s.progress)
         for idx in bar:
-            x = to_unit(images[np.sort(idx.numpy())]).to(device)
+            rows = np.sort(idx.numpy())
+            x = to_unit(images[rows]).to(device)
+            flip = torch.zeros(len(x), dtype=torch.bool)
             if s.flip:
                 flip = torch.rand(len(x), generator=gen) < 0.5
                 x[flip] = x[flip].flip(-1)
             with torch.no_grad():
-                z = extractor(unit_to_facenet(x))
-                if feature_fn is not None:
-                    z = feature_fn(z).detach()
+                if isinstance(feature_fn, MemoFeatures):
+                    z = feature_fn.lookup(
+                        list(zip(rows.tolist(), flip.tolist(), strict=True)),
+                        lambda sel, x=x: extractor(unit_to_facenet(x[sel])),
+                    ).to(device)
+                else:
+                    z = extractor(unit_to_facenet(x))
+                    if feature_fn is not None:
+                        z = feature_fn(z).detach()
             loss = (model(z) - x).abs().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -206,7 +206,19 @@ def train_model(
         t0 = time.perf_counter()
         images = ctx.images(split.dataset, split.keys)
         if isinstance(feature_fn, MemoFeatures):
-            _warm(ctx, feature_fn, images, name)
+            # Protect the training features first, so that a time budget buys training only.
+            ctx.timings[f"features {name}"] = round(
+                feature_fn.fill(
+                    images,
+                    ctx.encoder,
+                    device=ctx.device,
+                    batch_size=p.protect_batch,
+                    flips=False,  # adaptive attackers train without flips (below)
+                    progress=ctx.progress,
+                    desc=f"features {name}",
+                ),
+                1,
+            )
         train_recon(
             images,
             ctx.encoder,
@@ -261,19 +273,6 @@ def _record(
         "identity_check": identity,
         "key": key,
     }
-
-
-@torch.no_grad()
-def _warm(ctx: Context, memo: MemoFeatures, images: np.ndarray, name: str) -> None:
-    """Protect the training features first, so that a time budget buys training only."""
-    from tqdm.auto import tqdm
-
-    from advface.models.facenet import preprocess
-
-    t0, bs = time.perf_counter(), ctx.profile.protect_batch
-    for s in tqdm(range(0, len(images), bs), desc=f"features {name}", disable=not ctx.progress):
-        memo(ctx.encoder(preprocess(images[s : s + bs]).to(ctx.device)))
-    ctx.timings[f"features {name}"] = round(time.perf_counter() - t0, 1)
 
 
 def _mark_done(ckpt) -> None:

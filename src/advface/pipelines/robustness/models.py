@@ -22,7 +22,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from advface.attacks.train import MemoFeatures
 from advface.data.splits import IdentitySplit
@@ -111,9 +110,23 @@ def train_model(
         ctx.log(f"training {role} ({arch}, {features}) on {len(split)} images of {split.name}")
         t0 = time.perf_counter()
         images = ctx.images(split)
+        # Adaptive attackers: one protected feature per image, as a stolen database holds
+        # (flips would double the protection cost). Embedding decoders flip.
+        flip = feature_fn is None or features == "embedding"
         if isinstance(feature_fn, MemoFeatures):
             # Features first, so that a training time budget buys training, not protection.
-            _warm(ctx, feature_fn, images, role)
+            ctx.timings[f"features {role}"] = round(
+                feature_fn.fill(
+                    images,
+                    ctx.encoder,
+                    device=ctx.device,
+                    batch_size=p.protect_batch,
+                    flips=flip,
+                    progress=ctx.progress,
+                    desc=f"features {role}",
+                ),
+                1,
+            )
         res = train_recon(
             images,
             ctx.encoder,
@@ -126,9 +139,7 @@ def train_model(
                 seed=p.seed,
                 device=str(ctx.device),
                 progress=ctx.progress,
-                # Adaptive attackers: one protected feature per image, as a stolen database
-                # holds (flips would double the protection cost). Embedding decoders flip.
-                flip=feature_fn is None or features == "embedding",
+                flip=flip,
                 max_minutes=p.max_minutes,
             ),
             out_dir=ckpt,
@@ -160,17 +171,6 @@ def train_model(
         "key": ckpt.name,
     }
     return model.eval(), ckpt.name
-
-
-@torch.no_grad()
-def _warm(ctx: BenchContext, memo: MemoFeatures, images: np.ndarray, role: str) -> None:
-    from advface.attacks.train import to_unit, unit_to_facenet
-
-    t0, bs = time.perf_counter(), ctx.profile.protect_batch
-    for s in tqdm(range(0, len(images), bs), desc=f"features {role}", disable=not ctx.progress):
-        x = to_unit(images[s : s + bs]).to(ctx.device)
-        memo(ctx.encoder(unit_to_facenet(x)))
-    ctx.timings[f"features {role}"] = round(time.perf_counter() - t0, 1)
 
 
 def _mark_done(ckpt: Path) -> None:

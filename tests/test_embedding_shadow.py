@@ -111,6 +111,34 @@ def test_identity_term_keeps_the_embedding_closer(nets):
     assert cos(10.0) > cos(0.0)
 
 
+def test_identity_every_reuses_the_identity_direction(nets):
+    """identity_every=k runs Psi's backward on every k-th step only; k=1 is the full method."""
+    calls = []
+
+    class CountingPsi(nn.Module):
+        def __init__(self, psi):
+            super().__init__()
+            self.psi = psi
+
+        def forward(self, z):
+            calls.append(len(z))
+            return self.psi(z)
+
+    z = torch.rand(2, C, H, H)
+    counted = {**nets, "head": CountingPsi(nets["head"])}
+    outs = {}
+    for k in (1, 3):
+        calls.clear()
+        prot = _prot(counted, steps=6, identity_every=k, random_start=False)
+        outs[k] = prot.protect(z)
+        # One Psi forward reads e from z, then one per identity gradient: 6 steps -> 6 or 2.
+        assert len(calls) == 1 + 6 // k
+        assert prot.params().get("identity_every", 1) == k
+    assert not torch.equal(outs[1], outs[3])
+    with pytest.raises(ValueError, match="identity_every"):
+        _prot(nets, identity_every=0)
+
+
 def test_validation_and_registry(nets, tmp_path):
     with pytest.raises(ValueError, match="steps"):
         _prot(nets, steps=-1)

@@ -92,6 +92,8 @@ class EmbeddingShadow(Protection):
             with decay 0.93 (20 steps) and 0.97 (30 steps).
         identity_weight: lambda, weight of the normalised identity gradient (default 1.0;
             0 = AdvFace's objective alone started from D(e)).
+        identity_every: recompute the identity gradient every k-th step and reuse it in
+            between (default 1: every step). Psi's backward dominates a step's cost.
         random_start: draw u (default True); without it the output is a deterministic function
             of e.
         bn: statistics of S's BatchNorm layers as in AdvFace (default ``"sample"``: each face
@@ -115,6 +117,7 @@ class EmbeddingShadow(Protection):
         alpha: float = 0.1,
         epsilon: float = 1.0,
         identity_weight: float = 1.0,
+        identity_every: int = 1,
         random_start: bool = True,
         bn: str = "sample",
         step_rule: str = "sign",
@@ -131,6 +134,7 @@ class EmbeddingShadow(Protection):
         self.alpha = check_finite_number("alpha", alpha, low=0.0)
         self.epsilon = check_finite_number("epsilon", epsilon, low=0.0)
         self.identity_weight = check_finite_number("identity_weight", identity_weight, low=0.0)
+        self.identity_every = check_int("identity_every", identity_every, low=1)
         if not isinstance(random_start, bool):
             raise ValueError(f"random_start must be a bool, got {random_start!r}")
         self.random_start = random_start
@@ -213,26 +217,40 @@ class EmbeddingShadow(Protection):
             random_start=self.random_start,
         )
 
+        step = 0
+        g_id: Tensor | None = None
+
         def direction(zt: Tensor) -> Tensor:
+            nonlocal step, g_id
             with torch.enable_grad():
                 zg = zt.detach().requires_grad_(True)
                 rec = (self.shadow(zg) - x_shadow).abs().sum()
                 (g_rec,) = torch.autograd.grad(rec, zg)
                 g = unit_scale(g_rec)
                 if self.identity_weight > 0:
-                    ident = F.cosine_similarity(self.head(zg), e, dim=1).sum()
-                    (g_id,) = torch.autograd.grad(ident, zg)
-                    g = g + self.identity_weight * unit_scale(g_id)
+                    # Psi's backward is most of a step's cost: with identity_every = k the
+                    # identity direction is recomputed every k-th step and reused in between.
+                    if step % self.identity_every == 0:
+                        zi = zt.detach().requires_grad_(True)
+                        ident = F.cosine_similarity(self.head(zi), e, dim=1).sum()
+                        (grad,) = torch.autograd.grad(ident, zi)
+                        g_id = unit_scale(grad)
+                    g = g + self.identity_weight * g_id
+            step += 1
             return g
 
         return engine(z0, direction=direction, generator=generator)
 
     def _params(self) -> dict[str, Any]:
+        # identity_every = 1 computes exactly what versions without the option did: it is left
+        # out then, so templates and cached stages made by those versions still match.
+        every = {"identity_every": self.identity_every} if self.identity_every != 1 else {}
         return {
             "steps": self.steps,
             "alpha": self.alpha,
             "epsilon": self.epsilon,
             "identity_weight": self.identity_weight,
+            **every,
             "random_start": self.random_start,
             "bn": self.bn,
             "step_rule": self.step_rule,

@@ -210,6 +210,7 @@ def test_interrupted_training_resumes_and_budget_counts_spent_time(
 
     import advface.attacks.train as train_mod
     from advface.data.splits import IdentitySplit
+    from advface.pipelines.decoders import spent_minutes
     from advface.pipelines.reproduce import networks
 
     ctx = _context(tmp_path, random_facenet, epochs=2, train_batch=4)
@@ -236,8 +237,8 @@ def test_interrupted_training_resumes_and_budget_counts_spent_time(
     assert first["done"] and first["history"][0]["epoch"] == 1
     # A time budget counts the minutes of the complete epochs already in the checkpoint.
     hist = [{"epoch": 1, "seconds": 60.0}, {"epoch": 2, "seconds": 30.0}]
-    assert networks._spent_minutes({"epochs": 1, "history": hist}) == 1.0
-    assert networks._spent_minutes({"epochs": 2, "history": hist}) == 1.5
+    assert spent_minutes({"epochs": 1, "history": hist}) == 1.0
+    assert spent_minutes({"epochs": 2, "history": hist}) == 1.5
 
 
 @pytest.mark.data

@@ -288,7 +288,6 @@ def shard_done(dst: Path, shard: Shard, plan_id: str) -> bool:
     return meta.get("bulk_plan_id") == plan_id and rows == shard.stop - shard.start
 
 
-
 def write_manifest(dst: Path, plan: BulkPlan, run: dict[str, Any] | None = None) -> None:
     body = {"format": FORMAT, "plan_id": plan.plan_id, "plan": plan.to_json(), "run": run or {}}
     atomic_write_bytes(
@@ -399,7 +398,6 @@ def protect_shard(
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - c0,  # the whole worker process: one shard at a time
     }
-
 
 
 def read_bulk(dst: str | Path) -> dict[str, torch.Tensor]:

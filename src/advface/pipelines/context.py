@@ -18,7 +18,7 @@ from advface.pipelines.reproduce.stages import StageCache
 #: Sources (folders or files under the package) a stage runs, hashed into its key. Decoder
 #: training; the protections (adaptive attackers train on their output); FaceNet alone (clean
 #: embeddings, the unprotected benchmark); evaluation of reconstructions and verification.
-TRAIN_CODE: tuple[str, ...] = ("models/recon", "attacks/train.py")
+TRAIN_CODE: tuple[str, ...] = ("models/recon", "attacks/train.py", "pipelines/decoders.py")
 PROTECTION_CODE: tuple[str, ...] = ("protection",)
 FACENET_CODE: tuple[str, ...] = ("models/facenet.py", "models/split.py")
 EVAL_CODE: tuple[str, ...] = (

@@ -10,9 +10,6 @@ training set that shares a person with a test set is refused.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -23,8 +20,8 @@ from torch import nn
 
 from advface.attacks.train import MemoFeatures
 from advface.data.splits import IdentitySplit
-from advface.pipelines.context import PROTECTION_CODE, TRAIN_CODE, RunContext, code_fingerprint
-from advface.pipelines.reproduce.profiles import Profile
+from advface.pipelines.context import PROTECTION_CODE, TRAIN_CODE, RunContext
+from advface.pipelines.decoders import train_cached
 
 CELEBA_NOTE = (
     "CelebA ids are anonymous: not comparable by name with LFW/CFP people (another source)"
@@ -141,22 +138,6 @@ def _split_info(split: IdentitySplit, check: dict) -> dict:
     }
 
 
-def recon_cfg(p: Profile, arch: str) -> dict:
-    from advface.models.recon import profile_config
-
-    cfg = profile_config(arch, p.recon)
-    if p.width is not None:
-        cfg["width"] = p.width
-    return cfg
-
-
-def _spent_minutes(config: dict) -> float:
-    """Training minutes of the complete epochs a checkpoint holds (a resume redoes a partial
-    epoch, so its time is not counted)."""
-    done = int(config.get("epochs", 0))
-    return sum(h["seconds"] for h in config.get("history", []) if h["epoch"] <= done) / 60
-
-
 def train_model(
     ctx: Context,
     name: str,
@@ -170,82 +151,26 @@ def train_model(
     code: tuple[str, ...] = TRAIN_CODE,
     epochs: int | None = None,
 ) -> tuple[nn.Module, str]:
-    """Train, resume or load one decoder; returns ``(model in eval mode, its cache key)``.
-
-    The key covers the architecture, the data (keys), the features (and ``depends``: what a
-    protection's features depend on), every training setting, FaceNet's weights and the
-    ``code`` run. With a time budget (``max_minutes``) the minutes already spent by a
-    checkpoint count: a resumed run trains only for what is left."""
-    from advface.attacks.train import TrainSettings, train_recon
-    from advface.models.recon import load_checkpoint, read_config
-
-    p = ctx.profile
-    epochs = epochs or p.epochs
-    settings = dict(
-        name=name,
-        arch=arch,
-        cfg=recon_cfg(p, arch),
-        data=hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
-        n=len(split),
+    """Train, resume or load one decoder (:func:`advface.pipelines.decoders.train_cached`:
+    keyed by everything it depends on, a time budget counting the minutes already spent) and
+    record it with its identity check; returns ``(model in eval mode, its cache key)``."""
+    model, config, ckpt_name = train_cached(
+        ctx,
+        name,
+        arch,
+        split,
+        lambda: ctx.images(split.dataset, split.keys),
         features=features,
+        feature_fn=feature_fn,
         depends=depends or {},
-        epochs=epochs,
-        max_minutes=p.max_minutes,
-        batch=p.train_batch,
-        lr=p.lr,
-        seed=p.seed,
-        weights=ctx.weights_sha,
-        code=code_fingerprint(code),
+        code=code,
+        epochs=epochs or ctx.profile.epochs,
+        flip=feature_fn is None,  # adaptive: one protected feature per stored face
+        meta={"train_set": split.name, "features": features, "role": name},
     )
-    ckpt = ctx.stages.path(f"model-{name}", settings, "")
-    started = (ckpt / "config.json").exists()
-    config = read_config(ckpt) if started else {}
-    left = None if p.max_minutes is None else p.max_minutes - _spent_minutes(config)
-    if not config.get("done") and (left is None or left > 0):
-        ctx.log(f"training {name} ({arch}, {features}) on {len(split)} images of {split.name}")
-        t0 = time.perf_counter()
-        images = ctx.images(split.dataset, split.keys)
-        if isinstance(feature_fn, MemoFeatures):
-            # Protect the training features first, so that a time budget buys training only.
-            ctx.timings[f"features {name}"] = round(
-                feature_fn.fill(
-                    images,
-                    ctx.encoder,
-                    device=ctx.device,
-                    batch_size=p.protect_batch,
-                    flips=False,  # adaptive attackers train without flips (below)
-                    progress=ctx.progress,
-                    desc=f"features {name}",
-                ),
-                1,
-            )
-        train_recon(
-            images,
-            ctx.encoder,
-            arch=arch,
-            cfg=settings["cfg"],
-            settings=TrainSettings(
-                epochs=epochs,
-                batch_size=p.train_batch,
-                lr=p.lr,
-                seed=p.seed,
-                device=str(ctx.device),
-                progress=ctx.progress,
-                flip=feature_fn is None,  # adaptive: one protected feature per stored face
-                max_minutes=left,
-            ),
-            out_dir=ckpt,
-            resume=started,
-            feature_fn=feature_fn,
-            meta={"train_set": split.name, "features": features, "role": name},
-        )
-        ctx.timings[f"train {name}"] = round(time.perf_counter() - t0, 1)
-    if not config.get("done"):
-        _mark_done(ckpt)  # finished, or its time budget is spent
     ctx.count_fallbacks(split.dataset, split.keys, f"train {name}")
-    model, config = load_checkpoint(ckpt, device=ctx.device)
-    ctx.training[name] = _record(name, arch, features, split, identity, config, ckpt.name)
-    return model.eval(), ckpt.name
+    ctx.training[name] = _record(name, arch, features, split, identity, config, ckpt_name)
+    return model, ckpt_name
 
 
 def _record(
@@ -273,15 +198,6 @@ def _record(
         "identity_check": identity,
         "key": key,
     }
-
-
-def _mark_done(ckpt) -> None:
-    from advface.models.recon.checkpoint import atomic_write_bytes
-
-    path = ckpt / "config.json"
-    config = json.loads(path.read_text())
-    config["done"] = True
-    atomic_write_bytes(path, json.dumps(config, indent=2).encode())
 
 
 def train_networks(ctx: Context) -> Networks:

@@ -12,18 +12,14 @@ Roles and data (identity-disjoint, :mod:`advface.data.splits`):
 
 from __future__ import annotations
 
-import hashlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from advface.attacks.train import MemoFeatures
 from advface.data.splits import IdentitySplit
 from advface.pipelines.context import EVAL_CODE as SHARED_EVAL_CODE
 from advface.pipelines.context import (  # noqa: F401 (re-exported for the bench's run)
@@ -32,7 +28,7 @@ from advface.pipelines.context import (  # noqa: F401 (re-exported for the bench
     RunContext,
     code_fingerprint,
 )
-from advface.pipelines.robustness.profiles import BenchProfile
+from advface.pipelines.decoders import train_cached
 
 #: Code of the bench's evaluation stages (the shared parts and the bench's own).
 EVAL_CODE = (*SHARED_EVAL_CODE, "pipelines/robustness")
@@ -58,15 +54,6 @@ class BenchContext(RunContext):
         )[0]
 
 
-def recon_cfg(p: BenchProfile, arch: str) -> dict:
-    from advface.models.recon import profile_config
-
-    cfg = profile_config(arch, p.recon)
-    if p.width is not None:
-        cfg["width"] = p.width
-    return cfg
-
-
 def train_model(
     ctx: BenchContext,
     role: str,
@@ -78,85 +65,31 @@ def train_model(
     depends: dict | None = None,
     code: tuple[str, ...] = TRAIN_CODE,
 ) -> tuple[nn.Module, str]:
-    """Train (or load) one decoder; returns ``(model in eval mode, its cache key)``.
-
-    The key covers the architecture, data (keys), features (and the ``depends`` keys of the
-    models a protection uses), every training setting, the FaceNet weights and the ``code``
-    it runs (an adaptive attacker adds :data:`PROTECTION_CODE`)."""
-    from advface.attacks.train import TrainSettings, train_recon
-    from advface.models.recon import load_checkpoint, read_config
-
-    p = ctx.profile
-    settings = dict(
-        role=role,
-        arch=arch,
-        cfg=recon_cfg(p, arch),
-        data=hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
-        n=len(split),
+    """Train, resume or load one decoder (:func:`advface.pipelines.decoders.train_cached`) and
+    record it; returns ``(model in eval mode, its cache key)``. An adaptive attacker's ``code``
+    adds :data:`PROTECTION_CODE` and its ``depends`` the keys of the networks its protection
+    uses."""
+    model, config, ckpt_name = train_cached(
+        ctx,
+        role,
+        arch,
+        split,
+        lambda: ctx.images(split),
         features=features,
+        feature_fn=feature_fn,
         depends=depends or {},
-        epochs=p.epochs,
-        max_minutes=p.max_minutes,
-        batch=p.train_batch,
-        lr=p.lr,
-        seed=p.seed,
-        weights=ctx.weights_sha,
-        code=code_fingerprint(code),
-    )
-    ckpt = ctx.stages.path(f"model-{role}", settings, "")
-    cfg_path = ckpt / "config.json"
-    done = cfg_path.exists() and read_config(ckpt).get("done")
-    if not done:
-        ctx.log(f"training {role} ({arch}, {features}) on {len(split)} images of {split.name}")
-        t0 = time.perf_counter()
-        images = ctx.images(split)
+        code=code,
+        epochs=ctx.profile.epochs,
         # Adaptive attackers: one protected feature per image, as a stolen database holds
         # (flips would double the protection cost). Embedding decoders flip.
-        flip = feature_fn is None or features == "embedding"
-        if isinstance(feature_fn, MemoFeatures):
-            # Features first, so that a training time budget buys training, not protection.
-            ctx.timings[f"features {role}"] = round(
-                feature_fn.fill(
-                    images,
-                    ctx.encoder,
-                    device=ctx.device,
-                    batch_size=p.protect_batch,
-                    flips=flip,
-                    progress=ctx.progress,
-                    desc=f"features {role}",
-                ),
-                1,
-            )
-        res = train_recon(
-            images,
-            ctx.encoder,
-            arch=arch,
-            cfg=settings["cfg"],
-            settings=TrainSettings(
-                epochs=p.epochs,
-                batch_size=p.train_batch,
-                lr=p.lr,
-                seed=p.seed,
-                device=str(ctx.device),
-                progress=ctx.progress,
-                flip=flip,
-                max_minutes=p.max_minutes,
-            ),
-            out_dir=ckpt,
-            resume=cfg_path.exists(),
-            feature_fn=feature_fn,
-            meta={
-                "role": role,
-                "train_set": split.name,
-                "features": features,
-                "identity_check": split.notes.get("identity_check"),
-            },
-        )
-        _mark_done(ckpt)
-        ctx.timings[f"train {role}"] = round(time.perf_counter() - t0, 1)
-        if res.stopped_early:  # the time budget ran out: the model is what that budget buys
-            ctx.log(f"{role}: time budget reached after {res.epochs_done} epoch(s)")
-    model, config = load_checkpoint(ckpt, device=ctx.device)
+        flip=feature_fn is None or features == "embedding",
+        meta={
+            "role": role,
+            "train_set": split.name,
+            "features": features,
+            "identity_check": split.notes.get("identity_check"),
+        },
+    )
     ctx.training[role] = {
         "arch": arch,
         "features": features,
@@ -168,22 +101,9 @@ def train_model(
         "seconds": round(sum(h["seconds"] for h in config.get("history", [])), 1),
         "identity_overlap_with_test": (config.get("identity_check") or {}).get("overlap"),
         "identity_check": config.get("identity_check"),
-        "key": ckpt.name,
+        "key": ckpt_name,
     }
-    return model.eval(), ckpt.name
-
-
-def _mark_done(ckpt: Path) -> None:
-    """Record that training finished (or used its whole time budget): a run killed mid-way
-    leaves a checkpoint without the mark, and the next run resumes it."""
-    import json
-
-    from advface.models.recon.checkpoint import atomic_write_bytes
-
-    path = ckpt / "config.json"
-    config = json.loads(path.read_text())
-    config["done"] = True
-    atomic_write_bytes(path, json.dumps(config, indent=2).encode())
+    return model, ckpt_name
 
 
 def embedding_features(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

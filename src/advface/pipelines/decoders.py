@@ -1,0 +1,148 @@
+"""Cached decoder training shared by ``reproduce`` and ``bench``.
+
+One checkpoint folder per key (the caller's key: architecture, data, features, settings,
+weights, code). An interrupted training resumes from its last epoch; a time budget counts the
+minutes a checkpoint already spent, so a resumed run trains only for what is left; protected
+features are computed before the clock starts (:class:`~advface.attacks.train.MemoFeatures`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from advface.attacks.train import FeatureFn, MemoFeatures, TrainSettings
+from advface.data.splits import IdentitySplit
+from advface.pipelines.context import RunContext, code_fingerprint
+
+
+def recon_cfg(profile: Any, arch: str) -> dict:
+    """Decoder shape: the profile's recon profile for ``arch``, its ``width`` override applied."""
+    from advface.models.recon import profile_config
+
+    cfg = profile_config(arch, profile.recon)
+    if profile.width is not None:
+        cfg["width"] = profile.width
+    return cfg
+
+
+def spent_minutes(config: dict) -> float:
+    """Training minutes of the complete epochs a checkpoint holds (a resume redoes a partial
+    epoch, so its time is not counted)."""
+    done = int(config.get("epochs", 0))
+    return sum(h["seconds"] for h in config.get("history", []) if h["epoch"] <= done) / 60
+
+
+def train_cached(
+    ctx: RunContext,
+    name: str,
+    arch: str,
+    split: IdentitySplit,
+    images: Callable[[], np.ndarray],
+    *,
+    features: str,
+    feature_fn: FeatureFn | MemoFeatures | None,
+    depends: dict,
+    code: tuple[str, ...],
+    epochs: int,
+    flip: bool,
+    meta: dict[str, Any],
+) -> tuple[nn.Module, dict, str]:
+    """Train, resume or load one decoder of ``ctx.profile``'s shape and settings.
+
+    Its key covers the architecture, the data (``split``'s keys), the features (and
+    ``depends``: the keys of the networks a protection's features depend on), every training
+    setting, FaceNet's weights and the ``code`` run. ``images()`` loads the training faces
+    (only when training is needed); the profile's ``max_minutes`` is the whole time budget
+    (what a checkpoint spent is taken off). Returns ``(model in eval mode, checkpoint config,
+    checkpoint folder name)``."""
+    from advface.attacks.train import train_recon
+    from advface.models.recon import load_checkpoint, read_config
+
+    p = ctx.profile
+    cfg = recon_cfg(p, arch)
+    key = dict(
+        name=name,
+        arch=arch,
+        cfg=cfg,
+        data=hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
+        n=len(split),
+        features=features,
+        depends=depends,
+        epochs=epochs,
+        max_minutes=p.max_minutes,
+        batch=p.train_batch,
+        lr=p.lr,
+        seed=p.seed,
+        flip=flip,
+        weights=ctx.weights_sha,
+        code=code_fingerprint(code),
+    )
+    ckpt = ctx.stages.path(f"model-{name}", key, "")
+    started = (ckpt / "config.json").exists()
+    config = read_config(ckpt) if started else {}
+    left = None if p.max_minutes is None else p.max_minutes - spent_minutes(config)
+    if not config.get("done") and (left is None or left > 0):
+        ctx.log(f"training {name} ({arch}, {features}) on {len(split)} images of {split.name}")
+        t0 = time.perf_counter()
+        faces = images()
+        if isinstance(feature_fn, MemoFeatures):
+            # Features first, so that a time budget buys training, not protection.
+            ctx.timings[f"features {name}"] = round(
+                feature_fn.fill(
+                    faces,
+                    ctx.encoder,
+                    device=ctx.device,
+                    batch_size=p.protect_batch,
+                    flips=flip,
+                    progress=ctx.progress,
+                    desc=f"features {name}",
+                ),
+                1,
+            )
+        settings = TrainSettings(
+            epochs=epochs,
+            batch_size=p.train_batch,
+            lr=p.lr,
+            seed=p.seed,
+            device=str(ctx.device),
+            progress=ctx.progress,
+            flip=flip,
+            max_minutes=left,
+        )
+        res = train_recon(
+            faces,
+            ctx.encoder,
+            arch=arch,
+            cfg=cfg,
+            settings=settings,
+            out_dir=ckpt,
+            resume=started,
+            feature_fn=feature_fn,
+            meta=meta,
+        )
+        ctx.timings[f"train {name}"] = round(time.perf_counter() - t0, 1)
+        if res.stopped_early:  # the time budget ran out: the model is what that budget buys
+            ctx.log(f"{name}: time budget reached after {res.epochs_done} epoch(s)")
+    if not config.get("done"):
+        mark_done(ckpt)  # finished, or its time budget is spent
+    model, config = load_checkpoint(ckpt, device=ctx.device)
+    return model.eval(), config, ckpt.name
+
+
+def mark_done(ckpt: Path) -> None:
+    """Record that training finished (or used its whole time budget): a run killed mid-way
+    leaves a checkpoint without the mark, and the next run resumes it."""
+    from advface.models.recon.checkpoint import atomic_write_bytes
+
+    path = ckpt / "config.json"
+    config = json.loads(path.read_text())
+    config["done"] = True
+    atomic_write_bytes(path, json.dumps(config, indent=2).encode())

@@ -2,7 +2,7 @@
 stated per face on 2 CPU cores, amortised at batch 16).
 
 Usage: python benchmarks/embedding_shadow_cost.py [--recon cpu] [--threads 2] [--repeats 2]
-       [--device cpu] [--es-steps 20] [--advface-steps 40]
+       [--device cpu] [--es-steps 20] [--advface-steps 40] [--es-identity-every 1,2]
 
 Networks: the converted FaceNet split (E, Psi), untrained decoders of the chosen recon profile
 (ResRec shadow S, EmbDec generator D; timing does not depend on weights). Inputs are random
@@ -48,6 +48,11 @@ def main() -> None:
     ap.add_argument("--es-steps", type=int, default=20)
     ap.add_argument("--advface-steps", type=int, default=40)
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument(
+        "--es-identity-every",
+        default="1",
+        help="comma-separated k: embedding-shadow runs Psi's backward every k-th step",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from advface.models.facenet import load_facenet
@@ -61,7 +66,12 @@ def main() -> None:
         "advface": build_protection(
             "advface", shadow=shadow, extractor=enc, steps=args.advface_steps, device=args.device
         ),
-        "embedding-shadow": build_protection(
+    }
+    s_fl, d_fl = estimate_flops(shadow), estimate_flops(gen)
+    gflop = {"advface": (args.advface_steps * 3 * s_fl) / 1e9}
+    for k in (int(x) for x in args.es_identity_every.split(",")):
+        name = "embedding-shadow" if k == 1 else f"embedding-shadow/identity_every={k}"
+        prots[name] = build_protection(
             "embedding-shadow",
             generator=gen,
             shadow=shadow,
@@ -69,14 +79,11 @@ def main() -> None:
             head=head,
             steps=args.es_steps,
             epsilon=0.5,
+            identity_every=k,
             device=args.device,
-        ),
-    }
-    s_fl, d_fl = estimate_flops(shadow), estimate_flops(gen)
-    gflop = {
-        "advface": (args.advface_steps * 3 * s_fl) / 1e9,
-        "embedding-shadow": (d_fl + args.es_steps * 3 * (s_fl + psi_flops)) / 1e9,
-    }
+        )
+        psi_steps = -(-args.es_steps // k)  # ceil: Psi's forward+backward on every k-th step
+        gflop[name] = (d_fl + args.es_steps * 3 * s_fl + psi_steps * 3 * psi_flops) / 1e9
     out = {
         "machine": f"{platform.machine()}, {args.threads} threads, load {os.getloadavg()[0]:.1f}",
         "device": args.device,

@@ -36,7 +36,11 @@ def eval_fr_cmd(
         str, typer.Option(help="stored (probe fresh, the deployment case) | both")
     ] = "stored",
     folds: Annotated[int | None, typer.Option(help="use only the first N folds")] = None,
-    pairs_per_fold: Annotated[int | None, typer.Option(help="balanced subset per fold")] = None,
+    pairs_per_fold: Annotated[
+        int | None,
+        typer.Option(help="a seeded random sample of N pairs per fold, half genuine"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the --pairs-per-fold sample")] = 0,
     batch_size: int = 64,
     device: str = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -65,6 +69,7 @@ def eval_fr_cmd(
             flip=flip,
             folds=folds,
             pairs_per_fold=pairs_per_fold,
+            seed=seed,
             batch_size=batch_size,
             device=device,
             progress=not as_json,
@@ -75,5 +80,6 @@ def eval_fr_cmd(
     typer.echo(
         f"{res['dataset']}: accuracy {100 * res['accuracy']:.2f}% ± {100 * res['accuracy_std']:.2f}"
         f"  TAR@FAR=1e-3 {100 * res['tar_at_far_1e-3']:.2f}%  AUC {res['auc']:.4f}"
-        f"  ({res['n_pairs']} pairs, {res['no_face']} no-face fallbacks, {res['wall_s']} s)"
+        f"  ({res['n_pairs']} pairs: {res['pairs']}; {res['no_face']} no-face fallbacks,"
+        f" {res['wall_s']} s)"
     )

@@ -62,19 +62,26 @@ def select_pairs(protocol, *, folds: int | None = None, pairs_per_fold: int | No
     )
 
 
-def sample_pairs(protocol, *, pairs_per_fold: int | None, seed: int = 0) -> PairSubset:
-    """A seeded random sample of ``pairs_per_fold`` pairs from every fold, half genuine and half
-    impostor (all pairs when ``pairs_per_fold`` is None): unlike :func:`select_pairs`, which
-    takes the first pairs (alphabetical names), a sample spans the whole protocol."""
+def sample_pairs(
+    protocol, *, pairs_per_fold: int | None, seed: int = 0, folds: int | None = None
+) -> PairSubset:
+    """A seeded random sample of ``pairs_per_fold`` pairs from every fold (of the first
+    ``folds``), half genuine and half impostor (all pairs when ``pairs_per_fold`` is None):
+    unlike :func:`select_pairs`, which takes the first pairs (alphabetical names), a sample
+    spans the whole protocol."""
     if pairs_per_fold is None:
-        return select_pairs(protocol)
+        return select_pairs(protocol, folds=folds)
     if pairs_per_fold < 2:
         raise ValueError("pairs_per_fold must be >= 2")
+    if folds is not None and folds < 2:
+        raise ValueError("folds must be >= 2 (a threshold is chosen on the other folds)")
     rng = np.random.default_rng(seed)
     issame = np.asarray(protocol.issame, dtype=bool)
     fold = np.asarray(protocol.fold)
     keep = np.zeros(len(issame), dtype=bool)
     for f in np.unique(fold):
+        if folds is not None and f >= folds:
+            continue
         for same in (True, False):
             ids = np.flatnonzero((fold == f) & (issame == same))
             keep[rng.permutation(ids)[: pairs_per_fold // 2]] = True
@@ -112,6 +119,7 @@ def eval_fr(
     flip: bool = False,
     folds: int | None = None,
     pairs_per_fold: int | None = None,
+    seed: int = 0,
     batch_size: int = 64,
     device: str = "cpu",
     progress: bool = True,
@@ -124,6 +132,7 @@ def eval_fr(
     is embedded as Psi(protect(E(x))) and the probe as Psi(E(x)) (``mode="stored"``, the
     deployment case), or both sides are protected (``mode="both"``). Unprotected embeddings
     are cached per image under the cache dir (keyed by the model's fingerprint).
+    ``pairs_per_fold`` takes a seeded (``seed``) random sample from every fold, half genuine.
     """
     from advface.config import data_root as resolve_root
     from advface.data.protocols import load_protocol
@@ -137,7 +146,7 @@ def eval_fr(
     t0 = time.perf_counter()
     root = resolve_root(data_root)
     protocol = load_protocol(dataset, root)
-    sub = select_pairs(protocol, folds=folds, pairs_per_fold=pairs_per_fold)
+    sub = sample_pairs(protocol, pairs_per_fold=pairs_per_fold, seed=seed, folds=folds)
     images, found = aligned_images(
         DATASETS[dataset], sub.keys, data_root=root, cache=cache, progress=progress
     )
@@ -174,6 +183,13 @@ def eval_fr(
         "threshold": result.threshold,
         "threshold_far_1e-3": result.far_threshold,
         "n_pairs": result.n_pairs,
+        "pairs": (
+            "full protocol"
+            if pairs_per_fold is None and folds is None
+            else f"seeded sample (seed {seed}) of {pairs_per_fold} pairs per fold, half genuine"
+            if pairs_per_fold is not None
+            else f"first {folds} folds"
+        ),
         "n_images": int(len(used)),
         "no_face": int((~found[used]).sum()),
         "fold_accuracies": list(result.fold_accuracies),

@@ -44,12 +44,8 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one torch thread (the conftest fixture) for every test here.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

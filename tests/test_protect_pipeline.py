@@ -17,13 +17,8 @@ from advface.pipelines.protect import build_from_options, protect_file
 from advface.protection import feature_fn_from_spec, parse_spec, protection_from_spec
 from advface.protection.advface import AdvFace
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one torch thread (the conftest fixture) for every test here.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

@@ -25,13 +25,8 @@ from advface.protection.random import RandomPerturbation
 SMALL = (4, 9, 9)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: thread hand-off costs more than it saves on the shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one torch thread (the conftest fixture) for every test here.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyE(nn.Module):

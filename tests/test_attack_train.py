@@ -129,6 +129,26 @@ def test_filled_memo_is_not_protected_again_while_training(flip: bool) -> None:
     assert torch.allclose(got, want, atol=1e-2)
 
 
+def test_budget_clock_ignores_time_the_process_does_not_run(monkeypatch) -> None:
+    """On the CPU a time budget counts CPU time per thread: waiting for the cores (here:
+    sleeping) does not spend it, and a training stops once the budget clock passes it."""
+    import time
+
+    import advface.attacks.train as train_mod
+
+    clock = train_mod.budget_clock(torch.device("cpu"))
+    before = clock()
+    time.sleep(0.3)
+    assert clock() - before < 0.1
+
+    ticks = iter(range(0, 10_000, 20))  # every reading of the clock: 20 s later
+    monkeypatch.setattr(train_mod, "budget_clock", lambda device: lambda: float(next(ticks)))
+    s = TrainSettings(epochs=5, batch_size=2, progress=False, flip=False, max_minutes=1.0)
+    res = train_recon(faces(8), stand_in_extractor(), arch="transrec", cfg={"width": 4}, settings=s)
+    assert res.stopped_early and res.epochs_done == 0
+    assert res.history[0]["images"] == 6 and res.history[0]["budget_seconds"] == 80.0
+
+
 def test_settings_validation() -> None:
     for bad in ({"epochs": 0}, {"batch_size": 1}, {"lr": 0.0}, {"max_minutes": -1.0}):
         with pytest.raises(ValueError):

@@ -239,6 +239,9 @@ def test_interrupted_training_resumes_and_budget_counts_spent_time(
     hist = [{"epoch": 1, "seconds": 60.0}, {"epoch": 2, "seconds": 30.0}]
     assert spent_minutes({"epochs": 1, "history": hist}) == 1.0
     assert spent_minutes({"epochs": 2, "history": hist}) == 1.5
+    # Checkpoints that record the budget clock count it instead of wall time.
+    hist = [{"epoch": 1, "seconds": 600.0, "budget_seconds": 60.0}]
+    assert spent_minutes({"epochs": 1, "history": hist}) == 1.0
 
 
 @pytest.mark.data

@@ -34,10 +34,12 @@ def recon_cfg(profile: Any, arch: str) -> dict:
 
 
 def spent_minutes(config: dict) -> float:
-    """Training minutes of the complete epochs a checkpoint holds (a resume redoes a partial
+    """Budget minutes (:func:`~advface.attacks.train.budget_clock`; wall time in checkpoints
+    that predate it) of the complete epochs a checkpoint holds (a resume redoes a partial
     epoch, so its time is not counted)."""
     done = int(config.get("epochs", 0))
-    return sum(h["seconds"] for h in config.get("history", []) if h["epoch"] <= done) / 60
+    history = [h for h in config.get("history", []) if h["epoch"] <= done]
+    return sum(h.get("budget_seconds", h["seconds"]) for h in history) / 60
 
 
 def train_cached(

@@ -194,6 +194,7 @@ def _record(
         "loss_curve": [round(h["l1"], 5) for h in history],
         "epoch_seconds": [round(h["seconds"], 1) for h in history],
         "seconds": round(sum(h["seconds"] for h in history), 1),
+        "budget_seconds": round(sum(h.get("budget_seconds", h["seconds"]) for h in history), 1),
         "identity_overlap_with_test": identity.get("overlap"),
         "identity_check": identity,
         "key": key,

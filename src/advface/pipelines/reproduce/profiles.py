@@ -183,8 +183,8 @@ PROFILES: dict[str, Profile] = {
         notes=(
             "cpu-full: the full protocols (LFW 6,000 pairs, CFP-FP 7,000) for every accuracy "
             "row; decoders of the 'cpu' recon profile trained on every image of their "
-            "identity-disjoint training set for a 30-minute budget each (lr 1e-3; loss curves "
-            "below), the adaptive attacker on 1,000 protected features for the same budget; "
+            "identity-disjoint training set for a 30-minute budget each (CPU time per thread, "
+            "so that other jobs on the cores do not shorten it; lr 1e-3; loss curves below), the adaptive attacker on 1,000 protected features for the same budget; "
             "reconstruction on 1,000 test faces per dataset. Offline rows: a Psi' per "
             "protection distilled on 400 images of CelebA's server half for up to 100 epochs "
             "or 60 minutes (feature pass included); the robustness bench's cpu profile runs "

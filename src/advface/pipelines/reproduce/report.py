@@ -213,12 +213,13 @@ def _setup(doc: _Doc) -> None:
     )  # fmt: skip
     doc.plain(
         "Trained networks (identity overlap with the test people, counted by name)",
-        ["network", "arch", "train set", "images", "people", "epochs", "seconds",
-         "last L1", "identity overlap"],
+        ["network", "arch", "train set", "images", "people", "epochs",
+         "seconds (budget)", "last L1", "identity overlap"],
         [{"name": k, **v} for k, v in meta.get("training", {}).items()],
         lambda t: [t["name"], t["arch"], t["train_set"], t["n_train"], t["people"],
                    f"{t['epochs']}{' + partial' if t.get('partial_epoch') else ''}",
-                   t["seconds"], (t["loss_curve"] or ["—"])[-1],
+                   f"{t['seconds']} ({t.get('budget_seconds', '—')})",
+                   (t["loss_curve"] or ["—"])[-1],
                    _overlap(t["identity_check"])],
     )  # fmt: skip
     if "loss_curves.png" in meta.get("figures", []):

@@ -90,6 +90,7 @@ def train_model(
             "identity_check": split.notes.get("identity_check"),
         },
     )
+    history = config.get("history", [])
     ctx.training[role] = {
         "arch": arch,
         "features": features,
@@ -97,8 +98,9 @@ def train_model(
         "n_train": len(split),
         "epochs": config.get("epochs"),
         "partial_epoch": config.get("partial_epoch"),
-        "loss_curve": [round(h["l1"], 5) for h in config.get("history", [])],
-        "seconds": round(sum(h["seconds"] for h in config.get("history", [])), 1),
+        "loss_curve": [round(h["l1"], 5) for h in history],
+        "seconds": round(sum(h["seconds"] for h in history), 1),
+        "budget_seconds": round(sum(h.get("budget_seconds", h["seconds"]) for h in history), 1),
         "identity_overlap_with_test": (config.get("identity_check") or {}).get("overlap"),
         "identity_check": config.get("identity_check"),
         "key": ckpt_name,

@@ -140,7 +140,7 @@ def render(meta: dict, rows: list[dict]) -> str:
     lines += [
         "## Training records",
         "",
-        "| network | train set | n | epochs | seconds | "
+        "| network | train set | n | epochs | seconds (budget) | "
         "identity overlap with test | L1 curve (per epoch) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -148,7 +148,8 @@ def render(meta: dict, rows: list[dict]) -> str:
         curve = ", ".join(f"{v:.4f}" for v in t["loss_curve"])
         lines.append(
             f"| {role} | {t['train_set']} | {t['n_train']} | {t['epochs']} | "
-            f"{t['seconds']} | {t['identity_overlap_with_test']} | {curve} |"
+            f"{t['seconds']} ({t.get('budget_seconds', '—')}) | "
+            f"{t['identity_overlap_with_test']} | {curve} |"
         )
     return "\n".join(lines) + "\n"
 

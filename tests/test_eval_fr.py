@@ -80,3 +80,39 @@ def test_eval_fr_unknown_dataset_is_a_clear_error(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["eval-fr", "--dataset", "agedb", "--json"])
     assert res.exit_code == 2
     assert "unknown dataset" in res.output
+
+
+def test_protected_stored_side_is_cached_in_chunks_and_resumes(data_root, tmp_path, monkeypatch):
+    """A protection's stored-side embeddings are computed once per chunk: a killed run resumes
+    at its first missing chunk, a rerun protects nothing, a changed parameter recomputes."""
+    import advface.pipelines.eval_fr as mod
+    from advface.protection import build_protection
+
+    from advface.models.facenet import load_facenet
+
+    monkeypatch.setattr(mod, "PROTECT_CHUNK", 4)
+    real, protected = mod.embed_split, []
+
+    def counting(images, enc, head, fn, **kw):
+        if fn is not None:
+            protected.append(len(images))
+            if len(protected) == 3 and kill:
+                raise KeyboardInterrupt  # the process dies in its third chunk
+        return real(images, enc, head, fn, **kw)
+
+    monkeypatch.setattr(mod, "embed_split", counting)
+    run = dict(folds=2, pairs_per_fold=6, cache=tmp_path, progress=False, batch_size=4)
+    run["model"] = load_facenet()
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        mod.eval_fr("lfw", protection=build_protection("dp", seed=0), **run)
+    assert protected[:2] == [4, 4]
+    kill, protected[:] = False, []
+    first = mod.eval_fr("lfw", protection=build_protection("dp", seed=0), **run)
+    assert len(protected) == 1  # the two chunks written before the kill were kept
+    n_stored = 8 + protected[0]
+    protected.clear()
+    again = mod.eval_fr("lfw", protection=build_protection("dp", seed=0), **run)
+    assert protected == [] and again["accuracy"] == first["accuracy"]
+    mod.eval_fr("lfw", protection=build_protection("dp", seed=1), **run)
+    assert sum(protected) == n_stored

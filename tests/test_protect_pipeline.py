@@ -139,7 +139,7 @@ def test_cli_protect_random_json(tmp_path, features) -> None:
     args = ["protect", str(src), str(dst), "--method", "dp", "--seed", "1", "--json"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.output)
+    summary = json.loads(res.stdout)
     assert summary["n_faces"] == 5 and summary["protection"]["name"] == "dp"
     # Existing output without --overwrite: exit 2 and a clear message.
     res = CliRunner().invoke(app, args)

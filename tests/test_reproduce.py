@@ -6,7 +6,7 @@ from advface.pipelines.reproduce import paper
 from advface.pipelines.reproduce.headline import headline_table
 from advface.pipelines.reproduce.profiles import PROFILES, get_profile
 from advface.pipelines.reproduce.report import ROW_KEYS, make_row, render_markdown
-from advface.pipelines.reproduce.stages import StageCache, settings_key
+from advface.pipelines.stages import StageCache, settings_key
 
 
 def test_make_row_has_every_key_and_rejects_unknown():

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from advface.cli._errors import user_errors
+from advface.cli._options import QuietOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -44,6 +45,7 @@ def eval_fr_cmd(
     batch_size: int = 64,
     device: str = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """10-fold verification accuracy, TAR at FAR=1e-3 and ROC AUC, optionally with the
     stored side protected (online mode)."""
@@ -72,7 +74,7 @@ def eval_fr_cmd(
             seed=seed,
             batch_size=batch_size,
             device=device,
-            progress=not as_json,
+            progress=not quiet,
         )
     if as_json:
         typer.echo(json.dumps(res))

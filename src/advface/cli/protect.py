@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from advface.cli._errors import user_errors
+from advface.cli._options import QuietOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -63,6 +64,7 @@ def protect_command(
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace DST")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Protect the features in SRC and write them, with the protection's parameters, to DST."""
     import torch
@@ -106,7 +108,7 @@ def protect_command(
             batch_size=batch_size,
             seed=seed,
             overwrite=overwrite,
-            progress=not as_json,
+            progress=not quiet,
         )
     if as_json:
         typer.echo(json.dumps(summary))

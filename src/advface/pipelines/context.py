@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from advface.pipelines.reproduce.stages import StageCache
+from advface.pipelines.stages import StageCache
 
 #: Sources (folders or files under the package) a stage runs, hashed into its key. Decoder
 #: training; the protections (adaptive attackers train on their output); FaceNet alone (clean

@@ -18,6 +18,15 @@ from advface.pipelines.embed import FeatureFn, embed_cached, embed_split, model_
 
 DATASETS: dict[str, str] = {"lfw": "lfw", "cfp-fp": "cfp", "cfp-ff": "cfp"}
 ProtectMode = Literal["stored", "both"]
+#: Protected faces per cached chunk: an interrupted run loses at most one chunk's work.
+PROTECT_CHUNK = 256
+#: Sources the protected-embedding stage runs (hashed into its cache key).
+PROTECTED_CODE: tuple[str, ...] = (
+    "protection",
+    "models/facenet.py",
+    "models/split.py",
+    "pipelines/embed.py",
+)
 
 
 @dataclass
@@ -102,6 +111,38 @@ class _SubProtocol:
     fold: np.ndarray
 
 
+def _protected_stage(
+    protection: FeatureFn,
+    dataset: str,
+    model: nn.Module,
+    cache: str | Path | None,
+    flip: bool,
+    batch_size: int,
+    device: str,
+):
+    """Where a protection's stored-side embeddings are cached in chunks (a long run resumes
+    at its first missing chunk): ``(stages, name, key)``, or None for a bare function (no
+    ``key_params``: nothing to key a cache by). The key holds the protection's complete
+    parameters and network fingerprints, FaceNet's weights, the batch (a protection sees
+    whole batches), the device and the code run."""
+    if not hasattr(protection, "key_params"):
+        return None
+    from advface.config import cache_dir
+    from advface.pipelines.context import code_fingerprint
+    from advface.pipelines.stages import StageCache
+
+    key = dict(
+        dataset=dataset,
+        protection=protection.key_params(),
+        weights=model_fingerprint(model),
+        flip=flip,
+        batch=batch_size,
+        device=str(torch.device(device)),
+        code=code_fingerprint(PROTECTED_CODE),
+    )
+    return StageCache(cache_dir(cache) / "eval-fr"), f"protected-{dataset}", key
+
+
 def pair_scores(emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
     """Cosine similarity of L2-normalised embeddings."""
     return np.sum(emb_a * emb_b, axis=1).astype(np.float64)
@@ -131,7 +172,9 @@ def eval_fr(
     ``protection`` (a map on E's feature maps), the stored side (first image of each pair)
     is embedded as Psi(protect(E(x))) and the probe as Psi(E(x)) (``mode="stored"``, the
     deployment case), or both sides are protected (``mode="both"``). Unprotected embeddings
-    are cached per image under the cache dir (keyed by the model's fingerprint).
+    are cached per image under the cache dir (keyed by the model's fingerprint); a
+    protection's (one with ``key_params``) in chunks under ``CACHE/eval-fr``, so an
+    interrupted run resumes.
     ``pairs_per_fold`` takes a seeded (``seed``) random sample from every fold, half genuine.
     """
     from advface.config import data_root as resolve_root
@@ -167,9 +210,19 @@ def eval_fr(
         # Protect each stored image once, as a service would at enrolment.
         stored_ids = np.unique(sub.idx_a if mode == "stored" else np.r_[sub.idx_a, sub.idx_b])
         prot = clean.copy()
-        prot[stored_ids] = embed_split(
-            images[stored_ids], enc, head, protection, desc=f"embed {protection_name}", **kw
-        )
+
+        def compute(sl: slice) -> dict[str, np.ndarray]:
+            ids = stored_ids[sl]
+            desc = f"embed {protection_name} [{sl.start}:{sl.start + len(ids)}/{len(stored_ids)}]"
+            return {"emb": embed_split(images[ids], enc, head, protection, desc=desc, **kw)}
+
+        stage = _protected_stage(protection, dataset, model, cache, flip, batch_size, device)
+        if stage is None:
+            prot[stored_ids] = compute(slice(0, len(stored_ids)))["emb"]
+        else:
+            stages, name, key = stage
+            stored_keys = [sub.keys[i] for i in stored_ids]
+            prot[stored_ids] = stages.chunked(name, key, stored_keys, PROTECT_CHUNK, compute)["emb"]
         emb_a = prot[sub.idx_a]
         emb_b = (prot if mode == "both" else clean)[sub.idx_b]
     result = evaluate_pairs(pair_scores(emb_a, emb_b), sub.issame, sub.fold)

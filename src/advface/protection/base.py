@@ -153,6 +153,11 @@ class Protection(ABC):
         """JSON-serialisable description of this protection (stored beside each template)."""
         return {"name": self.name, "seed": self.seed, **self._params()}
 
+    def key_params(self) -> dict[str, Any]:
+        """:meth:`params` without machine paths: what a cache key of this protection's output
+        holds (the networks a path points at are in the ``*_sha256`` entries)."""
+        return {k: v for k, v in self.params().items() if not k.endswith("_path")}
+
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.params().items() if k != "name")
         return f"{type(self).__name__}({inner})"

@@ -240,4 +240,4 @@ def train_networks(ctx: Context) -> Networks:
 def public_params(prot) -> dict:
     """A protection's complete parameters without machine paths (they name this run's cache;
     the weights they point at are in the ``*_sha256`` entries)."""
-    return {k: v for k, v in prot.params().items() if not k.endswith("_path")}
+    return prot.key_params()

@@ -1,6 +1,7 @@
-"""Cached stages of a reproduction: each result lives in a file named by its settings' hash,
-so a rerun with the same settings reuses it and a changed setting recomputes only what
-depends on it. Files are written atomically: an interrupted run leaves no half-written stage."""
+"""Cached stages of a long pipeline (reproduce, bench, eval-fr): each result lives in a file
+named by its settings' hash, so a rerun with the same settings reuses it and a changed setting
+recomputes only what depends on it. Files are written atomically: an interrupted run leaves no
+half-written stage."""
 
 from __future__ import annotations
 

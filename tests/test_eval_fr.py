@@ -86,9 +86,8 @@ def test_protected_stored_side_is_cached_in_chunks_and_resumes(data_root, tmp_pa
     """A protection's stored-side embeddings are computed once per chunk: a killed run resumes
     at its first missing chunk, a rerun protects nothing, a changed parameter recomputes."""
     import advface.pipelines.eval_fr as mod
-    from advface.protection import build_protection
-
     from advface.models.facenet import load_facenet
+    from advface.protection import build_protection
 
     monkeypatch.setattr(mod, "PROTECT_CHUNK", 4)
     real, protected = mod.embed_split, []

@@ -174,7 +174,7 @@ def eval_fr(
     deployment case), or both sides are protected (``mode="both"``). Unprotected embeddings
     are cached per image under the cache dir (keyed by the model's fingerprint); a
     protection's (one with ``key_params``) in chunks under ``CACHE/eval-fr``, so an
-    interrupted run resumes.
+    interrupted run resumes (``embedding_cache=False``: neither is cached).
     ``pairs_per_fold`` takes a seeded (``seed``) random sample from every fold, half genuine.
     """
     from advface.config import data_root as resolve_root
@@ -216,7 +216,11 @@ def eval_fr(
             desc = f"embed {protection_name} [{sl.start}:{sl.start + len(ids)}/{len(stored_ids)}]"
             return {"emb": embed_split(images[ids], enc, head, protection, desc=desc, **kw)}
 
-        stage = _protected_stage(protection, dataset, model, cache, flip, batch_size, device)
+        stage = (
+            _protected_stage(protection, dataset, model, cache, flip, batch_size, device)
+            if embedding_cache
+            else None
+        )
         if stage is None:
             prot[stored_ids] = compute(slice(0, len(stored_ids)))["emb"]
         else:

@@ -99,7 +99,16 @@ def test_protected_stored_side_is_cached_in_chunks_and_resumes(data_root, tmp_pa
                 raise KeyboardInterrupt  # the process dies in its third chunk
         return real(images, enc, head, fn, **kw)
 
+    import advface.pipelines.embed as embed_mod
+
+    clean_calls, real_clean = [], embed_mod.embed_images
+
+    def counting_clean(images, model, **kw):
+        clean_calls.append(len(images))
+        return real_clean(images, model, **kw)
+
     monkeypatch.setattr(mod, "embed_split", counting)
+    monkeypatch.setattr(embed_mod, "embed_images", counting_clean)
     run = dict(folds=2, pairs_per_fold=6, cache=tmp_path, progress=False, batch_size=4)
     run["model"] = load_facenet()
     kill = True
@@ -111,7 +120,9 @@ def test_protected_stored_side_is_cached_in_chunks_and_resumes(data_root, tmp_pa
     assert len(protected) == 1  # the two chunks written before the kill were kept
     n_stored = 8 + protected[0]
     protected.clear()
+    clean_calls.clear()
     again = mod.eval_fr("lfw", protection=build_protection("dp", seed=0), **run)
     assert protected == [] and again["accuracy"] == first["accuracy"]
+    assert clean_calls == []  # the probe side's clean embeddings come from the cache too
     mod.eval_fr("lfw", protection=build_protection("dp", seed=1), **run)
     assert sum(protected) == n_stored

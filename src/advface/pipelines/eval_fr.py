@@ -148,6 +148,65 @@ def pair_scores(emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
     return np.sum(emb_a * emb_b, axis=1).astype(np.float64)
 
 
+def _clean_embeddings(
+    images: np.ndarray,
+    keys: list[str],
+    model: nn.Module,
+    dataset: str,
+    cache: str | Path | None,
+    embedding_cache: bool,
+    kw: dict,
+) -> np.ndarray:
+    """Psi(E(x)) of every image, cached per image under ``CACHE/embeddings`` (keyed by the
+    model's fingerprint and flip) unless ``embedding_cache`` is False."""
+    store = None
+    if embedding_cache:
+        from advface.config import cache_dir
+
+        tag = f"{DATASETS[dataset]}-{model_fingerprint(model)}{'-flip' if kw['flip'] else ''}"
+        store = str(cache_dir(cache) / "embeddings" / f"{tag}.safetensors")
+    return embed_cached(images, keys, model, store, desc="embed", **kw)
+
+
+def _protected_embeddings(
+    images: np.ndarray,
+    sub: PairSubset,
+    clean: np.ndarray,
+    model: nn.Module,
+    protection: FeatureFn,
+    protection_name: str,
+    stored_ids: np.ndarray,
+    stage: tuple | None,
+    kw: dict,
+) -> np.ndarray:
+    """``clean`` with the rows ``stored_ids`` replaced by Psi(protect(E(x))): each stored
+    image protected once, as a service would at enrolment, in cached chunks when ``stage``
+    is given."""
+    from advface.models.split import split_facenet
+
+    enc, head = split_facenet(model)
+    prot = clean.copy()
+
+    def compute(sl: slice) -> dict[str, np.ndarray]:
+        ids = stored_ids[sl]
+        desc = f"embed {protection_name} [{sl.start}:{sl.start + len(ids)}/{len(stored_ids)}]"
+        return {"emb": embed_split(images[ids], enc, head, protection, desc=desc, **kw)}
+
+    if stage is None:
+        prot[stored_ids] = compute(slice(0, len(stored_ids)))["emb"]
+    else:
+        stages, name, key = stage
+        stored_keys = [sub.keys[i] for i in stored_ids]
+        prot[stored_ids] = stages.chunked(name, key, stored_keys, PROTECT_CHUNK, compute)["emb"]
+    return prot
+
+
+def _pairs_label(pairs_per_fold: int | None, folds: int | None, seed: int) -> str:
+    if pairs_per_fold is not None:
+        return f"seeded sample (seed {seed}) of {pairs_per_fold} pairs per fold, half genuine"
+    return "full protocol" if folds is None else f"first {folds} folds"
+
+
 def eval_fr(
     dataset: str,
     *,
@@ -180,7 +239,6 @@ def eval_fr(
     from advface.config import data_root as resolve_root
     from advface.data.protocols import load_protocol
     from advface.models.facenet import load_facenet
-    from advface.models.split import split_facenet
 
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
@@ -195,38 +253,18 @@ def eval_fr(
     )
     model = (model or load_facenet(cache=cache)).to(device).eval()
     kw = dict(batch_size=batch_size, device=device, flip=flip, progress=progress)
-    if protection is None:
-        store = None
-        if embedding_cache:
-            from advface.config import cache_dir
-
-            tag = f"{DATASETS[dataset]}-{model_fingerprint(model)}{'-flip' if flip else ''}"
-            store = str(cache_dir(cache) / "embeddings" / f"{tag}.safetensors")
-        emb = embed_cached(images, sub.keys, model, store, desc="embed", **kw)
-        emb_a, emb_b = emb[sub.idx_a], emb[sub.idx_b]
-    else:
-        enc, head = split_facenet(model)
-        clean = embed_split(images, enc, head, None, desc="embed clean", **kw)
-        # Protect each stored image once, as a service would at enrolment.
+    clean = _clean_embeddings(images, sub.keys, model, dataset, cache, embedding_cache, kw)
+    emb_a, emb_b = clean[sub.idx_a], clean[sub.idx_b]
+    if protection is not None:
         stored_ids = np.unique(sub.idx_a if mode == "stored" else np.r_[sub.idx_a, sub.idx_b])
-        prot = clean.copy()
-
-        def compute(sl: slice) -> dict[str, np.ndarray]:
-            ids = stored_ids[sl]
-            desc = f"embed {protection_name} [{sl.start}:{sl.start + len(ids)}/{len(stored_ids)}]"
-            return {"emb": embed_split(images[ids], enc, head, protection, desc=desc, **kw)}
-
         stage = (
             _protected_stage(protection, dataset, model, cache, flip, batch_size, device)
             if embedding_cache
             else None
         )
-        if stage is None:
-            prot[stored_ids] = compute(slice(0, len(stored_ids)))["emb"]
-        else:
-            stages, name, key = stage
-            stored_keys = [sub.keys[i] for i in stored_ids]
-            prot[stored_ids] = stages.chunked(name, key, stored_keys, PROTECT_CHUNK, compute)["emb"]
+        prot = _protected_embeddings(
+            images, sub, clean, model, protection, protection_name, stored_ids, stage, kw
+        )
         emb_a = prot[sub.idx_a]
         emb_b = (prot if mode == "both" else clean)[sub.idx_b]
     result = evaluate_pairs(pair_scores(emb_a, emb_b), sub.issame, sub.fold)
@@ -240,13 +278,7 @@ def eval_fr(
         "threshold": result.threshold,
         "threshold_far_1e-3": result.far_threshold,
         "n_pairs": result.n_pairs,
-        "pairs": (
-            "full protocol"
-            if pairs_per_fold is None and folds is None
-            else f"seeded sample (seed {seed}) of {pairs_per_fold} pairs per fold, half genuine"
-            if pairs_per_fold is not None
-            else f"first {folds} folds"
-        ),
+        "pairs": _pairs_label(pairs_per_fold, folds, seed),
         "n_images": int(len(used)),
         "no_face": int((~found[used]).sum()),
         "fold_accuracies": list(result.fold_accuracies),

@@ -128,6 +128,84 @@ class _PartWriter:
             self.tar = None
 
 
+def _check_stage_args(
+    datasets: Sequence[str], quality: int, part_mib: float, celeba_part: str, dest: Path
+) -> None:
+    unknown = sorted(set(datasets) - set(STAGE_DATASETS))
+    if unknown or not datasets:
+        raise ValueError(f"datasets must be a non-empty subset of {STAGE_DATASETS}, got {datasets}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+    if not 47.0 <= part_mib <= 62.0:
+        # The weights part holds 47 MB of fp16 weights; a call carries 64 MiB with the tree.
+        raise ValueError(
+            f"part_mib must be in [47, 62] (the weights part needs 47), got {part_mib}"
+        )
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists; remove it or choose another folder")
+    if celeba_part not in ("all", "server", "attacker"):
+        raise ValueError(f"celeba_part must be all, server or attacker, got {celeba_part!r}")
+
+
+def _stage_dataset(
+    d: str,
+    root: Path,
+    cache: str | Path | None,
+    celeba_part: str,
+    quality: int,
+    writer: _PartWriter,
+    meta: dict[str, bytes],
+    progress: bool,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Add one dataset's aligned faces (as JPEG) to ``writer`` and its protocol files to
+    ``meta``; returns its manifest entry (count, fallbacks, JPEG fidelity) and its faces."""
+    from tqdm.auto import tqdm
+
+    from advface.data.prepare import dataset_spec
+    from advface.pipelines.data import aligned_images
+
+    spec = dataset_spec(d, data_root=root)  # every image, where the protocols look
+    keys, image_dir = spec.keys, spec.image_dir.relative_to(root).as_posix()
+    if d == "celeba" and celeba_part != "all":
+        from advface.data.splits import celeba_split
+
+        keep = set(celeba_split(root, celeba_part).keys)
+        keys = [k for k in keys if k in keep]
+    images, found = aligned_images(d, keys, data_root=root, cache=cache, progress=progress)
+    meta.update(_protocol_files(d, root, keys))
+    err_sum, sq_sum, nbytes = 0.0, 0.0, 0
+    for key, image in tqdm(
+        zip(keys, images, strict=True),
+        total=len(keys),
+        desc=f"stage {d}",
+        disable=not progress,
+        unit="img",
+    ):
+        data, decoded = _encode(np.asarray(image), quality)
+        diff = decoded.astype(np.float64) - image
+        err_sum += float(np.abs(diff).mean())
+        sq_sum += float((diff**2).mean())
+        nbytes += len(data)
+        writer.add(f"{image_dir}/{key}", data)
+    mse = sq_sum / len(keys)
+    entry = {
+        "images": len(keys),
+        "mtcnn_fallbacks": int((~np.asarray(found)).sum()),
+        "jpeg_bytes": nbytes,
+        "jpeg_mean_abs_error": round(err_sum / len(keys), 4),
+        "jpeg_psnr_db": round(10 * np.log10(255.0**2 / mse), 2) if mse else None,
+    }
+    return entry, images
+
+
+def _write_meta(first: Path, meta: dict[str, bytes]) -> None:
+    with tarfile.open(first / "meta.tar", "w") as tar:
+        for name, data in sorted(meta.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+
+
 def stage(
     dest: str | Path,
     *,
@@ -148,27 +226,10 @@ def stage(
     Uses (or builds) the full aligned caches of ``datasets``. Written into a temporary folder
     and renamed, so an interrupted run leaves no stage behind.
     """
-    from tqdm.auto import tqdm
-
     from advface import config
-    from advface.data.prepare import dataset_spec
-    from advface.pipelines.data import aligned_images
 
-    unknown = sorted(set(datasets) - set(STAGE_DATASETS))
-    if unknown or not datasets:
-        raise ValueError(f"datasets must be a non-empty subset of {STAGE_DATASETS}, got {datasets}")
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality must be in 1..100, got {quality}")
-    if not 47.0 <= part_mib <= 62.0:
-        # The weights part holds 47 MB of fp16 weights; a call carries 64 MiB with the tree.
-        raise ValueError(
-            f"part_mib must be in [47, 62] (the weights part needs 47), got {part_mib}"
-        )
     dest = Path(dest)
-    if dest.exists():
-        raise FileExistsError(f"{dest} exists; remove it or choose another folder")
-    if celeba_part not in ("all", "server", "attacker"):
-        raise ValueError(f"celeba_part must be all, server or attacker, got {celeba_part!r}")
+    _check_stage_args(datasets, quality, part_mib, celeba_part, dest)
     root = config.data_root(data_root)
     t0 = time.perf_counter()
     with atomic_folder(dest) as tmp:
@@ -177,46 +238,14 @@ def stage(
         report: dict[str, Any] = {}
         probe = None
         for d in datasets:
-            spec = dataset_spec(d, data_root=root)  # every image, where the protocols look
-            keys, image_dir = spec.keys, spec.image_dir.relative_to(root).as_posix()
-            if d == "celeba" and celeba_part != "all":
-                from advface.data.splits import celeba_split
-
-                keep = set(celeba_split(root, celeba_part).keys)
-                keys = [k for k in keys if k in keep]
-            images, found = aligned_images(d, keys, data_root=root, cache=cache, progress=progress)
+            report[d], images = _stage_dataset(
+                d, root, cache, celeba_part, quality, writer, meta, progress
+            )
             probe = images[:32] if probe is None else probe
-            meta.update(_protocol_files(d, root, keys))
-            err_sum, sq_sum, nbytes = 0.0, 0.0, 0
-            for key, image in tqdm(
-                zip(keys, images, strict=True),
-                total=len(keys),
-                desc=f"stage {d}",
-                disable=not progress,
-                unit="img",
-            ):
-                data, decoded = _encode(np.asarray(image), quality)
-                diff = decoded.astype(np.float64) - image
-                err_sum += float(np.abs(diff).mean())
-                sq_sum += float((diff**2).mean())
-                nbytes += len(data)
-                writer.add(f"{image_dir}/{key}", data)
-            mse = sq_sum / len(keys)
-            report[d] = {
-                "images": len(keys),
-                "mtcnn_fallbacks": int((~np.asarray(found)).sum()),
-                "jpeg_bytes": nbytes,
-                "jpeg_mean_abs_error": round(err_sum / len(keys), 4),
-                "jpeg_psnr_db": round(10 * np.log10(255.0**2 / mse), 2) if mse else None,
-            }
         writer.close()
         first = tmp / "part-00"
         first.mkdir()
-        with tarfile.open(first / "meta.tar", "w") as tar:
-            for name, data in sorted(meta.items()):
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
+        _write_meta(first, meta)
         weights = _facenet_fp16(first / WEIGHTS_FILE, cache, probe)
         parts = [first, *writer.parts]
         manifest = {

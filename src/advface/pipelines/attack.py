@@ -188,6 +188,47 @@ def _reconstruct(
     return values, np.concatenate(clean), shown
 
 
+def _thresholds(
+    given: dict[str, float] | None,
+    dataset: str,
+    root: Path,
+    cache: str | Path | None,
+    model,
+    device: str,
+    progress: bool,
+    pairs_per_fold: int | None,
+) -> tuple[dict[str, float], str]:
+    """The thresholds to judge replays by and where they came from."""
+    if given is not None:
+        return given, "given"
+    found = system_thresholds(
+        dataset,
+        data_root=root,
+        cache=cache,
+        model=model,
+        device=device,
+        progress=progress,
+        pairs_per_fold=pairs_per_fold,
+    )
+    source = "eval-fr" if pairs_per_fold is None else f"eval-fr, {pairs_per_fold} pairs per fold"
+    return found, source
+
+
+def _attacker_record(attacker: str | Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What the checkpoint says about the attacker: architecture, training set and effort."""
+    return {
+        "attacker": str(attacker),
+        "arch": ckpt["arch"],
+        "attacker_cfg": ckpt["cfg"],
+        "attacker_train_set": ckpt.get("train_set"),
+        "attacker_epochs": ckpt.get("epochs"),
+        "attacker_partial_epoch": ckpt.get("partial_epoch"),
+        "attacker_images_seen": sum(h.get("images", 0) for h in ckpt.get("history", [])),
+        "attacker_n_train": ckpt.get("n_train"),
+        "attacker_features": ckpt.get("features"),
+    }
+
+
 def run_attack(
     attacker: str | Path,
     dataset: str,
@@ -234,23 +275,9 @@ def run_attack(
     model = load_facenet(cache=cache).to(device).eval()
     extractor, _ = split_facenet(model)
     protect = resolve_protection(protection, extractor=extractor, **(protection_params or {}))
-    if thresholds is None:
-        thresholds = system_thresholds(
-            dataset,
-            data_root=root,
-            cache=cache,
-            model=model,
-            device=device,
-            progress=progress,
-            pairs_per_fold=threshold_pairs_per_fold,
-        )
-        threshold_source = (
-            "eval-fr"
-            if threshold_pairs_per_fold is None
-            else f"eval-fr, {threshold_pairs_per_fold} pairs per fold"
-        )
-    else:
-        threshold_source = "given"
+    thresholds, threshold_source = _thresholds(
+        thresholds, dataset, root, cache, model, device, progress, threshold_pairs_per_fold
+    )
     images, found = aligned_images(
         DATASETS[dataset], keys, data_root=root, cache=cache, progress=progress
     )
@@ -267,15 +294,7 @@ def run_attack(
             "threshold_far_1e-3": thresholds.get("far_1e-3"),
             "threshold_source": threshold_source,
             "protection": protection,
-            "attacker": str(attacker),
-            "arch": ckpt["arch"],
-            "attacker_cfg": ckpt["cfg"],
-            "attacker_train_set": ckpt.get("train_set"),
-            "attacker_epochs": ckpt.get("epochs"),
-            "attacker_partial_epoch": ckpt.get("partial_epoch"),
-            "attacker_images_seen": sum(h.get("images", 0) for h in ckpt.get("history", [])),
-            "attacker_n_train": ckpt.get("n_train"),
-            "attacker_features": ckpt.get("features"),
+            **_attacker_record(attacker, ckpt),
             "limit": limit,
             "seed": seed,
             "device": str(torch.device(device)),

@@ -539,6 +539,76 @@ def _serial_results(
             }
 
 
+def _make_plan(
+    src: str | Path,
+    factory: ProtectionFactory,
+    shard_size: int,
+    batch_size: int,
+    seed: int | None,
+    precheck: bool,
+) -> BulkPlan:
+    """Scan and check the sources and record the protection. The driver builds the
+    protection once too: a bad spec fails here, and its record (with the networks'
+    fingerprints) goes into the plan."""
+    sources = scan_sources(src, feature_shape=None)
+    prot, extractor = factory.build(sources[0].kind == IMAGE_KEY)
+    sources = scan_sources(src, feature_shape=prot.expected_shape)
+    if precheck:
+        check_values(sources)
+    return BulkPlan(
+        sources=sources,
+        shards=make_shards(sources, shard_size),
+        shard_size=shard_size,
+        batch_size=batch_size,
+        seed=seed,
+        spec=factory.spec,
+        protection=prot.params(),
+        extractor_sha256=extractor_fingerprint(extractor),
+    )
+
+
+def _summarize(
+    results: Iterator[dict[str, Any]],
+    plan: BulkPlan,
+    dst: Path,
+    todo: list[Shard],
+    t0: float,
+    engine: str,
+    opts: RayOptions,
+    on_shard: Callable[[dict[str, Any]], None] | None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Drain the shard results (reporting each to ``on_shard``): the run summary and the
+    failed shards' errors."""
+    done_rows, errors, compute, cpu = 0, [], 0.0, 0.0
+    for r in results:
+        if r["error"]:
+            errors.append(f"{r['shard']}: {r['error']}")
+        done_rows += int(r["rows"])
+        compute += float(r["seconds"])
+        cpu += float(r["cpu_seconds"])
+        if on_shard is not None:
+            on_shard(r)
+    wall = time.perf_counter() - t0
+    summary = {
+        "output": str(dst),
+        "plan_id": plan.plan_id,
+        "faces": sum(s.rows for s in plan.sources),
+        "shards": len(plan.shards),
+        "shards_computed": len(todo) - len(errors),
+        "shards_skipped": len(plan.shards) - len(todo),
+        "shards_failed": len(errors),
+        "faces_computed": done_rows,
+        "wall_s": round(wall, 3),
+        "faces_per_s": round(done_rows / wall, 3) if wall > 0 and done_rows else None,
+        # Summed over the workers: seconds inside shards, and their processes' CPU time.
+        "shard_seconds": round(compute, 3),
+        "worker_cpu_seconds": round(cpu, 3),
+        "engine": engine,
+        "ray": asdict(opts) if engine == "ray" else None,
+    }
+    return summary, errors
+
+
 def run_bulk(
     src: str | Path,
     dst: str | Path,
@@ -566,24 +636,7 @@ def run_bulk(
         check_int("seed", seed, low=0)
     dst = Path(dst)
     t0 = time.perf_counter()
-    # The driver builds the protection once too: a bad spec fails here, and its record (with
-    # the networks' fingerprints) goes into the plan.
-    sources = scan_sources(src, feature_shape=None)
-    prot, extractor = factory.build(sources[0].kind == IMAGE_KEY)
-    sources = scan_sources(src, feature_shape=prot.expected_shape)
-    if precheck:
-        check_values(sources)
-    plan = BulkPlan(
-        sources=sources,
-        shards=make_shards(sources, shard_size),
-        shard_size=shard_size,
-        batch_size=batch_size,
-        seed=seed,
-        spec=factory.spec,
-        protection=prot.params(),
-        extractor_sha256=extractor_fingerprint(extractor),
-    )
-    del prot, extractor
+    plan = _make_plan(src, factory, shard_size, batch_size, seed, precheck)
     todo = open_destination(dst, plan, overwrite=overwrite)
     opts = ray_options or RayOptions()
     results: Iterator[dict[str, Any]] = iter(())
@@ -591,33 +644,7 @@ def run_bulk(
         results = _ray_results(factory, plan, dst, todo, opts)
     elif todo:
         results = _serial_results(factory, plan, dst, todo)
-    done_rows, errors, compute, cpu = 0, [], 0.0, 0.0
-    for r in results:
-        if r["error"]:
-            errors.append(f"{r['shard']}: {r['error']}")
-        done_rows += int(r["rows"])
-        compute += float(r["seconds"])
-        cpu += float(r["cpu_seconds"])
-        if on_shard is not None:
-            on_shard(r)
-    wall = time.perf_counter() - t0
-    summary = {
-        "output": str(dst),
-        "plan_id": plan.plan_id,
-        "faces": sum(s.rows for s in sources),
-        "shards": len(plan.shards),
-        "shards_computed": len(todo) - len(errors),
-        "shards_skipped": len(plan.shards) - len(todo),
-        "shards_failed": len(errors),
-        "faces_computed": done_rows,
-        "wall_s": round(wall, 3),
-        "faces_per_s": round(done_rows / wall, 3) if wall > 0 and done_rows else None,
-        # Summed over the workers: seconds inside shards, and their processes' CPU time.
-        "shard_seconds": round(compute, 3),
-        "worker_cpu_seconds": round(cpu, 3),
-        "engine": engine,
-        "ray": asdict(opts) if engine == "ray" else None,
-    }
+    summary, errors = _summarize(results, plan, dst, todo, t0, engine, opts, on_shard)
     write_manifest(dst, plan, {**summary, "errors": errors})
     if errors:
         raise ValueError(

@@ -67,6 +67,35 @@ def _check(out: Path, root: Path, n: int, seed: int) -> dict[str, float]:
     }
 
 
+def _save_networks(tmp: Path, nets: dict[str, tuple[str, Any]], train_set: str) -> dict:
+    """Write each trained network in float16 under ``tmp/ROLE``; returns their manifest
+    entries (architecture, epochs, loss curve, sha256)."""
+    from advface.fileio import sha256_file
+    from advface.models.recon import profile_config, save_checkpoint
+
+    out = {}
+    for role, (arch, res) in nets.items():
+        save_checkpoint(
+            tmp / role,
+            res.model.half(),
+            arch,
+            profile_config(arch, "cpu"),
+            train_set=train_set,
+            role=role,
+            history=res.history,
+            epochs=res.epochs_done,
+        )
+        out[role] = {
+            "arch": arch,
+            "cfg": profile_config(arch, "cpu"),
+            "epochs": res.epochs_done,
+            "l1_per_epoch": [round(h["l1"], 5) for h in res.history],
+            "seconds": round(res.wall_s, 1),
+            "sha256": sha256_file(tmp / role / "model.safetensors"),
+        }
+    return out
+
+
 def train_default_protection(
     out: str | Path | None = None,
     *,
@@ -84,9 +113,8 @@ def train_default_protection(
     from advface import config
     from advface.attacks.train import MemoFeatures
     from advface.data.splits import celeba_split
-    from advface.fileio import atomic_folder, sha256_file
+    from advface.fileio import atomic_folder
     from advface.models.facenet import load_facenet
-    from advface.models.recon import save_checkpoint
     from advface.models.split import split_facenet
     from advface.pipelines.data import aligned_images
     from advface.protection.advface import fingerprint
@@ -124,31 +152,10 @@ def train_default_protection(
         "people": len(split.people),
         "facenet_sha256": fingerprint(facenet),
         "dtype": "float16",
-        "networks": {},
     }
     staging = out.with_name(out.name + ".new")
     with atomic_folder(staging) as tmp:
-        for role, (arch, res) in nets.items():
-            from advface.models.recon import profile_config
-
-            save_checkpoint(
-                tmp / role,
-                res.model.half(),
-                arch,
-                profile_config(arch, "cpu"),
-                train_set=split.name,
-                role=role,
-                history=res.history,
-                epochs=res.epochs_done,
-            )
-            manifest["networks"][role] = {
-                "arch": arch,
-                "cfg": profile_config(arch, "cpu"),
-                "epochs": res.epochs_done,
-                "l1_per_epoch": [round(h["l1"], 5) for h in res.history],
-                "seconds": round(res.wall_s, 1),
-                "sha256": sha256_file(tmp / role / "model.safetensors"),
-            }
+        manifest["networks"] = _save_networks(tmp, nets, split.name)
         manifest["check"] = _check(tmp, root, check_faces, seed)
         manifest["seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

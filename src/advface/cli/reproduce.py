@@ -89,6 +89,7 @@ def stage_cmd(
     celeba_part: Annotated[
         str, typer.Option(help="all | server | attacker half of CelebA's identities")
     ] = "all",
+    quiet: QuietOpt = False,
 ) -> None:
     """Stage aligned faces + fp16 FaceNet into parts of at most PART_MIB for device calls."""
     from advface.pipelines.staging import STAGE_DATASETS, stage
@@ -102,6 +103,7 @@ def stage_cmd(
             part_mib=part_mib,
             quality=quality,
             celeba_part=celeba_part,
+            progress=not quiet,
         )
     for d, info in manifest["datasets"].items():
         typer.echo(

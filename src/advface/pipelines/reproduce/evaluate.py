@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from advface.pipelines.context import EVAL_CODE, FACENET_CODE, code_fingerprint
 from advface.pipelines.eval_fr import PairSubset
-from advface.pipelines.reproduce.networks import Context, Networks, public_params
+from advface.pipelines.reproduce.networks import Context, Networks
 
 # The recon and stored stages run this module's code too (the bench keys its own likewise).
 STAGE_CODE: tuple[str, ...] = (*EVAL_CODE, "pipelines/reproduce/evaluate.py")
@@ -150,7 +150,7 @@ def build(ctx: Context, cfg: ProtectionConfig, nets: Networks):
         )
     else:
         raise ValueError(f"unknown method {cfg.method!r}")
-    ctx.protections[cfg.label] = public_params(prot)
+    ctx.protections[cfg.label] = prot.key_params()
     return prot
 
 
@@ -196,7 +196,7 @@ def recon_stage(
     p = ctx.profile
     key = dict(
         dataset=faces.dataset,
-        protection=public_params(prot),
+        protection=prot.key_params(),
         attackers={a: attacker_keys[a] for a in sorted(attackers)},
         replayed=sorted(replayed),
         batch=p.protect_batch,
@@ -247,7 +247,7 @@ def stored_stage(
     keys = [ev.pairs.keys[i] for i in ev.stored_idx]
     key = dict(
         dataset=ev.dataset,
-        protection=public_params(prot),
+        protection=prot.key_params(),
         head=ctx.weights_sha if head is ctx.head else _fingerprint(head),
         batch=ctx.profile.protect_batch,
         weights=ctx.weights_sha,

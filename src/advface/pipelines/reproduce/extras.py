@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from advface.pipelines.context import FACENET_CODE, PROTECTION_CODE, code_fingerprint
 from advface.pipelines.reproduce.evaluate import ExtraHead, build
-from advface.pipelines.reproduce.networks import Context, Networks, public_params
+from advface.pipelines.reproduce.networks import Context, Networks
 from advface.pipelines.reproduce.profiles import OFFLINE_METHODS
 from advface.pipelines.reproduce.tables import main_config
 
@@ -48,7 +48,7 @@ def offline_key(ctx: Context, prot, settings) -> dict:
     limit = ctx.profile.distill_limit
     split = celeba_split(ctx.root, "server").sample(limit, settings.seed)
     return dict(
-        protection=public_params(prot),
+        protection=prot.key_params(),
         settings=asdict(settings),
         limit=limit,
         data=hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
@@ -129,7 +129,7 @@ def check_given(ctx: Context, nets: Networks, labels: list[str]) -> None:
     same AdvFace shadow and settings) or for another instance of its method."""
     for label in labels:
         rec = ctx.heads[label]
-        run = public_params(build(ctx, main_config(ctx, rec["method"]), nets))
+        run = build(ctx, main_config(ctx, rec["method"]), nets).key_params()
         rec["protection_matches_run"] = rec["protection"] == run
 
 

@@ -230,14 +230,8 @@ def train_networks(ctx: Context) -> Networks:
         features="advface (own shadow)",
         feature_fn=MemoFeatures(own.protect),
         # Every AdvFace parameter, its shadow's and E's weights: a change retrains it.
-        depends={"protection": public_params(own), "own_shadow": keys["resrec"]},
+        depends={"protection": own.key_params(), "own_shadow": keys["resrec"]},
         code=TRAIN_CODE + PROTECTION_CODE,
         epochs=p.adaptive_epochs,
     )
     return Networks(attackers, shadows, keys)
-
-
-def public_params(prot) -> dict:
-    """A protection's complete parameters without machine paths (they name this run's cache;
-    the weights they point at are in the ``*_sha256`` entries)."""
-    return prot.key_params()

@@ -126,3 +126,32 @@ def test_protected_stored_side_is_cached_in_chunks_and_resumes(data_root, tmp_pa
     assert clean_calls == []  # the probe side's clean embeddings come from the cache too
     mod.eval_fr("lfw", protection=build_protection("dp", seed=1), **run)
     assert sum(protected) == n_stored
+
+
+def test_clean_embedding_cache_is_keyed_by_code_and_model(tmp_path, monkeypatch):
+    """The per-image clean-embedding store changes with the embedding code, the model's
+    weights and flip, so a change in any of them never reuses old embeddings."""
+    import torch
+
+    import advface.pipelines.context as context
+    import advface.pipelines.eval_fr as mod
+
+    stores = []
+    monkeypatch.setattr(mod, "embed_cached", lambda *a, **kw: stores.append(a[3]))
+    model = torch.nn.Linear(2, 2)
+    kw = {"flip": False}
+
+    def store(code: str, flip: bool = False) -> str:
+        monkeypatch.setattr(context, "code_fingerprint", lambda parts: code * 16)
+        mod._clean_embeddings(None, [], model, "lfw", tmp_path, True, {**kw, "flip": flip})
+        return stores[-1]
+
+    base = store("a")
+    assert store("a") == base
+    assert store("b") != base
+    assert store("a", flip=True) != base
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert store("a") != base
+    mod._clean_embeddings(None, [], model, "lfw", tmp_path, False, kw)
+    assert stores[-1] is None

@@ -20,13 +20,9 @@ DATASETS: dict[str, str] = {"lfw": "lfw", "cfp-fp": "cfp", "cfp-ff": "cfp"}
 ProtectMode = Literal["stored", "both"]
 #: Protected faces per cached chunk: an interrupted run loses at most one chunk's work.
 PROTECT_CHUNK = 256
-#: Sources the protected-embedding stage runs (hashed into its cache key).
-PROTECTED_CODE: tuple[str, ...] = (
-    "protection",
-    "models/facenet.py",
-    "models/split.py",
-    "pipelines/embed.py",
-)
+#: Sources the clean and the protected embeddings run (hashed into their cache keys).
+CLEAN_CODE: tuple[str, ...] = ("models/facenet.py", "models/split.py", "pipelines/embed.py")
+PROTECTED_CODE: tuple[str, ...] = ("protection", *CLEAN_CODE)
 
 
 @dataclass
@@ -158,12 +154,15 @@ def _clean_embeddings(
     kw: dict,
 ) -> np.ndarray:
     """Psi(E(x)) of every image, cached per image under ``CACHE/embeddings`` (keyed by the
-    model's fingerprint and flip) unless ``embedding_cache`` is False."""
+    model's fingerprint, the code that embeds and flip) unless ``embedding_cache`` is False."""
     store = None
     if embedding_cache:
         from advface.config import cache_dir
+        from advface.pipelines.context import code_fingerprint
 
-        tag = f"{DATASETS[dataset]}-{model_fingerprint(model)}{'-flip' if kw['flip'] else ''}"
+        code = code_fingerprint(CLEAN_CODE)[:8]
+        tag = f"{DATASETS[dataset]}-{model_fingerprint(model)}-{code}"
+        tag += "-flip" if kw["flip"] else ""
         store = str(cache_dir(cache) / "embeddings" / f"{tag}.safetensors")
     return embed_cached(images, keys, model, store, desc="embed", **kw)
 

@@ -52,12 +52,30 @@ def test_profiles_and_paper_tables_are_consistent():
 
 
 @pytest.mark.data
-def test_smoke_profile_end_to_end_and_resumes(data_root, tmp_path):
+def test_smoke_profile_end_to_end_and_resumes(data_root, tmp_path, monkeypatch):
+    from advface.pipelines.reproduce import run
     from advface.pipelines.reproduce.run import reproduce
 
     out = tmp_path / "smoke"
+    # Interrupted in the second dataset: what was done is written, marked partial.
+    def stop(ctx, ev, nets):
+        if ev.dataset == "cfp-fp":
+            raise KeyboardInterrupt
+        return []
+
+    monkeypatch.setattr(run, "TABLES", (*run.TABLES, stop))
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(get_profile("smoke"), out, progress=False)
+    part = json.loads((out / "results.json").read_text())
+    assert part["complete"] is False and part["parts_done"] == ["decoders", "offline heads", "lfw"]
+    assert part["parts_pending"] == ["cfp-fp"] and part["training"]
+    assert {r["dataset"] for r in part["rows"]} == {"lfw"}
+    assert "**Partial results**" in (out / "report.md").read_text()
+    monkeypatch.undo()
     res = reproduce(get_profile("smoke"), out, progress=False)
     data = json.loads((out / "results.json").read_text())
+    assert data["complete"] is True and data["parts_pending"] == []
+    assert "Partial results" not in (out / "report.md").read_text()
     tables = {r["table"] for r in data["rows"]}
     assert {"table1", "table2", "table3", "table4", "fig4", "adaptive", "readings"} <= tables
     for r in data["rows"]:

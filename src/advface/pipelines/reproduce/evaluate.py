@@ -123,6 +123,9 @@ def advface_protection(ctx: Context, shadow: nn.Module, epsilon: float, reading:
         reading=reading,
         seed=p.seed,
         device=ctx.device,
+        # Measured on 2 cores with the cpu decoders: 30-40% less time per PGD step; float
+        # rounding only, and an execution detail outside key_params().
+        channels_last=True,
     )
 
 

@@ -180,6 +180,12 @@ def _header(doc: _Doc) -> None:
         f"tolerance ({tol}). AgeDB-30 columns: {NO_COPY}.",
         "",
     ]
+    if meta.get("complete") is False:
+        doc.lines += [
+            f"> **Partial results**: done {', '.join(meta.get('parts_done', []))}; pending "
+            f"{', '.join(meta.get('parts_pending', []))}. Rerun the same command to resume.",
+            "",
+        ]
     for note in prof.get("notes", ()):
         doc.lines += [f"> {note}", ""]
     doc.lines += [f"- Deviation: {dev}" for dev in meta.get("deviations", ())]

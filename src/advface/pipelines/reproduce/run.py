@@ -66,11 +66,17 @@ def reproduce(
         weights=weights,
     )
     given = extras.given_heads(ctx, head_dirs or {})
-    nets = train_networks(ctx)
-    heads = _heads(ctx, nets, given, extra_heads or {})
     rows: list[dict] = []
     grids: dict[str, dict[str, np.ndarray]] = {}
     unprotected: dict[str, dict] = {}
+    # A long run writes what it has after each part (marked partial), so that an interrupted
+    # run leaves readable results (training records first); the last write replaces them.
+    nets = train_networks(ctx)
+    done = ["decoders"]
+    _write(out, _meta(ctx, unprotected, t_start, done), rows, grids, ctx)
+    heads = _heads(ctx, nets, given, extra_heads or {})
+    done.append("offline heads")
+    _write(out, _meta(ctx, unprotected, t_start, done), rows, grids, ctx)
     for d in profile.datasets:
         ctx.log(f"{d}: pairs, clean embeddings and test faces")
         ev = prepare_dataset(ctx, d)
@@ -81,11 +87,13 @@ def reproduce(
             else:
                 rows += table(ctx, ev, nets)
         grids[d] = ev.grids
-    if profile.robustness is not None:  # the tables' results first: the bench takes long
-        _write(out, _meta(ctx, unprotected, t_start), rows, grids, ctx)
+        done.append(d)
+        if d != profile.datasets[-1] or profile.robustness is not None:
+            _write(out, _meta(ctx, unprotected, t_start, done), rows, grids, ctx)
     bench_rows, bench = extras.robustness_rows(ctx, out, weights)
     rows += bench_rows
-    meta = {**_meta(ctx, unprotected, t_start), "robustness": bench}
+    done += ["robustness"] if profile.robustness else []
+    meta = {**_meta(ctx, unprotected, t_start, done), "robustness": bench}
     _write(out, meta, rows, grids, ctx)
     return {**meta, "rows": rows}
 
@@ -113,11 +121,17 @@ def _write(out: Path, meta: dict, rows: list[dict], grids: dict, ctx: Context) -
     report.write_report(out, meta, rows)
 
 
-def _meta(ctx: Context, unprotected: dict, t_start: float) -> dict:
+def _meta(ctx: Context, unprotected: dict, t_start: float, done: list[str]) -> dict:
+    """The run's record; ``done``: the parts finished (decoders, offline heads, datasets,
+    robustness)."""
     from advface import __version__
 
     p, dev = ctx.profile, ctx.device
+    parts = ["decoders", "offline heads", *p.datasets, *(["robustness"] if p.robustness else [])]
     return {
+        "complete": all(x in done for x in parts),
+        "parts_done": list(done),
+        "parts_pending": [x for x in parts if x not in done],
         "profile": p.to_dict(),
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "

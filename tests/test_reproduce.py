@@ -57,6 +57,7 @@ def test_smoke_profile_end_to_end_and_resumes(data_root, tmp_path, monkeypatch):
     from advface.pipelines.reproduce.run import reproduce
 
     out = tmp_path / "smoke"
+
     # Interrupted in the second dataset: what was done is written, marked partial.
     def stop(ctx, ev, nets):
         if ev.dataset == "cfp-fp":
@@ -101,6 +102,12 @@ def test_smoke_profile_end_to_end_and_resumes(data_root, tmp_path, monkeypatch):
             assert r["n_pairs"] == 20 and r["accuracy_ci95"][0] <= r["accuracy"]
             assert r["full_protocol"] is False
     assert "bn" in data["protections"]["advface-resrec-eps0.20"]
+    # The offline head reads the same protection pass of the stored side as Psi: one stage.
+    offline = [r for r in data["rows"] if r["table"] == "table2" and r.get("mode") == "offline"]
+    assert {r["dataset"] for r in offline} == {"lfw", "cfp-fp"}
+    assert all(r["head"] == "advface-distilled" and r["accuracy"] is not None for r in offline)
+    stored = {p.name.rsplit("-", 2)[0] for p in (out / "cache").glob("stored-lfw-advface-*")}
+    assert "stored-lfw-advface-resrec-eps0.20" in stored and not any("distil" in s for s in stored)
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*") if p.is_file()}
     again = reproduce(get_profile("smoke"), out, progress=False)
     assert again["rows"] == res["rows"]

@@ -92,9 +92,14 @@ class DatasetEval:
     clean: np.ndarray  # clean embeddings of pairs.keys
     unprotected: dict  # the unprotected system (full protocol when the profile says so)
     faces: TestFaces
+    #: Extra heads of Table 2 by label: each sees its method's main setting's stored features,
+    #: computed in the same pass as Psi's (the protection runs once).
+    heads: dict[str, ExtraHead] = field(default_factory=dict)
     grids: dict[str, np.ndarray] = field(default_factory=dict)
     recon: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     stored: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Stored-side embeddings through each extra head, by head label.
+    head_stored: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def stored_idx(self) -> np.ndarray:
@@ -107,6 +112,13 @@ class DatasetEval:
 
 
 # -- protections --------------------------------------------------------------------------------
+
+
+def main_config(ctx: Context, method: str) -> ProtectionConfig:
+    """Tables 1/2's setting of ``method`` (AdvFace: ResRec shadow, the profile's epsilon)."""
+    if method == "advface":
+        return ProtectionConfig("advface", "resrec", ctx.profile.epsilon)
+    return ProtectionConfig(method)
 
 
 def advface_protection(ctx: Context, shadow: nn.Module, epsilon: float, reading: str):
@@ -240,18 +252,19 @@ def stored_stage(
     ev: DatasetEval,
     label: str,
     prot,
-    head: nn.Module | None = None,
-    head_name: str = "psi",
-) -> np.ndarray:
-    """Embeddings head(protect(E(x))) of the pairs' stored side (``head``: Psi by default)."""
+    heads: dict[str, nn.Module] | None = None,
+) -> dict[str, np.ndarray]:
+    """Embeddings head(protect(E(x))) of the pairs' stored side by head name: Psi's under
+    ``"psi"`` and one per extra head of ``heads`` (name -> module), all from one protection
+    pass (the stage is keyed by every head's weights)."""
     from advface.models.facenet import preprocess
 
-    head = ctx.head if head is None else head
+    named = {"psi": ctx.head, **(heads or {})}
     keys = [ev.pairs.keys[i] for i in ev.stored_idx]
     key = dict(
         dataset=ev.dataset,
         protection=prot.key_params(),
-        head=ctx.weights_sha if head is ctx.head else _fingerprint(head),
+        head={n: _head_key(ctx, m) for n, m in sorted(named.items())},
         batch=ctx.profile.protect_batch,
         weights=ctx.weights_sha,
         code=code_fingerprint(STAGE_CODE),
@@ -259,25 +272,29 @@ def stored_stage(
 
     def compute(sl: slice) -> dict[str, np.ndarray]:
         images = ctx.images(ALIGNED[ev.dataset], keys[sl])
-        out, bs, t0 = [], ctx.profile.protect_batch, time.perf_counter()
+        out: dict[str, list[np.ndarray]] = {n: [] for n in named}
+        bs, t0 = ctx.profile.protect_batch, time.perf_counter()
         for s in _bar(ctx, len(images), f"{ev.dataset} stored {label}"):
             with torch.no_grad():
                 z = ctx.encoder(preprocess(images[s : s + bs]).to(ctx.device))
             zp = prot.protect(z)
             with torch.no_grad():
-                out.append(nn.functional.normalize(head(zp).float(), dim=1).cpu().numpy())
+                for n, head in named.items():
+                    emb = nn.functional.normalize(head(zp).float(), dim=1)
+                    out[n].append(emb.cpu().numpy())
         name = f"stored {ev.dataset} {label}"
         ctx.timings[name] = round(ctx.timings.get(name, 0) + time.perf_counter() - t0, 1)
-        return {"emb": np.concatenate(out)}
+        return {n: np.concatenate(v) for n, v in out.items()}
 
-    name = f"stored-{ev.dataset}-{label}-{head_name}"
-    return ctx.stages.chunked(name, key, keys, ctx.profile.chunk, compute)["emb"]
+    name = f"stored-{ev.dataset}-{label}"
+    return ctx.stages.chunked(name, key, keys, ctx.profile.chunk, compute)
 
 
-def _fingerprint(module: nn.Module) -> str:
+def _head_key(ctx: Context, head: nn.Module) -> str:
+    """FaceNet's weights for Psi, else the head's own weights fingerprint."""
     from advface.pipelines.context import weights_fingerprint
 
-    return weights_fingerprint(module)
+    return ctx.weights_sha if head is ctx.head else weights_fingerprint(head)
 
 
 # -- a dataset's pairs and test faces ------------------------------------------------------------
@@ -320,9 +337,12 @@ def _test_faces(ctx: Context, dataset: str, known: dict[str, np.ndarray]) -> Tes
     return TestFaces(dataset, split.keys, ctx.images(split.dataset, split.keys), clean)
 
 
-def prepare_dataset(ctx: Context, dataset: str) -> DatasetEval:
+def prepare_dataset(
+    ctx: Context, dataset: str, heads: dict[str, ExtraHead] | None = None
+) -> DatasetEval:
     """Pairs (full protocol or a seeded stratified sample), their clean embeddings, the
-    unprotected system (its thresholds: on the full protocol when ``fr_full``) and test faces."""
+    unprotected system (its thresholds: on the full protocol when ``fr_full``), test faces
+    and Table 2's extra ``heads``."""
     from advface.data.protocols import load_protocol
     from advface.pipelines.eval_fr import pair_scores, sample_pairs, select_pairs
 
@@ -337,7 +357,9 @@ def prepare_dataset(ctx: Context, dataset: str) -> DatasetEval:
     known = dict(zip(bench.keys, emb, strict=True))
     clean = np.stack([known[k] for k in pairs.keys])
     faces = _test_faces(ctx, dataset, known)
-    ev = DatasetEval(dataset, pairs, p.pairs_per_fold is None, clean, unprotected, faces)
+    ev = DatasetEval(
+        dataset, pairs, p.pairs_per_fold is None, clean, unprotected, faces, dict(heads or {})
+    )
     ev.grids["original"] = faces.images[: p.grid_n]
     return ev
 
@@ -348,7 +370,8 @@ def prepare_dataset(ctx: Context, dataset: str) -> DatasetEval:
 def measure(
     ctx: Context, ev: DatasetEval, nets: Networks, cfg: ProtectionConfig
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """(reconstruction arrays of the test faces, stored-side embeddings) under ``cfg``."""
+    """(reconstruction arrays of the test faces, stored-side embeddings) under ``cfg``; the
+    extra heads of ``cfg``'s method see its main setting's stored features (``ev.head_stored``)."""
     label = cfg.label
     if label not in ev.recon:
         prot = build(ctx, cfg, nets)
@@ -357,9 +380,14 @@ def measure(
         ev.recon[label] = recon_stage(
             ctx, ev.faces, label, prot, nets.attackers, nets.keys, replayed
         )
-        ev.stored[label] = (
-            ev.clean[ev.stored_idx] if cfg.method == "none" else stored_stage(ctx, ev, label, prot)
-        )
+        if cfg.method == "none":
+            ev.stored[label] = ev.clean[ev.stored_idx]
+        else:
+            heads = {n: h.module for n, h in ev.heads.items()
+                     if main_config(ctx, h.method) == cfg}  # fmt: skip
+            out = stored_stage(ctx, ev, label, prot, heads)
+            ev.stored[label] = out["psi"]
+            ev.head_stored.update({n: out[n] for n in heads})
     return ev.recon[label], ev.stored[label]
 
 

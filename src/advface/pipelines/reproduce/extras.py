@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from advface.pipelines.context import FACENET_CODE, PROTECTION_CODE, code_fingerprint
-from advface.pipelines.reproduce.evaluate import ExtraHead, build
+from advface.pipelines.reproduce.evaluate import ExtraHead, build, main_config
 from advface.pipelines.reproduce.networks import Context, Networks
 from advface.pipelines.reproduce.profiles import OFFLINE_METHODS
-from advface.pipelines.reproduce.tables import main_config
 
 if TYPE_CHECKING:
     from advface.pipelines.offline import DistillSettings

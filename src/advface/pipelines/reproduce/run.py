@@ -20,7 +20,7 @@ from advface.pipelines.reproduce.evaluate import ExtraHead, prepare_dataset
 from advface.pipelines.reproduce.networks import Context, train_networks
 from advface.pipelines.reproduce.profiles import Profile
 
-#: The tables and figures, in report order (Table 2 takes the extra heads).
+#: The tables and figures, in report order (Table 2 reads the extra heads from the dataset).
 TABLES = (
     tables.attackers_table,
     tables.table1,
@@ -79,13 +79,10 @@ def reproduce(
     _write(out, _meta(ctx, unprotected, t_start, done), rows, grids, ctx)
     for d in profile.datasets:
         ctx.log(f"{d}: pairs, clean embeddings and test faces")
-        ev = prepare_dataset(ctx, d)
+        ev = prepare_dataset(ctx, d, heads)
         unprotected[d] = ev.unprotected
         for table in TABLES:
-            if table is tables.table2:
-                rows += table(ctx, ev, nets, heads)
-            else:
-                rows += table(ctx, ev, nets)
+            rows += table(ctx, ev, nets)
         grids[d] = ev.grids
         done.append(d)
         if d != profile.datasets[-1] or profile.robustness is not None:

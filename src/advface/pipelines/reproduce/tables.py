@@ -4,31 +4,20 @@ reconstructions it shows go into ``ev.grids`` for the figures."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from advface.pipelines.reproduce.evaluate import (
     OTHER_READING,
     DatasetEval,
-    ExtraHead,
     ProtectionConfig,
     accuracy_values,
-    build,
+    main_config,
     measure,
     merge,
     recon_values,
-    stored_stage,
 )
 from advface.pipelines.reproduce.networks import Context, Networks
 from advface.pipelines.reproduce.report import make_row
 
 METHODS: tuple[str, ...] = ("none", "random", "dp", "advface")
-
-
-def main_config(ctx: Context, method: str) -> ProtectionConfig:
-    """Tables 1/2's setting of ``method`` (AdvFace: ResRec shadow, the profile's epsilon)."""
-    if method == "advface":
-        return ProtectionConfig("advface", "resrec", ctx.profile.epsilon)
-    return ProtectionConfig(method)
 
 
 def _advface_cols(ctx: Context, method: str) -> dict:
@@ -58,15 +47,10 @@ def table1(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
     return rows
 
 
-def table2(
-    ctx: Context,
-    ev: DatasetEval,
-    nets: Networks,
-    extra_heads: Mapping[str, ExtraHead] | None = None,
-) -> list[dict]:
-    """Verification accuracy, online mode (stored side protected, probe clean); with
-    ``extra_heads`` (label -> head), one more row per head with ``mode``/``head`` columns:
-    its method's stored features through that head (e.g. the offline mode's Psi')."""
+def table2(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
+    """Verification accuracy, online mode (stored side protected, probe clean), and one more
+    row per extra head of ``ev.heads`` with ``mode``/``head`` columns: its method's stored
+    features through that head (e.g. the offline mode's Psi')."""
     rows = []
     for m in METHODS:
         _, stored = measure(ctx, ev, nets, main_config(ctx, m))
@@ -75,10 +59,9 @@ def table2(
         if m == "none":
             vals["extra"]["accuracy_full_protocol"] = ev.unprotected["accuracy"]
         rows.append(make_row("table2", ev.dataset, m, **_advface_cols(ctx, m), **vals))
-    for label, head in (extra_heads or {}).items():
-        cfg = main_config(ctx, head.method)
-        stored = stored_stage(ctx, ev, cfg.label, build(ctx, cfg, nets), head.module, label)
-        vals = accuracy_values(stored, ev)
+    for label, head in ev.heads.items():
+        measure(ctx, ev, nets, main_config(ctx, head.method))
+        vals = accuracy_values(ev.head_stored[label], ev)
         vals["extra"].update(mode=head.mode, head=label, head_version=head.version)
         rows.append(
             make_row("table2", ev.dataset, head.method, **_advface_cols(ctx, head.method), **vals)

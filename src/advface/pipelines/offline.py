@@ -548,8 +548,6 @@ def offline_accuracy(
     """
     from advface import config
     from advface.data.protocols import load_protocol
-    from advface.models.facenet import load_facenet
-    from advface.models.split import split_facenet
     from advface.pipelines.data import aligned_images
     from advface.pipelines.eval_fr import DATASETS, sample_pairs
 
@@ -557,18 +555,7 @@ def offline_accuracy(
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     t0 = time.monotonic()
     root = config.data_root(data_root)
-    enc, teacher = split_facenet(load_facenet().eval())
-    version = None
-    if isinstance(student, str | Path):
-        student, cfg = load_student(student, teacher)
-        train_from, version = cfg["train_from"], cfg["model_version"]
-    train_from = train_from or "all"
-    # The student's layers before train_from are the teacher's: compute them once.
-    tails = {
-        "teacher": head_parts(teacher, train_from).tail,
-        "student": head_parts(student, train_from).tail,
-    }
-    prefix = head_parts(teacher, train_from).prefix
+    enc, prefix, tails, train_from, version = _heads(student, train_from)
     sub = sample_pairs(load_protocol(dataset, root), pairs_per_fold=pairs_per_fold, seed=seed)
     images, found = aligned_images(DATASETS[dataset], sub.keys, data_root=root, progress=progress)
     protect = getattr(protection, "protect", protection)
@@ -589,12 +576,6 @@ def offline_accuracy(
     )
     acc = _score_rows(sub, stored, clean, prot)
     used = np.unique(np.r_[sub.idx_a, sub.idx_b])
-    pairs_note = (
-        "full protocol"
-        if pairs_per_fold is None
-        else f"seeded sample (seed {seed}) of {pairs_per_fold} pairs per fold, stratified over "
-        "folds and genuine/impostor"
-    )
     return {
         "table": "2",
         "mode": "offline",
@@ -604,7 +585,7 @@ def offline_accuracy(
         "student": version,
         "train_from": train_from,
         **acc["offline"],
-        "pairs": pairs_note,
+        "pairs": _pairs_note(pairs_per_fold, seed),
         "pairs_per_fold": pairs_per_fold,
         "pairs_seed": seed,
         # AdvFace with bn="batch" depends on the batch: the stored side is protected in these.
@@ -614,3 +595,33 @@ def offline_accuracy(
         "no_face": int((~found[used]).sum()),
         "wall_s": round(time.monotonic() - t0, 1),
     }
+
+
+def _heads(
+    student: str | Path | nn.Module, train_from: str | None
+) -> tuple[nn.Module, nn.Module, dict[str, nn.Module], str, str | None]:
+    """(E, the layers the teacher and student share, {teacher, student}: their own tails,
+    train_from, the student's model version): the shared layers are computed once."""
+    from advface.models.facenet import load_facenet
+    from advface.models.split import split_facenet
+
+    enc, teacher = split_facenet(load_facenet().eval())
+    version = None
+    if isinstance(student, str | Path):
+        student, cfg = load_student(student, teacher)
+        train_from, version = cfg["train_from"], cfg["model_version"]
+    train_from = train_from or "all"
+    tails = {
+        "teacher": head_parts(teacher, train_from).tail,
+        "student": head_parts(student, train_from).tail,
+    }
+    return enc, head_parts(teacher, train_from).prefix, tails, train_from, version
+
+
+def _pairs_note(pairs_per_fold: int | None, seed: int) -> str:
+    if pairs_per_fold is None:
+        return "full protocol"
+    return (
+        f"seeded sample (seed {seed}) of {pairs_per_fold} pairs per fold, stratified over "
+        "folds and genuine/impostor"
+    )

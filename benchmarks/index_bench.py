@@ -94,9 +94,10 @@ def sample_fitted(
     """(n, dim) templates of ``identities`` people drawn from :func:`fit_faces`'s model."""
     rng = np.random.default_rng(seed)
     dim = len(model["mu"])
-    centres = model["mu"].astype(np.float32) + rng.standard_normal(
-        (identities, dim), dtype=np.float32
-    ) @ model["between"].T
+    centres = (
+        model["mu"].astype(np.float32)
+        + rng.standard_normal((identities, dim), dtype=np.float32) @ model["between"].T
+    )
     ident = rng.integers(0, identities, n)
     out = np.empty((n, dim), np.float32)
     for lo in range(0, n, 65536):

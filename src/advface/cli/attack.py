@@ -52,7 +52,8 @@ def train_recon_command(
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from --out")] = False,
     max_minutes: Annotated[
-        float | None, typer.Option(
+        float | None,
+        typer.Option(
             "--max-minutes",
             help="Stop and checkpoint after this many minutes of training (on the CPU: CPU "
             "time per thread, so other jobs on the cores do not shorten it)",

@@ -360,9 +360,7 @@ def migrate_cmd(
         with user_errors():
             build_index(settings, store, net)  # pgvector: its vectors are rewritten alongside
         with user_errors():
-            n = store.count_to_reprotect(
-                prot.name, public_params(prot), net.version, mapless=True
-            )
+            n = store.count_to_reprotect(prot.name, public_params(prot), net.version, mapless=True)
             _refuse_mapless(n)
         todo = store.count_to_reprotect(prot.name, public_params(prot), net.version)
         with tqdm(total=todo, unit="template", desc=f"migrate to {prot.name}") as bar:

@@ -47,7 +47,6 @@ FORMAT = "advface-distilled-head/1"
 VERSION_PREFIX = "psi-distilled-"
 
 
-
 def train_from_choices(head: nn.Module) -> list[str]:
     """Valid ``train_from`` values for ``head`` (earliest first)."""
     if isinstance(head, ServerHead):

@@ -92,7 +92,6 @@ def _swap_norms(module: nn.Module, mode: str) -> int:
     return count
 
 
-
 def _frozen_copy(module: nn.Module) -> nn.Module:
     """Private eval-mode copy with parameters frozen: the caller's module is never touched
     (no requires_grad flips to restore, no BN buffers to protect, safe across threads)."""

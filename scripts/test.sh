@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check src tests
+ruff format --check src tests benchmarks
 python -m pytest -q "$@"

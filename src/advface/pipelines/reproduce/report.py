@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from advface.pipelines.reproduce import paper
+from advface.pipelines.reproduce.explain import Flag, explain
 
 ROW_KEYS = (
     "table",
@@ -84,18 +85,12 @@ def _ci(row: dict, kind: str) -> str:
     return f" [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci else ""
 
 
-def _cell(
-    ours: float | None,
-    ref: float | None,
-    kind: str,
-    flags: list[str],
-    where: str,
-    ci: str = "",
-) -> str:
+def _cell(row: dict, ref: float | None, kind: str, flags: list[Flag], where: str, d: str) -> str:
     """'ours [95% interval] (paper)' with a flag when the difference exceeds the tolerance."""
-    text = f"{_fmt(ours, kind)}{ci} ({_fmt(ref, kind)})"
+    ours = row.get(kind)
+    text = f"{_fmt(ours, kind)}{_ci(row, kind)} ({_fmt(ref, kind)})"
     if ours is not None and ref is not None and abs(ours - ref) > paper.TOLERANCE[kind]:
-        flags.append(f"{where} {kind}: {_fmt(ours, kind)} vs paper {_fmt(ref, kind)}")
+        flags.append(Flag(where, kind, ours, ref, row, d))
         text += " ⚑"
     return text
 
@@ -112,7 +107,7 @@ RECON_KEYS = ("ssim", "psnr", "mse", "srra")
 
 def _paper_cells(
     rows: list[dict],
-    flags: list[str],
+    flags: list[Flag],
     datasets: list[str],
     keys: tuple[str, ...],
     ref: dict,
@@ -127,10 +122,7 @@ def _paper_cells(
         theirs = ref.get(d)
         theirs = theirs if isinstance(theirs, tuple) else (theirs,) * len(keys)
         cells.append(
-            " / ".join(
-                _cell(r.get(k), theirs[i], k, flags, f"{label} {d}", _ci(r, k))
-                for i, k in enumerate(keys)
-            )
+            " / ".join(_cell(r, theirs[i], k, flags, f"{label} {d}", d) for i, k in enumerate(keys))
         )
     return [*cells, NO_COPY]
 
@@ -141,7 +133,7 @@ class _Doc:
     def __init__(self, meta: dict, rows: list[dict]) -> None:
         self.meta, self.rows, self.prof = meta, rows, meta["profile"]
         self.datasets = list(self.prof["datasets"])
-        self.flags: list[str] = []
+        self.flags: list[Flag] = []
         self.lines: list[str] = []
         self.cols = [*self.datasets, AGEDB]
 
@@ -384,7 +376,11 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
     if figs:
         doc.lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in figs]
     doc.lines += ["", "## Deviations beyond tolerance", ""]
-    doc.lines += [f"- {f}" for f in doc.flags] or ["- none"]
+    doc.lines += [
+        f"- {f.where} {f.kind}: {_fmt(f.ours, f.kind)} vs paper {_fmt(f.ref, f.kind)}. "
+        f"Why: {explain(f, rows, meta)}"
+        for f in doc.flags
+    ] or ["- none"]
     return "\n".join(doc.lines) + "\n"
 
 

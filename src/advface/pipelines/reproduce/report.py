@@ -380,7 +380,7 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
         f"- {f.where} {f.kind}: {_fmt(f.ours, f.kind)} vs paper {_fmt(f.ref, f.kind)}. "
         f"Why: {explain(f, rows, meta)}"
         for f in doc.flags
-    ] or ["- none"]
+    ] or ["- none" + (" among the cells measured so far" if meta.get("complete") is False else "")]
     return "\n".join(doc.lines) + "\n"
 
 

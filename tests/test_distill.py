@@ -125,6 +125,30 @@ def test_time_budget_stops_training() -> None:
     assert rec["stopped_by"] == "time budget" and rec["steps"] == 1
 
 
+def test_time_budget_counts_across_resumes(tmp_path: Path, monkeypatch) -> None:
+    import advface.attacks.train as train
+
+    ticks = iter(range(10**6))  # a clock that advances one second per reading
+    monkeypatch.setattr(train, "budget_clock", lambda device: lambda: float(next(ticks)))
+    kw = dict(features=feature_maps(4), progress=False, work_dir=tmp_path / "wd")
+
+    def run(**settings):
+        s = DistillSettings(batch_size=2, train_from="all", **settings)
+        return distill_head(toy_teacher(), build_protection("none"), settings=s, **kw)[1]
+
+    first = run(epochs=2)
+    spent = first["budget_seconds"]
+    assert first["stopped_by"] == "epochs" and len(first["history"]) == 2 and spent > 0
+    # Resumed with more epochs but a budget the first run already spent: no further training.
+    again = run(epochs=50, time_budget_s=spent - 1)
+    assert again["stopped_by"] == "time budget" and len(again["history"]) == 2
+    assert again["budget_seconds"] > spent
+    # With budget left it goes on, and stops once the total (both runs) passes it.
+    more = run(epochs=50, time_budget_s=again["budget_seconds"] + 8)
+    assert more["stopped_by"] == "time budget" and 2 < len(more["history"]) < 50
+    assert more["budget_seconds"] > again["budget_seconds"] + 8
+
+
 def test_save_load_round_trip(tmp_path: Path, facenet_head) -> None:
     z = late_maps(2)
     prot = Noisy(0.3, 1, block=2)

@@ -48,7 +48,11 @@ def distill_cmd(
         float, typer.Option(help="weight of Psi'(z) ~ Psi(z), for clean probes")
     ] = 1.0,
     time_budget: Annotated[
-        float | None, typer.Option(help="seconds from the start after which training stops")
+        float | None,
+        typer.Option(
+            help="training budget in seconds, feature pass included and counted across "
+            "resumes (CPU time per thread on the CPU, wall time on a GPU)"
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     work_dir: Annotated[

@@ -45,8 +45,10 @@ LOSSES = ("cosine", "mse")
 
 @dataclass(frozen=True)
 class DistillSettings:
-    """Training settings. ``time_budget_s`` counts wall time from the start, feature pass
-    included, and stops training at the first step past it (at least one step is taken)."""
+    """Training settings. ``time_budget_s`` counts the decoders' budget clock
+    (:func:`advface.attacks.train.budget_clock`: CPU time per thread on the CPU, wall time on an
+    accelerator), feature pass included and across resumes (the time of every checkpointed
+    epoch), and stops training at the first step past it (at least one step is taken)."""
 
     epochs: int = 20
     lr: float = 1e-4
@@ -166,7 +168,7 @@ def _check_inputs(images, features, extractor) -> int:
     return n
 
 
-def _epoch(parts, data, opt, settings, gen, deadline, bar) -> tuple[dict[str, float], bool]:
+def _epoch(parts, data, opt, settings, gen, over, bar) -> tuple[dict[str, float], bool]:
     n = len(data["target"])
     order = torch.randperm(n, generator=gen)
     sums, count, stopped = {"protected": 0.0, "clean": 0.0}, 0, False
@@ -186,15 +188,15 @@ def _epoch(parts, data, opt, settings, gen, deadline, bar) -> tuple[dict[str, fl
         sums["clean"] += float(loss_c.detach()) * len(idx)
         count += len(idx)
         bar.update(1)
-        if deadline is not None and time.monotonic() > deadline:
+        if over():
             stopped = True
             break
     return {k: v / count for k, v in sums.items()} | {"images": count}, stopped
 
 
-def _train(parts, data, opt, settings, history, deadline, save, progress) -> str:
-    """Epochs until ``settings.epochs`` (``history`` grows in place, ``save`` after each);
-    returns why training stopped."""
+def _train(parts, data, opt, settings, history, over, save, progress) -> str:
+    """Epochs until ``settings.epochs`` or ``over()`` (``history`` grows in place, ``save``
+    after each); returns why training stopped."""
     n = len(data["target"])
     gen = torch.Generator().manual_seed(settings.seed)
     for _ in range(len(history)):  # the same shuffles as an uninterrupted run
@@ -208,7 +210,9 @@ def _train(parts, data, opt, settings, history, deadline, save, progress) -> str
         unit="step",
     ) as bar:
         while len(history) < settings.epochs:
-            rec, timed_out = _epoch(parts, data, opt, settings, gen, deadline, bar)
+            if history and over():  # resumed with the budget already spent
+                return "time budget"
+            rec, timed_out = _epoch(parts, data, opt, settings, gen, over, bar)
             # + 0.0: no "-0.0" in the record
             history.append(
                 {k: v if isinstance(v, int) else round(v, 6) + 0.0 for k, v in rec.items()}
@@ -257,7 +261,11 @@ def distill_head(
     protect = getattr(protection, "protect", protection)
     if not callable(protect):
         raise ValueError("protection must be a Protection or a callable on feature maps")
+    from advface.attacks.train import budget_clock
+
     t0 = time.monotonic()
+    clock = budget_clock(next(teacher.parameters()).device)
+    c0 = clock()
     teacher = teacher.eval()
     teacher_fp = state_fingerprint(teacher)
     student, parts = make_student(teacher, settings.train_from)
@@ -283,15 +291,21 @@ def distill_head(
         _resume(wd, student, opt, state)
         history = state["history"]
     start_loss = state["start_loss"] if state else _eval_loss(parts, data, settings)
-    # The budget counts from the start (feature pass included); training stops at the first
-    # step past it, after the feature pass at the latest.
-    deadline = None if settings.time_budget_s is None else t0 + settings.time_budget_s
+    # The budget counts this run from its start (feature pass included) and what earlier runs
+    # checkpointed; training stops at the first step past it.
+    spent = float(state.get("budget_seconds", 0.0)) if state else 0.0
+
+    def used() -> float:
+        return spent + clock() - c0
+
+    def over() -> bool:
+        return settings.time_budget_s is not None and used() > settings.time_budget_s
 
     def save() -> None:
         if wd is not None:
-            _checkpoint(wd, student, opt, key, history, start_loss, settings, teacher_fp)
+            _checkpoint(wd, student, opt, key, history, start_loss, settings, teacher_fp, used())
 
-    stop = _train(parts, data, opt, settings, history, deadline, save, progress)
+    stop = _train(parts, data, opt, settings, history, over, save, progress)
     record = {
         "settings": asdict(settings),
         "images": n,
@@ -304,6 +318,8 @@ def distill_head(
         "stopped_by": stop,
         "feature_seconds": round(feature_s, 1),
         "seconds": round(time.monotonic() - t0, 1),
+        # The budget clock over every run of this distillation (resumes included).
+        "budget_seconds": round(used(), 1),
     }
     for p in student.parameters():
         p.requires_grad_(False)
@@ -324,7 +340,9 @@ def _open_work_dir(wd: Path | None, key: str) -> dict[str, Any] | None:
     return json.loads(state_file.read_text()) if state_file.is_file() else None
 
 
-def _checkpoint(wd, student, opt, key, history, start_loss, settings, teacher_fp) -> None:
+def _checkpoint(
+    wd, student, opt, key, history, start_loss, settings, teacher_fp, budget_seconds
+) -> None:
     from advface.models.recon.checkpoint import atomic_write_bytes
 
     save_student(
@@ -333,7 +351,12 @@ def _checkpoint(wd, student, opt, key, history, start_loss, settings, teacher_fp
     buf = wd / "optimizer.pt.tmp"
     torch.save(opt.state_dict(), buf)
     buf.replace(wd / "optimizer.pt")
-    state = {"key": key, "history": history, "start_loss": start_loss}
+    state = {
+        "key": key,
+        "history": history,
+        "start_loss": start_loss,
+        "budget_seconds": budget_seconds,
+    }
     atomic_write_bytes(wd / "state.json", json.dumps(state).encode())
 
 

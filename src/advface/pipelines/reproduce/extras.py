@@ -71,6 +71,7 @@ def _record(cfg: dict, source: str) -> dict:
         "epochs": len(rec.get("history", [])),
         "stopped_by": rec.get("stopped_by"),
         "seconds": rec.get("seconds"),
+        "budget_seconds": rec.get("budget_seconds"),
     }
 
 

@@ -188,7 +188,8 @@ PROFILES: dict[str, Profile] = {
             "the adaptive attacker on 1,000 protected features for the same budget; "
             "reconstruction on 1,000 test faces per dataset. Offline rows: a Psi' per "
             "protection distilled on 400 images of CelebA's server half for up to 100 epochs "
-            "or 60 minutes (feature pass included); the robustness bench's cpu profile runs "
+            "or 60 minutes (feature pass included; CPU time per thread, counted across "
+            "resumes); the robustness bench's cpu profile runs "
             "into robustness/. Every stage is cached in chunks and training checkpoints every "
             "epoch: rerun the command to resume",
         ),

@@ -115,6 +115,11 @@ def test_smoke_profile_end_to_end_and_resumes(data_root, tmp_path, monkeypatch):
     # Stages are keyed by what they depend on: a changed note or sweep recomputes nothing old.
     reproduce(get_profile("smoke", notes=("other note",), sweep=(0.2,)), out, progress=False)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # One dataset alone, as a helper process sharing OUT runs it: the same stages, no results.
+    written = (out / "results.json").stat().st_mtime_ns
+    reproduce(get_profile("smoke", datasets=("cfp-fp",)), out, progress=False, write=False)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (out / "results.json").stat().st_mtime_ns == written
     assert {p for p in (out / "cache").rglob("*") if p.is_file()} == set(stamps)
 
 

@@ -167,6 +167,21 @@ def test_robustness_rows_are_merged_and_reported(tmp_path, random_facenet, monke
 # -- the CLI's --head -----------------------------------------------------------------------------
 
 
+def test_cli_datasets_option_keeps_the_profiles_order_and_refuses_others(tmp_path):
+    from advface.cli.reproduce import parse_datasets
+
+    both = ("lfw", "cfp-fp")
+    assert parse_datasets("cfp-fp, lfw", both) == both
+    assert parse_datasets("cfp-fp", both) == ("cfp-fp",)
+    for bad in ("", "agedb", "lfw,lfw", "lfw,x"):
+        with pytest.raises(ValueError, match="--datasets takes"):
+            parse_datasets(bad, both)
+    args = ["reproduce", "--profile", "smoke", "--out", str(tmp_path / "o"), "--datasets", "x"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "--datasets takes" in res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_head_option_is_parsed_and_bad_forms_exit_2(tmp_path):
     from advface.cli.reproduce import parse_heads
 

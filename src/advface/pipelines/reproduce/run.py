@@ -44,6 +44,7 @@ def reproduce(
     weights: str | Path | None = None,
     extra_heads: Mapping[str, ExtraHead] | None = None,
     head_dirs: Mapping[str, str | Path] | None = None,
+    write: bool = True,
 ) -> dict:
     """Run (or resume) every experiment of ``profile`` and write the outputs into ``out``.
 
@@ -51,7 +52,9 @@ def reproduce(
     rows come from a Psi' distilled per method of ``profile.offline`` (cached stages), from
     ``head_dirs`` (label -> folder of ``advface distill``) and from ``extra_heads`` (label ->
     :class:`ExtraHead`), each keyed by its weights. With ``profile.robustness`` the bench runs
-    into ``out/robustness`` and its rows join ``results.json``."""
+    into ``out/robustness`` and its rows join ``results.json``. ``write=False`` computes and
+    caches every stage but writes no results: a helper process beside the main run, sharing
+    ``out`` (e.g. on another dataset), whose stages the main run then reuses."""
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,14 +72,19 @@ def reproduce(
     rows: list[dict] = []
     grids: dict[str, dict[str, np.ndarray]] = {}
     unprotected: dict[str, dict] = {}
+
+    def save(meta: dict) -> None:
+        if write:
+            _write(out, meta, rows, grids, ctx)
+
     # A long run writes what it has after each part (marked partial), so that an interrupted
     # run leaves readable results (training records first); the last write replaces them.
     nets = train_networks(ctx)
     done = ["decoders"]
-    _write(out, _meta(ctx, unprotected, t_start, done), rows, grids, ctx)
+    save(_meta(ctx, unprotected, t_start, done))
     heads = _heads(ctx, nets, given, extra_heads or {})
     done.append("offline heads")
-    _write(out, _meta(ctx, unprotected, t_start, done), rows, grids, ctx)
+    save(_meta(ctx, unprotected, t_start, done))
     for d in profile.datasets:
         ctx.log(f"{d}: pairs, clean embeddings and test faces")
         ev = prepare_dataset(ctx, d, heads)
@@ -86,12 +94,12 @@ def reproduce(
         grids[d] = ev.grids
         done.append(d)
         if d != profile.datasets[-1] or profile.robustness is not None:
-            _write(out, _meta(ctx, unprotected, t_start, done), rows, grids, ctx)
+            save(_meta(ctx, unprotected, t_start, done))
     bench_rows, bench = extras.robustness_rows(ctx, out, weights)
     rows += bench_rows
     done += ["robustness"] if profile.robustness else []
     meta = {**_meta(ctx, unprotected, t_start, done), "robustness": bench}
-    _write(out, meta, rows, grids, ctx)
+    save(meta)
     return {**meta, "rows": rows}
 
 

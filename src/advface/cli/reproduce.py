@@ -49,8 +49,9 @@ def reproduce_cmd(
     """Run (or resume) the paper's experiments; write results.json, CSVs, report.md, PNGs.
 
     Every stage is cached under OUT/cache (training checkpoints every epoch): rerun the same
-    command to resume an interrupted run. Once the networks are trained, a helper process
-    may share OUT, e.g. ``--datasets cfp-fp --threads 1 --stages-only`` beside the main run
+    command to resume an interrupted run. Once the decoders and offline heads are trained
+    (in one process: their time budgets count CPU time per thread), a helper process may
+    share OUT, e.g. ``--datasets cfp-fp --threads 1 --stages-only`` beside the main run
     with ``--threads 1`` (on two cores about a fifth more throughput than one process with two
     threads); the main run reuses the helper's stages and writes the results."""
     from advface.pipelines.reproduce.headline import headline_table

@@ -259,6 +259,8 @@ def stored_stage(
     pass (the stage is keyed by every head's weights)."""
     from advface.models.facenet import preprocess
 
+    if heads and "psi" in heads:
+        raise ValueError("an extra head cannot be labelled 'psi' (FaceNet's own head)")
     named = {"psi": ctx.head, **(heads or {})}
     keys = [ev.pairs.keys[i] for i in ev.stored_idx]
     key = dict(

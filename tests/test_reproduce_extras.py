@@ -193,6 +193,7 @@ def test_cli_head_option_is_parsed_and_bad_forms_exit_2(tmp_path):
         (["x="], "LABEL=DIR"),
         ([f"x={tmp_path / 'missing'}"], "no folder"),
         ([f"x={tmp_path / 'h'}", f"x={tmp_path / 'h'}"], "given twice"),
+        ([f"psi={tmp_path / 'h'}"], "cannot be labelled 'psi'"),
     ]:
         args = ["reproduce", "--profile", "smoke", "--out", str(tmp_path / "out")]
         for spec in bad:

@@ -56,6 +56,8 @@ def reproduce(
     caches every stage but writes no results: a helper process beside the main run, sharing
     ``out`` (e.g. on another dataset), whose stages the main run then reuses."""
     t_start = time.perf_counter()
+    if "psi" in {*(head_dirs or {}), *(extra_heads or {})}:
+        raise ValueError("an extra head cannot be labelled 'psi' (FaceNet's own head)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(profile.seed)

@@ -38,6 +38,30 @@ def test_stage_cache_reuses_results(tmp_path):
     assert settings_key({"a": 1}) != settings_key({"a": 2})
 
 
+def test_stage_cache_records_compute_seconds_across_runs(tmp_path):
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    def compute(sl):
+        return {"x": np.arange(sl.start, min(sl.stop, 5), dtype=np.float32)}
+
+    first = StageCache(tmp_path)
+    out = first.chunked("s", {"a": 1}, list("abcde"), 2, compute)
+    assert out["x"].tolist() == [0, 1, 2, 3, 4]
+    spent = first.compute_seconds["s"]
+    assert spent is not None and spent >= 0 and set(first.compute_seconds) == {"s"}
+    # A later run that only reads the chunks reports what computing them took.
+    again = StageCache(tmp_path)
+    again.chunked("s", {"a": 1}, list("abcde"), 2, lambda sl: pytest.fail("recomputed"))
+    assert again.compute_seconds["s"] == pytest.approx(spent, abs=0.01)
+    # A file written without the record makes the total unknown rather than too small.
+    old = StageCache(tmp_path)
+    save_file({"x": torch.zeros(1)}, str(old.path("t", {}, ".safetensors")))
+    old.arrays("t", {}, lambda: pytest.fail("recomputed"))
+    assert old.compute_seconds["t"] is None
+
+
 def test_profiles_and_paper_tables_are_consistent():
     assert set(PROFILES) == {"smoke", "cpu", "cpu-full", "paper"}
     with pytest.raises(ValueError):
@@ -102,6 +126,9 @@ def test_smoke_profile_end_to_end_and_resumes(data_root, tmp_path, monkeypatch):
             assert r["n_pairs"] == 20 and r["accuracy_ci95"][0] <= r["accuracy"]
             assert r["full_protocol"] is False
     assert "bn" in data["protections"]["advface-resrec-eps0.20"]
+    spent = data["stage_compute_seconds"]
+    assert spent["stored-lfw-advface-resrec-eps0.20"] > 0 and spent["recon-lfw-none"] > 0
+    assert "Compute time of the cached stages" in report
     # The offline head reads the same protection pass of the stored side as Psi: one stage.
     offline = [r for r in data["rows"] if r["table"] == "table2" and r.get("mode") == "offline"]
     assert {r["dataset"] for r in offline} == {"lfw", "cfp-fp"}

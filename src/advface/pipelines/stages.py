@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -23,11 +25,22 @@ def settings_key(settings: dict) -> str:
 
 
 class StageCache:
-    """A folder of cached stage outputs (JSON or tensors) keyed by name + settings."""
+    """A folder of cached stage outputs (JSON or tensors) keyed by name + settings.
+
+    ``compute_seconds[name]``: the wall seconds that computing the tensor stages met so far
+    took, summed over their chunks and across the runs that wrote them (stored in each file's
+    metadata); None when a file predates the record."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.compute_seconds: dict[str, float | None] = {}
+
+    def _tally(self, name: str, seconds: float | None) -> None:
+        if name not in self.compute_seconds:
+            self.compute_seconds[name] = 0.0
+        before = self.compute_seconds[name]
+        self.compute_seconds[name] = None if before is None or seconds is None else before + seconds
 
     def path(self, name: str, settings: dict, suffix: str) -> Path:
         return self.root / f"{name}-{settings_key(settings)}{suffix}"
@@ -43,19 +56,32 @@ class StageCache:
         return value
 
     def arrays(
-        self, name: str, settings: dict, compute: Callable[[], dict[str, np.ndarray]]
+        self,
+        name: str,
+        settings: dict,
+        compute: Callable[[], dict[str, np.ndarray]],
+        *,
+        tally: str | None = None,
     ) -> dict[str, np.ndarray]:
+        """The arrays of stage ``name`` under ``settings``, computed once; the seconds it took
+        are counted in ``compute_seconds[tally or name]``."""
         path = self.path(name, settings, ".safetensors")
         if path.exists():
+            with safe_open(str(path), "pt") as fh:
+                meta = fh.metadata() or {}
+            self._tally(tally or name, float(meta["seconds"]) if "seconds" in meta else None)
             return {k: v.numpy() for k, v in load_file(path).items()}
+        t0 = time.perf_counter()
         value = compute()
+        seconds = time.perf_counter() - t0
         tmp = path.with_suffix(".tmp")
         save_file(
             {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in value.items()},
             str(tmp),
-            metadata={"settings": json.dumps(settings, default=str)},
+            metadata={"settings": json.dumps(settings, default=str), "seconds": f"{seconds:.3f}"},
         )
         os.replace(tmp, path)
+        self._tally(tally or name, seconds)
         return value
 
     def chunked(
@@ -77,6 +103,6 @@ class StageCache:
             sl = slice(start, start + chunk)
             digest = hashlib.sha256("\n".join(keys[sl]).encode()).hexdigest()[:16]
             key = {**settings, "chunk": [start, digest]}
-            parts.append(self.arrays(f"{name}-{i:04d}", key, lambda sl=sl: compute(sl)))
+            parts.append(self.arrays(f"{name}-{i:04d}", key, lambda sl=sl: compute(sl), tally=name))
         names = dict.fromkeys(k for part in parts for k in part)
         return {k: np.concatenate([part[k] for part in parts if k in part]) for k in names}

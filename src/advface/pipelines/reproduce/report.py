@@ -372,6 +372,7 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
     _paper_tables(doc)
     _extra_tables(doc)
     _robustness(doc)
+    _compute_time(doc)
     figs = [f for f in meta.get("figures", []) if f != "loss_curves.png"]
     if figs:
         doc.lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in figs]
@@ -382,6 +383,25 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
         for f in doc.flags
     ] or ["- none" + (" among the cells measured so far" if meta.get("complete") is False else "")]
     return "\n".join(doc.lines) + "\n"
+
+
+def _compute_time(doc: _Doc) -> None:
+    """What each cached stage cost to compute, across resumes (wall seconds on this machine,
+    longer when it was shared); the decoders' and heads' times are in their own tables."""
+    spent = doc.meta.get("stage_compute_seconds") or {}
+    known = [v for v in spent.values() if v is not None]
+    rows = [{"stage": k, "seconds": v} for k, v in sorted(spent.items())]
+    if known:
+        total = f"{sum(known) / 3600:.2f} h" + (
+            " (some stages unrecorded)" if None in spent.values() else ""
+        )
+        rows.append({"stage": "**total**", "seconds": total})
+    doc.plain(
+        "Compute time of the cached stages (wall seconds, summed over chunks and resumes)",
+        ["stage", "seconds"],
+        rows,
+        lambda r: [r["stage"], "unrecorded" if r["seconds"] is None else r["seconds"]],
+    )
 
 
 def write_report(out: Path, meta: dict, rows: list[dict]) -> Path:

@@ -155,6 +155,10 @@ def _meta(ctx: Context, unprotected: dict, t_start: float, done: list[str]) -> d
         "protections": ctx.protections,
         "offline_heads": ctx.heads,
         "stage_seconds": ctx.timings,
+        # Across resumes (from the stage files): what each cached stage cost to compute.
+        "stage_compute_seconds": {
+            k: None if v is None else round(v, 1) for k, v in ctx.stages.compute_seconds.items()
+        },
         "deviations": _deviations(p),
         "wall_s": time.perf_counter() - t_start,
     }

@@ -272,11 +272,7 @@ def distill_head(
     tparts = head_parts(teacher, settings.train_from)
     src = images if images is not None else features
     assert src is not None
-    arr = src if isinstance(src, np.ndarray) else src.detach().cpu().numpy()
-    data_hash = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
-    # Epochs and the time budget only say when to stop: a rerun with more of either resumes.
-    trained = {k: v for k, v in asdict(settings).items() if k not in ("epochs", "time_budget_s")}
-    key = _run_key(teacher_fp, _protection_record(protection), data_hash, trained)
+    key = _distill_key(src, teacher_fp, protection, settings)
     wd = Path(work_dir) if work_dir is not None else None
     state = _open_work_dir(wd, key)
     data = _feature_chunks(
@@ -324,6 +320,17 @@ def distill_head(
     for p in student.parameters():
         p.requires_grad_(False)
     return student, record
+
+
+def _distill_key(
+    src: np.ndarray | torch.Tensor, teacher_fp: str, protection: Any, settings: DistillSettings
+) -> str:
+    """The run's key: teacher, protection, training data and the settings that shape training
+    (epochs and the time budget only say when to stop: a rerun with more of either resumes)."""
+    arr = src if isinstance(src, np.ndarray) else src.detach().cpu().numpy()
+    data_hash = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+    trained = {k: v for k, v in asdict(settings).items() if k not in ("epochs", "time_budget_s")}
+    return _run_key(teacher_fp, _protection_record(protection), data_hash, trained)
 
 
 def _open_work_dir(wd: Path | None, key: str) -> dict[str, Any] | None:

@@ -31,15 +31,25 @@ class Flag:
     dataset: str
 
 
-def _find(rows: Iterable[dict], **match) -> dict | None:
+def find_row(rows: Iterable[dict], **match) -> dict | None:
+    """The first row whose values match ``match`` (the report's lookup too)."""
     for r in rows:
         if all(r.get(k) == v for k, v in match.items()):
             return r
     return None
 
 
-def _fmt(v: float, kind: str) -> str:
-    return f"{100 * v:.2f}%" if kind in ("accuracy", "srra") else f"{v:.3g}"
+def fmt_value(v: float | None, kind: str) -> str:
+    """A metric as the report prints it (rates in percent)."""
+    if v is None:
+        return "—"
+    if kind in ("srra", "accuracy"):
+        return f"{100 * v:.2f}%"
+    if kind == "psnr":
+        return f"{v:.2f}"
+    if kind == "mse":
+        return f"{v:.3f}"
+    return f"{v:.2f}"
 
 
 def _diff(v: float, kind: str) -> str:
@@ -52,8 +62,8 @@ def explain(flag: Flag, rows: list[dict], meta: dict) -> str:
     ci = flag.row.get(f"{flag.kind}_ci95")
     if ci and ci[0] <= flag.ref <= ci[1]:
         parts.append(
-            f"the paper's value lies inside our 95% interval [{_fmt(ci[0], flag.kind)}, "
-            f"{_fmt(ci[1], flag.kind)}]: the difference is within sampling error"
+            f"the paper's value lies inside our 95% interval [{fmt_value(ci[0], flag.kind)}, "
+            f"{fmt_value(ci[1], flag.kind)}]: the difference is within sampling error"
         )
     if flag.kind == "accuracy":
         parts += _accuracy(flag, rows, meta)
@@ -74,8 +84,9 @@ def _accuracy(flag: Flag, rows: list[dict], meta: dict) -> list[str]:
     if ours_none is None or ref_none is None:
         return ["the unprotected system of this dataset was not measured"]
     offset = (
-        f"the unprotected system scores {_fmt(ours_none, 'accuracy')} here and "
-        f"{_fmt(ref_none, 'accuracy')} in the paper ({_diff(ours_none - ref_none, 'accuracy')}): "
+        f"the unprotected system scores {fmt_value(ours_none, 'accuracy')} here and "
+        f"{fmt_value(ref_none, 'accuracy')} in the paper "
+        f"({_diff(ours_none - ref_none, 'accuracy')}): "
         "Sandberg's FaceNet (CASIA-WebFace) as distributed, not the paper's fine-tuned backbone"
     )
     if flag.where.startswith("table2 none"):
@@ -110,9 +121,9 @@ def _setting(flag: Flag, rows: list[dict], meta: dict) -> str:
             "training set"
         )
     if method == "random":
-        acc = _find(rows, table="readings", dataset=flag.dataset, method="random",
+        acc = find_row(rows, table="readings", dataset=flag.dataset, method="random",
                     reading="accumulated")  # fmt: skip
-        seen = f" (that reading measured here: {_fmt(acc['accuracy'], 'accuracy')})" if (
+        seen = f" (that reading measured here: {fmt_value(acc['accuracy'], 'accuracy')})" if (
             acc and acc.get("accuracy") is not None) else ""  # fmt: skip
         return (
             "our random baseline is projected onto AdvFace's epsilon ball "
@@ -149,7 +160,7 @@ def _attacker(flag: Flag) -> str:
 
 def _unprotected(flag: Flag, rows: list[dict]) -> tuple[float | None, float | None]:
     """(our unprotected value for the cell's attacker, the paper's unprotected value)."""
-    mine = _find(rows, table="attackers", dataset=flag.dataset, attacker=_attacker(flag))
+    mine = find_row(rows, table="attackers", dataset=flag.dataset, attacker=_attacker(flag))
     ref = paper.TABLE1["none"].get(flag.dataset)
     theirs = ref[RECON_KEYS.index(flag.kind)] if ref else None
     return (mine or {}).get(flag.kind), theirs
@@ -169,8 +180,8 @@ def _recon(flag: Flag, rows: list[dict], meta: dict) -> list[str]:
         return [capacity + f"; every {flag.kind} of this attacker starts from this value"]
     change, ref_change = flag.ours - ours_none, flag.ref - ref_none
     out = [
-        f"from unprotected features ({_fmt(ours_none, flag.kind)} here, "
-        f"{_fmt(ref_none, flag.kind)} in the paper) the {flag.kind} changes by "
+        f"from unprotected features ({fmt_value(ours_none, flag.kind)} here, "
+        f"{fmt_value(ref_none, flag.kind)} in the paper) the {flag.kind} changes by "
         f"{_diff(change, flag.kind)} here and {_diff(ref_change, flag.kind)} in the paper",
     ]
     if abs(change - ref_change) <= paper.TOLERANCE[flag.kind]:
@@ -191,7 +202,7 @@ def _srra(flag: Flag, rows: list[dict], meta: dict) -> list[str]:
         "unprotected system's 10-fold operating threshold"
         + (f" ({thr:.3f}, cosine)" if thr is not None else "")
         + "; the paper does not state its threshold"
-        + (f"; at FAR = 1e-3 ours is {_fmt(far, 'srra')}" if far is not None else "")
+        + (f"; at FAR = 1e-3 ours is {fmt_value(far, 'srra')}" if far is not None else "")
     ]
     return out + _recon(flag, rows, meta)[-1:]
 

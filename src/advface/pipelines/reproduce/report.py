@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 from advface.pipelines.reproduce import paper
-from advface.pipelines.reproduce.explain import Flag, explain
+from advface.pipelines.reproduce.explain import RECON_KEYS, Flag, explain
+from advface.pipelines.reproduce.explain import find_row as _find
+from advface.pipelines.reproduce.explain import fmt_value as _fmt
 
 ROW_KEYS = (
     "table",
@@ -67,18 +68,6 @@ def write_csvs(out: Path, rows: list[dict]) -> list[Path]:
     return paths
 
 
-def _fmt(v: float | None, kind: str) -> str:
-    if v is None:
-        return "—"
-    if kind in ("srra", "accuracy"):
-        return f"{100 * v:.2f}%"
-    if kind == "psnr":
-        return f"{v:.2f}"
-    if kind == "mse":
-        return f"{v:.3f}"
-    return f"{v:.2f}"
-
-
 def _ci(row: dict, kind: str) -> str:
     """' [low-high]' of a rate's 95% interval when the row has one."""
     ci = row.get(f"{kind}_ci95") if kind in ("accuracy", "srra") else None
@@ -93,16 +82,6 @@ def _cell(row: dict, ref: float | None, kind: str, flags: list[Flag], where: str
         flags.append(Flag(where, kind, ours, ref, row, d))
         text += " ⚑"
     return text
-
-
-def _find(rows: Iterable[dict], **match) -> dict | None:
-    for r in rows:
-        if all(r.get(k) == v for k, v in match.items()):
-            return r
-    return None
-
-
-RECON_KEYS = ("ssim", "psnr", "mse", "srra")
 
 
 def _paper_cells(

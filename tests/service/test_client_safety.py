@@ -70,9 +70,9 @@ def _no_face_images(tmp_path: Path) -> dict[str, Path]:
 def test_cli_refuses_images_without_a_face(
     harness: Harness, toy: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from advface.cli import service as cli_service
+    from advface.cli import client as cli_client
 
-    monkeypatch.setattr(cli_service, "_client", lambda *a, **k: sdk_client(harness, toy))
+    monkeypatch.setattr(cli_client, "_client", lambda *a, **k: sdk_client(harness, toy))
     harness.subject("victim")
     assert harness.enroll("victim", feature_map(1)).status_code == 201
     before = harness.state()

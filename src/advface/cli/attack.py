@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from advface.cli._errors import user_errors
+from advface.cli._options import JsonOpt
 
 ARCH_HELP = "transrec | resrec | urec"
 
@@ -115,7 +116,7 @@ def attack_command(
         int | None, typer.Option("--limit", min=1, help="Random subset of N test images")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit subset")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    as_json: JsonOpt = False,
     grid: Annotated[
         Path | None, typer.Option("--grid", help="PNG of original | reconstruction")
     ] = None,

@@ -9,6 +9,54 @@ from typing import Annotated
 import typer
 
 from advface.cli._errors import user_errors
+from advface.cli._options import JsonOpt
+
+SrcArg = Annotated[
+    Path,
+    typer.Argument(
+        help="a .safetensors/.npy file or a folder of them (z feature maps or uint8 "
+        "'images' aligned faces), or the output folder of an earlier protect-bulk run"
+    ),
+]
+DstArg = Annotated[Path, typer.Argument(help="output folder: manifest.json + shards/")]
+ProtectionOpt = Annotated[
+    str,
+    typer.Option(
+        "--protection",
+        help="protection spec: 'advface:SHADOW_CKPT[,steps=40,...]', 'random,seed=3', "
+        "'dp', 'none', 'embedding-shadow,generator=CKPT,shadow=CKPT'",
+    ),
+]
+BatchOpt = Annotated[int, typer.Option(min=1, help="faces per protection call")]
+ShardOpt = Annotated[int, typer.Option(min=1, help="faces per output shard (the unit of resume)")]
+SeedOpt = Annotated[
+    int | None, typer.Option(min=0, help="seed of random protections (one stream per shard)")
+]
+ActorsOpt = Annotated[int, typer.Option(min=1, help="Ray actors, each holding one protection")]
+NumCpusOpt = Annotated[
+    float, typer.Option(min=0.01, help="CPUs per actor (also its torch threads)")
+]
+NumGpusOpt = Annotated[float, typer.Option(min=0.0, help="GPUs per actor (0: CPU only)")]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster address (e.g. 'auto', 'ray://head:10001'); default: local"),
+]
+RayCpusOpt = Annotated[
+    int | None, typer.Option(min=1, help="CPUs of the local Ray (default: actors x --num-cpus)")
+]
+EngineOpt = Annotated[
+    str, typer.Option(help="ray | serial (this process, no Ray: same shards and results)")
+]
+WeightsOpt = Annotated[Path | None, typer.Option(help="FaceNet weights for E (default: converted)")]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="cpu | cuda (default: cuda when --num-gpus > 0)")
+]
+PrecheckOpt = Annotated[
+    bool, typer.Option(help="scan every feature map for NaN/Inf before writing anything")
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option(help="replace a DST that holds a run with other settings")
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -16,58 +64,23 @@ def register(app: typer.Typer) -> None:
 
 
 def protect_bulk_command(
-    src: Annotated[
-        Path,
-        typer.Argument(
-            help="a .safetensors/.npy file or a folder of them (z feature maps or uint8 "
-            "'images' aligned faces), or the output folder of an earlier protect-bulk run"
-        ),
-    ],
-    dst: Annotated[Path, typer.Argument(help="output folder: manifest.json + shards/")],
-    protection: Annotated[
-        str,
-        typer.Option(
-            "--protection",
-            help="protection spec: 'advface:SHADOW_CKPT[,steps=40,...]', 'random,seed=3', "
-            "'dp', 'none', 'embedding-shadow,generator=CKPT,shadow=CKPT'",
-        ),
-    ],
-    batch_size: Annotated[int, typer.Option(min=1, help="faces per protection call")] = 64,
-    shard_size: Annotated[
-        int, typer.Option(min=1, help="faces per output shard (the unit of resume)")
-    ] = 1024,
-    seed: Annotated[
-        int | None, typer.Option(min=0, help="seed of random protections (one stream per shard)")
-    ] = None,
-    actors: Annotated[int, typer.Option(min=1, help="Ray actors, each holding one protection")] = 1,
-    num_cpus: Annotated[
-        float, typer.Option(min=0.01, help="CPUs per actor (also its torch threads)")
-    ] = 1.0,
-    num_gpus: Annotated[float, typer.Option(min=0.0, help="GPUs per actor (0: CPU only)")] = 0.0,
-    address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster address (e.g. 'auto', 'ray://head:10001'); default: local"),
-    ] = None,
-    ray_cpus: Annotated[
-        int | None,
-        typer.Option(min=1, help="CPUs of the local Ray (default: actors x --num-cpus)"),
-    ] = None,
-    engine: Annotated[
-        str, typer.Option(help="ray | serial (this process, no Ray: same shards and results)")
-    ] = "ray",
-    weights: Annotated[
-        Path | None, typer.Option(help="FaceNet weights for E (default: converted)")
-    ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="cpu | cuda (default: cuda when --num-gpus > 0)")
-    ] = None,
-    precheck: Annotated[
-        bool, typer.Option(help="scan every feature map for NaN/Inf before writing anything")
-    ] = True,
-    overwrite: Annotated[
-        bool, typer.Option(help="replace a DST that holds a run with other settings")
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    src: SrcArg,
+    dst: DstArg,
+    protection: ProtectionOpt,
+    batch_size: BatchOpt = 64,
+    shard_size: ShardOpt = 1024,
+    seed: SeedOpt = None,
+    actors: ActorsOpt = 1,
+    num_cpus: NumCpusOpt = 1.0,
+    num_gpus: NumGpusOpt = 0.0,
+    address: AddressOpt = None,
+    ray_cpus: RayCpusOpt = None,
+    engine: EngineOpt = "ray",
+    weights: WeightsOpt = None,
+    device: DeviceOpt = None,
+    precheck: PrecheckOpt = True,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Protect every face of SRC into resumable shards under DST, on Ray actors.
 
@@ -85,12 +98,7 @@ def protect_bulk_command(
             num_cpus=ray_cpus,
         )
         if engine == "ray":
-            try:
-                import ray  # noqa: F401
-            except ImportError:
-                raise ValueError(
-                    "Ray is not installed: pip install 'advface[bulk]' (or use --engine serial)"
-                ) from None
+            _require_ray()
         factory = ProtectionFactory(
             protection,
             weights=None if weights is None else str(weights),
@@ -125,3 +133,12 @@ def protect_bulk_command(
         f"protected {summary['faces_computed']} faces in {summary['shards_computed']} shards "
         f"({summary['shards_skipped']} already done) in {summary['wall_s']} s -> {dst}"
     )
+
+
+def _require_ray() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "Ray is not installed: pip install 'advface[bulk]' (or use --engine serial)"
+        ) from None

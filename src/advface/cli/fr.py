@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from advface.cli._errors import user_errors
-from advface.cli._options import QuietOpt
+from advface.cli._options import JsonOpt, QuietOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -44,7 +44,7 @@ def eval_fr_cmd(
     seed: Annotated[int, typer.Option(help="seed of the --pairs-per-fold sample")] = 0,
     batch_size: int = 64,
     device: str = "cpu",
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """10-fold verification accuracy, TAR at FAR=1e-3 and ROC AUC, optionally with the

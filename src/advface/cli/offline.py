@@ -26,6 +26,27 @@ PairsOpt = Annotated[
 ]
 
 
+TrainFromOpt = Annotated[
+    str, typer.Option(help="first layer of Psi to fine-tune: all | a stage | last_linear")
+]
+LossOpt = Annotated[str, typer.Option(help="cosine | mse (on normalised embeddings)")]
+CleanWeightOpt = Annotated[float, typer.Option(help="weight of Psi'(z) ~ Psi(z), for clean probes")]
+TimeBudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="training budget in seconds, feature pass included and counted across "
+        "resumes (CPU time per thread on the CPU, wall time on a GPU)"
+    ),
+]
+LimitOpt = Annotated[
+    int | None, typer.Option(min=1, help="images of CelebA's server half (seeded sample)")
+]
+WorkDirOpt = Annotated[Path | None, typer.Option(help="resumable state (default: OUT.work)")]
+EvalDatasetOpt = Annotated[
+    str | None, typer.Option(help="afterwards evaluate on lfw | cfp-fp | cfp-ff")
+]
+
+
 def register(app: typer.Typer) -> None:
     app.command("distill")(distill_cmd)
     app.command("eval-offline")(eval_offline_cmd)
@@ -34,33 +55,17 @@ def register(app: typer.Typer) -> None:
 def distill_cmd(
     out: Annotated[Path, typer.Option(help="student folder (model.safetensors + config.json)")],
     protection: SpecOpt = "advface",
-    limit: Annotated[
-        int | None, typer.Option(min=1, help="images of CelebA's server half (seeded sample)")
-    ] = 400,
+    limit: LimitOpt = 400,
     epochs: Annotated[int, typer.Option(min=1)] = 20,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-4,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    train_from: Annotated[
-        str, typer.Option(help="first layer of Psi to fine-tune: all | a stage | last_linear")
-    ] = "repeat_3",
-    loss: Annotated[str, typer.Option(help="cosine | mse (on normalised embeddings)")] = "cosine",
-    clean_weight: Annotated[
-        float, typer.Option(help="weight of Psi'(z) ~ Psi(z), for clean probes")
-    ] = 1.0,
-    time_budget: Annotated[
-        float | None,
-        typer.Option(
-            help="training budget in seconds, feature pass included and counted across "
-            "resumes (CPU time per thread on the CPU, wall time on a GPU)"
-        ),
-    ] = None,
+    train_from: TrainFromOpt = "repeat_3",
+    loss: LossOpt = "cosine",
+    clean_weight: CleanWeightOpt = 1.0,
+    time_budget: TimeBudgetOpt = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
-    work_dir: Annotated[
-        Path | None, typer.Option(help="resumable state (default: OUT.work)")
-    ] = None,
-    eval_dataset: Annotated[
-        str | None, typer.Option(help="afterwards evaluate on lfw | cfp-fp | cfp-ff")
-    ] = None,
+    work_dir: WorkDirOpt = None,
+    eval_dataset: EvalDatasetOpt = None,
     pairs_per_fold: PairsOpt = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing OUT")] = False,
     data_root: DataRootOpt = None,

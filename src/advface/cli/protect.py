@@ -9,7 +9,50 @@ from typing import Annotated
 import typer
 
 from advface.cli._errors import user_errors
-from advface.cli._options import QuietOpt
+from advface.cli._options import JsonOpt, QuietOpt
+
+SrcArg = Annotated[Path, typer.Argument(help="safetensors with tensor z (N,64,77,77)")]
+DstArg = Annotated[Path, typer.Argument(help="output safetensors (written atomically)")]
+MethodOpt = Annotated[
+    str, typer.Option("--method", help="advface | embedding-shadow | random | dp | none")
+]
+ShadowOpt = Annotated[
+    Path | None, typer.Option("--shadow", help="shadow reconstruction checkpoint (advface)")
+]
+StepsOpt = Annotated[
+    int | None, typer.Option("--steps", help="iterations T (advface, random; default 40)")
+]
+AlphaOpt = Annotated[float | None, typer.Option("--alpha", help="step size (default 0.2)")]
+EpsilonOpt = Annotated[
+    float | None,
+    typer.Option("--epsilon", help="noise bound (advface; random bound; dp sensitivity)"),
+]
+ReadingOpt = Annotated[str | None, typer.Option("--reading", help="per-step | projected (advface)")]
+BnOpt = Annotated[
+    str | None, typer.Option("--bn", help="shadow BN statistics: batch | sample | running")
+]
+GeneratorOpt = Annotated[
+    Path | None,
+    typer.Option("--generator", help="embedding-to-image generator checkpoint (embedding-shadow)"),
+]
+ClampMinOpt = Annotated[
+    float | None, typer.Option("--clamp-min", help="clamp AdvFace iterates (e.g. 0)")
+]
+KeepBestOpt = Annotated[
+    bool,
+    typer.Option("--keep-best", help="store each face's highest-shadow-loss iterate (advface)"),
+]
+EpsilonDpOpt = Annotated[
+    float | None, typer.Option("--epsilon-dp", help="dp privacy budget (default 1.0)")
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1)]
+SeedOpt = Annotated[int | None, typer.Option("--seed", min=0, help="seed (random, dp)")]
+WeightsOpt = Annotated[
+    Path | None, typer.Option("--weights", help="FaceNet weights for E (default: converted)")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace DST")]
 
 
 def register(app: typer.Typer) -> None:
@@ -17,53 +60,26 @@ def register(app: typer.Typer) -> None:
 
 
 def protect_command(
-    src: Annotated[Path, typer.Argument(help="safetensors with tensor z (N,64,77,77)")],
-    dst: Annotated[Path, typer.Argument(help="output safetensors (written atomically)")],
-    method: Annotated[
-        str, typer.Option("--method", help="advface | embedding-shadow | random | dp | none")
-    ] = ("advface"),
-    shadow: Annotated[
-        Path | None, typer.Option("--shadow", help="shadow reconstruction checkpoint (advface)")
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option("--steps", help="iterations T (advface, random; default 40)")
-    ] = None,
-    alpha: Annotated[float | None, typer.Option("--alpha", help="step size (default 0.2)")] = None,
-    epsilon: Annotated[
-        float | None,
-        typer.Option("--epsilon", help="noise bound (advface; random bound; dp sensitivity)"),
-    ] = None,
-    reading: Annotated[
-        str | None, typer.Option("--reading", help="per-step | projected (advface)")
-    ] = None,
-    bn: Annotated[
-        str | None, typer.Option("--bn", help="shadow BN statistics: batch | sample | running")
-    ] = None,
-    generator: Annotated[
-        Path | None,
-        typer.Option(
-            "--generator", help="embedding-to-image generator checkpoint (embedding-shadow)"
-        ),
-    ] = None,
-    clamp_min: Annotated[
-        float | None, typer.Option("--clamp-min", help="clamp AdvFace iterates (e.g. 0)")
-    ] = None,
-    keep_best: Annotated[
-        bool,
-        typer.Option("--keep-best", help="store each face's highest-shadow-loss iterate (advface)"),
-    ] = False,
-    epsilon_dp: Annotated[
-        float | None, typer.Option("--epsilon-dp", help="dp privacy budget (default 1.0)")
-    ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
-    seed: Annotated[int | None, typer.Option("--seed", min=0, help="seed (random, dp)")] = None,
-    weights: Annotated[
-        Path | None, typer.Option("--weights", help="FaceNet weights for E (default: converted)")
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace DST")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    src: SrcArg,
+    dst: DstArg,
+    method: MethodOpt = "advface",
+    shadow: ShadowOpt = None,
+    steps: StepsOpt = None,
+    alpha: AlphaOpt = None,
+    epsilon: EpsilonOpt = None,
+    reading: ReadingOpt = None,
+    bn: BnOpt = None,
+    generator: GeneratorOpt = None,
+    clamp_min: ClampMinOpt = None,
+    keep_best: KeepBestOpt = False,
+    epsilon_dp: EpsilonDpOpt = None,
+    batch_size: BatchOpt = 64,
+    seed: SeedOpt = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Protect the features in SRC and write them, with the protection's parameters, to DST."""

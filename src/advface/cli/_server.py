@@ -1,0 +1,89 @@
+"""What the service's operator commands share: settings from flags and the environment, the
+store under the configured master key, JSON output and the options they have in common."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from advface.cli._errors import user_errors
+
+DbUrlOpt = Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_URL]")]
+MasterKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="master key file (base64) [ADVFACE_MASTER_KEY_FILE; else $ADVFACE_MASTER_KEY, "
+        "else master.key in the cache dir]"
+    ),
+]
+HeadOpt = Annotated[
+    str | None,
+    typer.Option(help="distilled head folder used as Psi (advface distill) [ADVFACE_HEAD]"),
+]
+
+
+def settings_from(**overrides: Any) -> Any:
+    from advface.service.settings import ServiceSettings
+
+    try:
+        return ServiceSettings.from_env(**overrides)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def open_store(settings: Any) -> Any:
+    """The store with the configured master key (``error: ...`` when it does not fit)."""
+    from advface.service import crypto
+    from advface.service.settings import default_master_key_file
+    from advface.service.store import Store
+
+    with user_errors():
+        keys = crypto.provider_from_config(
+            settings.master_key_file, default_file=default_master_key_file()
+        )
+        store = Store(settings.db_url, timeout=settings.db_timeout, keys=keys)
+        try:
+            store.check_master_key()
+        except crypto.MasterKeyError:
+            store.close()
+            raise
+    return store
+
+
+def ensure_master_key(settings: Any) -> Any:
+    """Settings naming the master key file; a fresh deployment gets a new one (0600).
+
+    No key is generated for a database that already holds encrypted rows: that is a lost or
+    unconfigured key, reported as an error instead.
+    """
+    import logging
+    import os
+
+    from advface.service import crypto
+    from advface.service.settings import default_master_key_file
+
+    log = logging.getLogger("advface.service")
+    if os.environ.get(crypto.MASTER_KEY_ENV):
+        log.info("master key: from $%s", crypto.MASTER_KEY_ENV)
+        return settings
+    path = Path(settings.master_key_file or default_master_key_file())
+    if not settings.master_key_file and not path.exists():
+        open_store(settings).close()  # raises when encrypted rows need a key we lack
+        crypto.write_key_file(path)
+        log.warning(
+            "generated a new master key in %s (mode 0600). Keep a copy apart from the database: "
+            "without it the stored templates cannot be read.",
+            path,
+        )
+    else:
+        log.info("master key: %s", path)
+    return settings.with_(master_key_file=str(path))
+
+
+def print_json(obj: Any) -> None:
+    from dataclasses import asdict, is_dataclass
+
+    typer.echo(json.dumps(asdict(obj) if is_dataclass(obj) else obj))

@@ -1,0 +1,147 @@
+"""``advface client ...``: talk to a running template service (E runs here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from advface.cli._server import print_json
+
+client_app = typer.Typer(help="Talk to a running template service.", no_args_is_help=True)
+
+UrlOpt = Annotated[str, typer.Option(envvar="ADVFACE_URL", help="service base URL")]
+KeyOpt = Annotated[str, typer.Option(envvar="ADVFACE_API_KEY", help="tenant API key")]
+AlignedOpt = Annotated[bool, typer.Option(help="images are already 160x160 aligned crops")]
+NoFaceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-no-face",
+        help="send images in which MTCNN finds no face (centre crop) instead of refusing them",
+    ),
+]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        envvar="ADVFACE_BACKEND", help="client E: facenet | toy (tests); match the server"
+    ),
+]
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(client_app, name="client")
+
+
+def _client(url: str, api_key: str, backend: str = "facenet") -> Any:
+    from advface.service.backend import load_backend
+    from advface.service.sdk import AdvFaceClient
+
+    extractor = load_backend(backend).extractor if backend != "facenet" else None
+    return AdvFaceClient(url, api_key, extractor=extractor)
+
+
+def _run(fn: Any) -> None:
+    from advface.service.sdk import AdvFaceServiceError
+
+    try:
+        fn()
+    except AdvFaceServiceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except ValueError as exc:  # bad image, file not found, ...
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@client_app.command("enroll")
+def client_enroll(
+    subject: str,
+    images: Annotated[list[Path], typer.Argument(help="face images")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+    create: Annotated[bool, typer.Option(help="create the subject if missing")] = True,
+    aligned: AlignedOpt = False,
+    backend: BackendOpt = "facenet",
+    allow_no_face: NoFaceOpt = False,
+) -> None:
+    """Align, extract E(x) here, and enroll each image for SUBJECT (one JSON line each)."""
+
+    def go() -> None:
+        with _client(url, api_key, backend) as c:
+            # Every image is checked (readable, has a face) before anything is sent.
+            feats = [c.features(i, aligned=aligned, allow_no_face=allow_no_face) for i in images]
+            if create:
+                c.create_subject(subject, exist_ok=True)
+            for z in feats:
+                print_json(c.enroll(subject, z))
+
+    _run(go)
+
+
+@client_app.command("verify")
+def client_verify(
+    subject: str,
+    image: Path,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+    aligned: AlignedOpt = False,
+    backend: BackendOpt = "facenet",
+    allow_no_face: NoFaceOpt = False,
+) -> None:
+    """1:1: is IMAGE the enrolled SUBJECT? Exit code 0 for a match, 3 for no match."""
+    result: list[Any] = []
+
+    def go() -> None:
+        with _client(url, api_key, backend) as c:
+            result.append(c.verify(subject, image, aligned=aligned, allow_no_face=allow_no_face))
+            print_json(result[0])
+
+    _run(go)
+    if not result[0].match:
+        raise typer.Exit(3)
+
+
+@client_app.command("identify")
+def client_identify(
+    image: Path,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+    top_k: int = 5,
+    aligned: AlignedOpt = False,
+    backend: BackendOpt = "facenet",
+    allow_no_face: NoFaceOpt = False,
+) -> None:
+    """1:N: the TOP_K most similar enrolled subjects."""
+
+    def go() -> None:
+        with _client(url, api_key, backend) as c:
+            found = c.identify(image, top_k, aligned=aligned, allow_no_face=allow_no_face)
+            print_json([vars(x) for x in found])
+
+    _run(go)
+
+
+@client_app.command("subjects")
+def client_subjects(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
+    """List the tenant's subjects (one JSON line each)."""
+
+    def go() -> None:
+        with _client(url, api_key) as c:
+            for s in c.list_subjects():
+                print_json(s)
+
+    _run(go)
+
+
+@client_app.command("delete-subject")
+def client_delete_subject(
+    subject: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
+) -> None:
+    """Delete SUBJECT and its templates."""
+
+    def go() -> None:
+        with _client(url, api_key) as c:
+            print_json({"subject_id": subject, "deleted_templates": c.delete_subject(subject)})
+
+    _run(go)

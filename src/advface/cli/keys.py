@@ -1,0 +1,161 @@
+"""``advface keys ...``: API keys and the master key of the template service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from advface.cli._errors import user_errors
+from advface.cli._server import DbUrlOpt, MasterKeyOpt, open_store, print_json, settings_from
+
+keys_app = typer.Typer(help="API keys of the template service.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("rotate-master")
+def keys_rotate_master(
+    new_key_file: Annotated[
+        Path, typer.Option(help="the new master key (base64); created (0600) if missing")
+    ],
+    db_url: DbUrlOpt = None,
+    master_key_file: MasterKeyOpt = None,
+    batch: Annotated[int, typer.Option(min=1, max=100_000, help="keys per transaction")] = 256,
+) -> None:
+    """Re-wrap every subject's data key under a new master key (blobs are not touched).
+
+    Resumable: each batch is committed and keys already under the new master key are skipped.
+    Then start the service with --master-key-file NEW_KEY_FILE.
+    """
+    from tqdm import tqdm
+
+    from advface.service import crypto
+
+    settings = settings_from(db_url=db_url, master_key_file=master_key_file)
+    with user_errors():
+        new = crypto.LocalKeyProvider(
+            crypto.read_key_file(new_key_file)
+            if new_key_file.exists()
+            else crypto.write_key_file(new_key_file)
+        )
+    store = _open_store_for_rotation(settings, new)
+    try:
+        with user_errors():
+            if store.keys is None:
+                raise crypto.MasterKeyError("no current master key configured: nothing to rotate")
+            with tqdm(unit="key", desc="rotate-master") as bar:
+                n = store.rotate_master(new, batch=batch, on_batch=bar.update)
+    finally:
+        store.close()
+    print_json({"rewrapped": n, "master_key_id": new.key_id, "master_key_file": str(new_key_file)})
+
+
+def _open_store_for_rotation(settings: Any, new: Any) -> Any:
+    """The store under the current key; keys already under ``new`` (an interrupted rotation)
+    are not an error here."""
+    from advface.service import crypto
+    from advface.service.settings import default_master_key_file
+    from advface.service.store import Store
+
+    with user_errors():
+        keys = crypto.provider_from_config(
+            settings.master_key_file, default_file=default_master_key_file()
+        )
+        if keys is not None and keys.key_id == new.key_id:
+            raise crypto.MasterKeyError("the new master key is the current one")
+    return Store(settings.db_url, timeout=settings.db_timeout, keys=keys)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Argument(help="tenant name (created if new)")],
+    db_url: DbUrlOpt = None,
+) -> None:
+    """Create an API key for TENANT and print it (it is stored only as a hash)."""
+    from advface.service.store import Store
+
+    store = Store(settings_from(db_url=db_url).db_url)
+    try:
+        token = store.create_key(tenant)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    finally:
+        store.close()
+    typer.echo(token)
+
+
+@keys_app.command("list")
+def keys_list(
+    db_url: DbUrlOpt = None,
+) -> None:
+    """List API keys (id, tenant, created, revoked; one JSON line each). Secrets are never shown:
+    only their hashes are stored."""
+    from advface.service.store import Store
+
+    store = Store(settings_from(db_url=db_url).db_url)
+    try:
+        for k in store.list_keys():
+            print_json(
+                {
+                    "key_id": k.key_id,
+                    "tenant": k.tenant,
+                    "created_at": k.created_at.isoformat(),
+                    "revoked": k.revoked,
+                }
+            )
+    finally:
+        store.close()
+
+
+@keys_app.command("rekey-tenant")
+def keys_rekey_tenant(
+    tenant: Annotated[str, typer.Argument(help="tenant name (as given to advface keys create)")],
+    db_url: DbUrlOpt = None,
+    master_key_file: MasterKeyOpt = None,
+) -> None:
+    """Draw a new secret transform for a tenant's index vectors (no re-enrollment).
+
+    pgvector's vectors of the tenant are re-transformed from the stored embeddings in one
+    transaction; the in-process index takes the new transform at the next start. Stop the
+    service first and start it again afterwards.
+    """
+    from advface.service.store import NotFound
+    from advface.service.transform import rekey_tenant
+
+    store = open_store(settings_from(db_url=db_url, master_key_file=master_key_file))
+    try:
+        with user_errors():
+            try:
+                out = rekey_tenant(store, tenant)
+            except NotFound:
+                raise ValueError(f"no tenant {tenant!r}") from None
+    finally:
+        store.close()
+    print_json(out)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="key id (the 12 hex digits after afk_)")],
+    db_url: DbUrlOpt = None,
+) -> None:
+    """Revoke an API key: requests with it get 401 from then on."""
+    import re
+
+    from advface.service.store import Store
+
+    if not re.fullmatch(r"[0-9a-f]{12}", key_id):
+        raise typer.BadParameter("KEY_ID must be the 12 hex digits of a key id (advface keys list)")
+    store = Store(settings_from(db_url=db_url).db_url)
+    try:
+        found = store.revoke_key(key_id)
+    finally:
+        store.close()
+    if not found:
+        typer.echo(f"error: no API key {key_id}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"revoked {key_id}")

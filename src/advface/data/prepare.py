@@ -355,8 +355,25 @@ def _build(
     force: bool,
 ) -> None:
     """Align the missing chunks, then assemble ``images.npy`` and ``index.json`` atomically."""
-    index_path = out / INDEX_FILE
     partial = out / "partial"
+    t0 = time.perf_counter()
+    chunk_paths = _align_chunks(spec, plan, partial, aligner, chunk_size, progress, force)
+    elapsed = time.perf_counter() - t0
+    _assemble(spec, plan, out, chunk_paths, aligner.size, chunk_size, elapsed)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def _align_chunks(
+    spec: DatasetSpec,
+    plan: dict[str, Any],
+    partial: Path,
+    aligner: Aligner,
+    chunk_size: int,
+    progress: bool,
+    force: bool,
+) -> list[Path]:
+    """Align every chunk not already in ``partial`` (kept across interrupted builds of the same
+    plan); returns the chunk files in order."""
     plan_path = partial / "plan.json"
     if partial.is_dir():
         try:
@@ -374,7 +391,6 @@ def _build(
     n = len(spec.keys)
     starts = list(range(0, n, chunk_size))
     chunk_paths = [partial / f"chunk_{c:05d}.npz" for c in range(len(starts))]
-    t0 = time.perf_counter()
     done = [
         _read_chunk(p, min(chunk_size, n - s), aligner.size) is not None if p.is_file() else False
         for p, s in zip(chunk_paths, starts, strict=True)
@@ -388,10 +404,23 @@ def _build(
                 continue
             arrays = _process_chunk(spec, spec.keys[s : s + chunk_size], aligner, bar.update)
             _write_chunk(chunk_paths[c], arrays)
-    elapsed = time.perf_counter() - t0
+    return chunk_paths
 
-    # Assemble: stream chunks into a memory-mapped temporary .npy, then rename into place.
-    size = aligner.size
+
+def _assemble(
+    spec: DatasetSpec,
+    plan: dict[str, Any],
+    out: Path,
+    chunk_paths: list[Path],
+    size: int,
+    chunk_size: int,
+    elapsed: float,
+) -> None:
+    """Stream the chunks into a memory-mapped temporary .npy, rename it into place, then write
+    the index (the old index is dropped first, so no reader pairs new images with stale keys)."""
+    index_path = out / INDEX_FILE
+    n = len(spec.keys)
+    starts = list(range(0, n, chunk_size))
     tmp_images = out / f"images.tmp{os.getpid()}.npy"
     try:
         images = np.lib.format.open_memmap(
@@ -415,7 +444,6 @@ def _build(
             confidence[s : s + m] = chunk["confidence"]
         images.flush()
         del images
-        # Drop the old index first so no reader pairs new images with stale keys.
         index_path.unlink(missing_ok=True)
         os.replace(tmp_images, out / IMAGES_FILE)
     except BaseException:
@@ -435,7 +463,6 @@ def _build(
         "elapsed_s_last_run": round(elapsed, 2),
     }
     _atomic_write_json(index_path, index)
-    shutil.rmtree(partial, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- loading

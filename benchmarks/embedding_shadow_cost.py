@@ -1,4 +1,4 @@
-"""Protection cost per face: AdvFace vs embedding-shadow, at batch 1 and 16 (issue targets are
+"""Protection cost per face: AdvFace vs embedding-shadow, at batch 1 and 16 (the targets are
 stated per face on 2 CPU cores, amortised at batch 16).
 
 Usage: python benchmarks/embedding_shadow_cost.py [--recon cpu] [--threads 2] [--repeats 2]

@@ -201,3 +201,23 @@ def test_cli_head_option_is_parsed_and_bad_forms_exit_2(tmp_path):
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 2 and msg in res.output, (bad, res.output)
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_cli_report_rerenders_from_results_and_refuses_bad_files(tmp_path):
+    from advface.pipelines.reproduce.report import make_row, render_markdown, write_json
+
+    rows = [make_row("table2", "lfw", "none", accuracy=0.99)]
+    meta = {"profile": get_profile("smoke").to_dict(), "complete": True, "wall_s": 1.0}
+    write_json(tmp_path / "results.json", meta, rows)
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "report.md").read_text()
+    assert md == render_markdown(meta, rows) and (tmp_path / "table2.csv").is_file()
+    for name, text in [("missing", None), ("broken", "{"), ("norows", '{"profile": {}}')]:
+        folder = tmp_path / name
+        folder.mkdir()
+        if text is not None:
+            (folder / "results.json").write_text(text)
+        res = CliRunner().invoke(app, ["report", str(folder)])
+        assert res.exit_code == 2 and "error:" in res.output, (name, res.output)
+        assert not (folder / "report.md").exists()

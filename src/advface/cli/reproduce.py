@@ -13,6 +13,7 @@ from advface.cli._options import CacheDirOpt, DataRootOpt, DeviceOpt, QuietOpt, 
 
 def register(app: typer.Typer) -> None:
     app.command("reproduce")(reproduce_cmd)
+    app.command("report")(report_cmd)
     app.command("stage")(stage_cmd)
     app.command("unstage")(unstage_cmd)
 
@@ -83,6 +84,20 @@ def reproduce_cmd(
         return
     typer.echo(headline_table(res["rows"]))
     typer.echo(f"\nreport: {out / 'report.md'}  ({res['wall_s']:.0f} s)")
+
+
+def report_cmd(
+    folder: Annotated[Path, typer.Argument(help="a reproduction's output folder")],
+) -> None:
+    """Re-render FOLDER's report.md and table CSVs from its results.json (no computation):
+    after a change to the report, or to read a partial run's results."""
+    from advface.pipelines.reproduce.report import read_results, write_csvs, write_report
+
+    with user_errors():
+        meta, rows = read_results(folder / "results.json")
+        write_csvs(folder, rows)
+        path = write_report(folder, meta, rows)
+    typer.echo(f"wrote {path}")
 
 
 def parse_datasets(spec: str, allowed: tuple[str, ...]) -> tuple[str, ...]:

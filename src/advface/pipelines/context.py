@@ -46,6 +46,27 @@ def code_fingerprint(parts: tuple[str, ...]) -> str:
     return h.hexdigest()[:16]
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted changes) when the package runs from
+    a git working tree; None for an installed package or without git. Recorded in results."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    if not (root / ".git").exists():
+        return None
+
+    def run(*args: str) -> str:
+        cmd = ["git", "-C", str(root), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True).stdout
+
+    try:
+        commit = run("rev-parse", "--short=12", "HEAD").strip()
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no", "--", "src").strip())
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def weights_fingerprint(module: nn.Module) -> str:
     """sha256 (16 hex) over a network's state dict: the weights part of every stage key."""
     from advface.protection.advface import fingerprint

@@ -41,7 +41,7 @@ class Profile:
     steps: int = 40
     alpha: float = 0.2
     epsilon: float = 0.2
-    reading: str = "projected"  # the library default; docs/results/cpu used "per-step"
+    reading: str = "projected"  # the library default; the other reading is reported beside it
     # Laplace noise baseline ("dp"): scale = sensitivity / epsilon_dp.
     dp_epsilon: float = 1.0
     dp_sensitivity: float = 0.2
@@ -154,7 +154,8 @@ PROFILES: dict[str, Profile] = {
         notes=(
             "cpu: narrow decoders (advface.models.recon 'cpu' profile: TransRec width 32, "
             "ResRec width 16 x 2 blocks, URec width 16 x 2 levels) trained 2 epochs on "
-            "1,000-image subsets with lr 1e-3 (paper: 1e-4 on all of CelebA), far from "
+            "1,000-image subsets with lr 1e-3 (the paper: attackers on CelebA, shadows on "
+            "CASIA-WebFace with lr 1e-4), far from "
             "converged (see cpu-full); accuracy rows on a seeded stratified sample of 20 pairs "
             "per fold (200 pairs per dataset: wide intervals), reconstruction on 100 test faces "
             "per dataset; the noise-bound sweep on LFW only with 4 bounds, and so are Tables "

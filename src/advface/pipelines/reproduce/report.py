@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from advface.pipelines.reproduce import paper
-from advface.pipelines.reproduce.explain import RECON_KEYS, Flag, explain
+from advface.pipelines.reproduce.explain import MARKS, RECON_KEYS, Flag, explain
 from advface.pipelines.reproduce.explain import find_row as _find
 from advface.pipelines.reproduce.explain import fmt_value as _fmt
 
@@ -52,6 +52,22 @@ def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
     _atomic_write(path, json.dumps({**meta, "rows": rows}, indent=2, default=str) + "\n")
 
 
+def read_results(path: Path) -> tuple[dict, list[dict]]:
+    """(meta, rows) of a results.json; a missing or malformed file is a ValueError."""
+    if not path.is_file():
+        raise ValueError(f"no results file {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path} holds no reproduction results (no 'rows' list)")
+    if not isinstance(data.get("profile"), dict):
+        raise ValueError(f"{path} holds no reproduction results (no 'profile')")
+    rows = data.pop("rows")
+    return data, rows
+
+
 def write_csvs(out: Path, rows: list[dict]) -> list[Path]:
     paths = []
     for table in sorted({r["table"] for r in rows}):
@@ -74,13 +90,36 @@ def _ci(row: dict, kind: str) -> str:
     return f" [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci else ""
 
 
-def _cell(row: dict, ref: float | None, kind: str, flags: list[Flag], where: str, d: str) -> str:
-    """'ours [95% interval] (paper)' with a flag when the difference exceeds the tolerance."""
+def _mark(row: dict, ours: float, ref: float, kind: str, base: tuple | None) -> str | None:
+    """The cell's mark (see ``MARKS``), or None when it agrees with the paper. ``base``: the
+    unprotected row's (ours, paper's) value of ``kind``, to compare the changes."""
+    tol = paper.TOLERANCE[kind]
+    if abs(ours - ref) > tol:
+        ci = row.get(f"{kind}_ci95")
+        return "≈" if ci and ci[0] <= ref <= ci[1] else "⚑"
+    if base and None not in base and abs((ours - base[0]) - (ref - base[1])) > tol:
+        return "Δ"
+    return None
+
+
+def _cell(
+    row: dict,
+    ref: float | None,
+    kind: str,
+    flags: list[Flag],
+    where: str,
+    d: str,
+    base: tuple | None = None,
+) -> str:
+    """'ours [95% interval] (paper)' with a mark when it differs from the paper."""
     ours = row.get(kind)
     text = f"{_fmt(ours, kind)}{_ci(row, kind)} ({_fmt(ref, kind)})"
-    if ours is not None and ref is not None and abs(ours - ref) > paper.TOLERANCE[kind]:
-        flags.append(Flag(where, kind, ours, ref, row, d))
-        text += " ⚑"
+    if ours is None or ref is None:
+        return text
+    mark = _mark(row, ours, ref, kind, base)
+    if mark:
+        flags.append(Flag(where, kind, ours, ref, row, d, mark))
+        text += f" {mark}"
     return text
 
 
@@ -91,19 +130,34 @@ def _paper_cells(
     keys: tuple[str, ...],
     ref: dict,
     label: str,
+    base: tuple[dict, dict] | None = None,
     **match: object,
 ) -> list[str]:
     """One table row's cells: per dataset, ``keys`` of the matching row beside the paper's
-    values (``ref[dataset]``: one value, or a tuple in ``keys`` order), then AgeDB's."""
+    values (``ref[dataset]``: one value, or a tuple in ``keys`` order), then AgeDB's.
+    ``base``: (match of the unprotected row, the paper's unprotected values like ``ref``)."""
     cells = []
     for d in datasets:
         r = _find(rows, dataset=d, **match) or {}
-        theirs = ref.get(d)
-        theirs = theirs if isinstance(theirs, tuple) else (theirs,) * len(keys)
+        theirs = _per_key(ref.get(d), keys)
+        if base is None:
+            bases = [None] * len(keys)
+        else:
+            b_row = _find(rows, dataset=d, **base[0]) or {}
+            b_ref = _per_key(base[1].get(d), keys)
+            bases = [(b_row.get(k), b_ref[i]) for i, k in enumerate(keys)]
         cells.append(
-            " / ".join(_cell(r, theirs[i], k, flags, f"{label} {d}", d) for i, k in enumerate(keys))
+            " / ".join(
+                _cell(r, theirs[i], k, flags, f"{label} {d}", d, bases[i])
+                for i, k in enumerate(keys)
+            )
         )
     return [*cells, NO_COPY]
+
+
+def _per_key(values: object, keys: tuple[str, ...]) -> tuple:
+    """The paper's values of a row, one per key (a scalar applies to every key)."""
+    return values if isinstance(values, tuple) else (values,) * len(keys)
 
 
 class _Doc:
@@ -123,8 +177,8 @@ class _Doc:
             "|---" * (len(self.cols) + len(first)) + "|",
         ]
 
-    def paper_row(self, label: list[str], keys, ref: dict, where: str, **match) -> None:
-        cells = _paper_cells(self.rows, self.flags, self.datasets, keys, ref, where, **match)
+    def paper_row(self, label: list[str], keys, ref: dict, where: str, base=None, **match) -> None:
+        cells = _paper_cells(self.rows, self.flags, self.datasets, keys, ref, where, base, **match)
         self.lines.append("| " + " | ".join(label + cells) + " |")
 
     def plain(self, title: str, head: list[str], rows: list[dict], cells) -> None:
@@ -139,16 +193,19 @@ class _Doc:
 def _header(doc: _Doc) -> None:
     meta, prof = doc.meta, doc.prof
     tol = ", ".join(f"{k} ±{v}" for k, v in paper.TOLERANCE.items())
+    marks = "; ".join(f"{m} {text}" for m, text in MARKS.items())
     doc.lines += [
         f"# AdvFace reproduction — profile `{prof['name']}`",
         "",
         f"Device: {meta.get('device')}; machine: {meta.get('machine')}; "
-        f"wall time {meta.get('wall_s', 0):.0f} s; advface {meta.get('advface_version')}, "
+        f"wall time {meta.get('wall_s', 0):.0f} s; advface {meta.get('advface_version')} "
+        f"(code {meta.get('git_commit') or 'commit not recorded'}), "
         f"torch {meta.get('torch_version')}; FaceNet weights sha256 "
         f"{meta.get('facenet_weights_sha256')}.",
         "",
-        "Each cell reads **ours [95% interval] (paper)**; ⚑ marks a difference beyond the "
-        f"tolerance ({tol}). AgeDB-30 columns: {NO_COPY}.",
+        "Each cell reads **ours (paper)**, rates (accuracy, SRRA) with our 95% interval: "
+        f"**ours [interval] (paper)**. Tolerances: {tol}. Marks: {marks}. "
+        f"AgeDB-30 columns: {NO_COPY}.",
         "",
     ]
     if meta.get("complete") is False:
@@ -157,6 +214,8 @@ def _header(doc: _Doc) -> None:
             f"{', '.join(meta.get('parts_pending', []))}. Rerun the same command to resume.",
             "",
         ]
+    elif "complete" not in meta:
+        doc.lines += ["> Completeness not recorded (results written by an older version).", ""]
     for note in prof.get("notes", ()):
         doc.lines += [f"> {note}", ""]
     doc.lines += [f"- Deviation: {dev}" for dev in meta.get("deviations", ())]
@@ -190,10 +249,11 @@ def _setup(doc: _Doc) -> None:
     )  # fmt: skip
     doc.plain(
         "Trained networks (identity overlap with the test people, counted by name)",
-        ["network", "arch", "train set", "images", "people", "epochs",
+        ["network", "arch", "features", "train set", "images", "people", "epochs",
          "seconds (budget)", "last L1", "identity overlap"],
         [{"name": k, **v} for k, v in meta.get("training", {}).items()],
-        lambda t: [t["name"], t["arch"], t["train_set"], t["n_train"], t["people"],
+        lambda t: [t["name"], t["arch"], t.get("features", "clean"), t["train_set"],
+                   t["n_train"], t["people"],
                    f"{t['epochs']}{' + partial' if t.get('partial_epoch') else ''}",
                    f"{t['seconds']} ({t.get('budget_seconds', '—')})",
                    (t["loss_curve"] or ["—"])[-1],
@@ -231,38 +291,55 @@ def _recon_cells(r: dict) -> list[str]:
 
 
 def _paper_tables(doc: _Doc) -> None:
-    """Tables 1-4 beside the paper."""
+    """Tables 1-4 beside the paper; each protected cell's change from the unprotected row is
+    compared with the paper's too."""
+    recon_base = ({"table": "table1", "method": "none"}, paper.TABLE1["none"])
+    acc_base = ({"table": "table2", "method": "none", "mode": "online"}, paper.TABLE2["none"])
     doc.table("Table 1 — reconstruction (ResRec attacker, ResRec shadow): SSIM / PSNR / MSE / "
               "SRRA", ["method"])  # fmt: skip
     for m in ("none", "random", "dp", "advface"):
-        doc.paper_row([m], RECON_KEYS, paper.TABLE1[m], f"table1 {m}", table="table1", method=m)
+        doc.paper_row([m], RECON_KEYS, paper.TABLE1[m], f"table1 {m}",
+                      None if m == "none" else recon_base, table="table1", method=m)  # fmt: skip
     doc.table("Table 2 — verification accuracy (stored side protected; online: Psi, offline: "
               "a Psi' for protected features)", ["method"])  # fmt: skip
     for m in ("none", "random", "dp", "advface"):
         doc.paper_row(
-            [m], ("accuracy",), paper.TABLE2[m], f"table2 {m}", table="table2", method=m,
-            mode="online",
+            [m], ("accuracy",), paper.TABLE2[m], f"table2 {m}",
+            None if m == "none" else acc_base, table="table2", method=m, mode="online",
         )  # fmt: skip
     rows = doc.rows
     offline = [r for r in rows if r["table"] == "table2" and r.get("mode") not in (None, "online")]
     for m, mode, label in dict.fromkeys((r["method"], r["mode"], r["head"]) for r in offline):
         ref = (paper.TABLE2_OFFLINE if mode == "offline" else {}).get(m, {})
         doc.paper_row([f"{m} ({mode}, {label})"], ("accuracy",), ref, f"table2 {m} {mode}",
-                      table="table2", method=m, mode=mode, head=label)  # fmt: skip
+                      acc_base, table="table2", method=m, mode=mode, head=label)  # fmt: skip
     doc.lines.append("")
     if not offline:
         doc.lines.append("Offline mode (Psi' on protected features): no head in this run.")
     doc.lines.append(_pairs_note(doc.meta, rows))
     _offline_heads(doc)
-    doc.table("Table 3 — accuracy per shadow model", ["shadow"])
+    doc.table("Table 3 — accuracy per shadow model", ["shadow"], _not_run_note(doc))
     for s in doc.prof["archs"]:
-        doc.paper_row([s], ("accuracy",), paper.TABLE3.get(s, {}), f"table3 {s}",
+        doc.paper_row([s], ("accuracy",), paper.TABLE3.get(s, {}), f"table3 {s}", acc_base,
                       table="table3", shadow=s)  # fmt: skip
-    doc.table("Table 4 — SSIM / PSNR per shadow x attacker", ["shadow", "attacker"])
+    doc.table("Table 4 — SSIM / PSNR per shadow x attacker", ["shadow", "attacker"],
+              _not_run_note(doc))  # fmt: skip
     for s in doc.prof["archs"]:
         for a in doc.prof["archs"]:
+            # The paper reports unprotected features for its ResRec attacker only.
+            base = ({"table": "attackers", "attacker": a}, paper.TABLE1["none"] if a == "resrec"
+                    else {})  # fmt: skip
             doc.paper_row([s, a], ("ssim", "psnr"), paper.TABLE4.get((s, a), {}),
-                          f"table4 {s}->{a}", table="table4", shadow=s, attacker=a)  # fmt: skip
+                          f"table4 {s}->{a}", base, table="table4", shadow=s,
+                          attacker=a)  # fmt: skip
+
+
+def _not_run_note(doc: _Doc) -> str:
+    """Which datasets this profile leaves out of Tables 3/4 ("—" cells there were not run)."""
+    left = [d for d in doc.datasets if d not in doc.prof.get("transfer_datasets", doc.datasets)]
+    if not left:
+        return ""
+    return f"Not run on {', '.join(left)} in this profile (its cells read — beside the paper)."
 
 
 def _offline_heads(doc: _Doc) -> None:
@@ -355,9 +432,9 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
     figs = [f for f in meta.get("figures", []) if f != "loss_curves.png"]
     if figs:
         doc.lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in figs]
-    doc.lines += ["", "## Deviations beyond tolerance", ""]
+    doc.lines += ["", "## Differences from the paper", ""]
     doc.lines += [
-        f"- {f.where} {f.kind}: {_fmt(f.ours, f.kind)} vs paper {_fmt(f.ref, f.kind)}. "
+        f"- {f.mark} {f.where} {f.kind}: {_fmt(f.ours, f.kind)} vs paper {_fmt(f.ref, f.kind)}. "
         f"Why: {explain(f, rows, meta)}"
         for f in doc.flags
     ] or ["- none" + (" among the cells measured so far" if meta.get("complete") is False else "")]

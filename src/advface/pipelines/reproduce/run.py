@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from advface.pipelines.context import git_commit
 from advface.pipelines.reproduce import extras, tables
 from advface.pipelines.reproduce.evaluate import ExtraHead, prepare_dataset
 from advface.pipelines.reproduce.networks import Context, train_networks
@@ -144,6 +145,7 @@ def _meta(ctx: Context, unprotected: dict, t_start: float, done: list[str]) -> d
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{platform.processor() or platform.platform()}",
         "advface_version": __version__,
+        "git_commit": git_commit(),
         "torch_version": torch.__version__,
         "numpy_version": np.__version__,
         "python": platform.python_version(),

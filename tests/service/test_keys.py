@@ -45,3 +45,38 @@ def test_keys_list_and_revoke(tmp_path: Path, toy: Backend) -> None:
         assert_error(c.get("/v1/subjects", headers={"X-API-Key": k1}), 401, "invalid_api_key")
         assert c.get("/v1/subjects", headers={"X-API-Key": k2}).status_code == 200
     app.state.service.store.close()
+
+
+def test_commands_on_an_existing_database_refuse_a_missing_one(tmp_path: Path) -> None:
+    """A mistyped --db-url is an error that creates nothing (no empty database, no folder)."""
+    missing = tmp_path / "typo" / "svc.db"
+    url = f"sqlite:///{missing}"
+    key_file = tmp_path / "new.key"
+    run = CliRunner().invoke
+    for args in (
+        ["keys", "list"],
+        ["keys", "revoke", "0" * 12],
+        ["keys", "rekey-tenant", "acme"],
+        ["keys", "rotate-master", "--new-key-file", str(key_file)],
+        ["reembed", "--backend", "toy"],
+        ["migrate", "--protection", "none", "--backend", "toy"],
+    ):
+        r = run(cli_app, [*args, "--db-url", url])
+        assert r.exit_code == 2 and "no database at" in r.output, (args, r.output)
+    assert not missing.parent.exists() and not key_file.exists()
+    r = run(cli_app, ["keys", "create", "acme", "--db-url", url])  # a new deployment's first key
+    assert r.exit_code == 0 and "creating a new database" in r.output and missing.is_file()
+
+
+def test_rotate_master_without_a_current_key_writes_no_new_key(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ADVFACE_CACHE_DIR", str(tmp_path / "cache"))  # no default master.key
+    monkeypatch.delenv("ADVFACE_MASTER_KEY", raising=False)
+    monkeypatch.delenv("ADVFACE_MASTER_KEY_FILE", raising=False)
+    url = f"sqlite:///{tmp_path / 'svc.db'}"
+    cli_key(url)
+    key_file = tmp_path / "new.key"
+    r = CliRunner().invoke(
+        cli_app, ["keys", "rotate-master", "--new-key-file", str(key_file), "--db-url", url]
+    )
+    assert r.exit_code == 2 and "no current master key" in r.output, r.output
+    assert not key_file.exists()

@@ -34,6 +34,22 @@ def settings_from(**overrides: Any) -> Any:
         raise typer.BadParameter(str(exc)) from exc
 
 
+def existing_settings(**overrides: Any) -> Any:
+    """Settings for a command that works on an existing database: a SQLite file that does not
+    exist (a mistyped --db-url) is an ``error: ...`` instead of a new, empty database."""
+    from advface.service.store import sqlite_path
+
+    settings = settings_from(**overrides)
+    path = sqlite_path(settings.db_url)
+    if path is not None and not path.is_file():
+        with user_errors():
+            raise ValueError(
+                f"no database at {path}: check --db-url / ADVFACE_DB_URL "
+                "(advface serve and advface keys create make a new one)"
+            )
+    return settings
+
+
 def open_store(settings: Any) -> Any:
     """The store with the configured master key (``error: ...`` when it does not fit)."""
     from advface.service import crypto

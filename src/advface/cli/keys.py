@@ -8,7 +8,14 @@ from typing import Annotated, Any
 import typer
 
 from advface.cli._errors import user_errors
-from advface.cli._server import DbUrlOpt, MasterKeyOpt, open_store, print_json, settings_from
+from advface.cli._server import (
+    DbUrlOpt,
+    MasterKeyOpt,
+    existing_settings,
+    open_store,
+    print_json,
+    settings_from,
+)
 
 keys_app = typer.Typer(help="API keys of the template service.", no_args_is_help=True)
 
@@ -33,30 +40,20 @@ def keys_rotate_master(
     """
     from tqdm import tqdm
 
-    from advface.service import crypto
-
-    settings = settings_from(db_url=db_url, master_key_file=master_key_file)
-    with user_errors():
-        new = crypto.LocalKeyProvider(
-            crypto.read_key_file(new_key_file)
-            if new_key_file.exists()
-            else crypto.write_key_file(new_key_file)
-        )
-    store = _open_store_for_rotation(settings, new)
+    settings = existing_settings(db_url=db_url, master_key_file=master_key_file)
+    store, new = _open_store_for_rotation(settings, new_key_file)
     try:
-        with user_errors():
-            if store.keys is None:
-                raise crypto.MasterKeyError("no current master key configured: nothing to rotate")
-            with tqdm(unit="key", desc="rotate-master") as bar:
-                n = store.rotate_master(new, batch=batch, on_batch=bar.update)
+        with user_errors(), tqdm(unit="key", desc="rotate-master") as bar:
+            n = store.rotate_master(new, batch=batch, on_batch=bar.update)
     finally:
         store.close()
     print_json({"rewrapped": n, "master_key_id": new.key_id, "master_key_file": str(new_key_file)})
 
 
-def _open_store_for_rotation(settings: Any, new: Any) -> Any:
-    """The store under the current key; keys already under ``new`` (an interrupted rotation)
-    are not an error here."""
+def _open_store_for_rotation(settings: Any, new_key_file: Path) -> tuple[Any, Any]:
+    """(the store under the current key, the new key's provider). Nothing is written
+    (the new key file included) unless a current key is configured and differs from the new
+    one; keys already under the new key (an interrupted rotation) are not an error here."""
     from advface.service import crypto
     from advface.service.settings import default_master_key_file
     from advface.service.store import Store
@@ -65,9 +62,15 @@ def _open_store_for_rotation(settings: Any, new: Any) -> Any:
         keys = crypto.provider_from_config(
             settings.master_key_file, default_file=default_master_key_file()
         )
-        if keys is not None and keys.key_id == new.key_id:
-            raise crypto.MasterKeyError("the new master key is the current one")
-    return Store(settings.db_url, timeout=settings.db_timeout, keys=keys)
+        if keys is None:
+            raise crypto.MasterKeyError("no current master key configured: nothing to rotate")
+        if new_key_file.exists():
+            new = crypto.LocalKeyProvider(crypto.read_key_file(new_key_file))
+            if keys.key_id == new.key_id:
+                raise crypto.MasterKeyError("the new master key is the current one")
+        else:
+            new = crypto.LocalKeyProvider(crypto.write_key_file(new_key_file))
+    return Store(settings.db_url, timeout=settings.db_timeout, keys=keys), new
 
 
 @keys_app.command("create")
@@ -76,9 +79,13 @@ def keys_create(
     db_url: DbUrlOpt = None,
 ) -> None:
     """Create an API key for TENANT and print it (it is stored only as a hash)."""
-    from advface.service.store import Store
+    from advface.service.store import Store, sqlite_path
 
-    store = Store(settings_from(db_url=db_url).db_url)
+    settings = settings_from(db_url=db_url)
+    path = sqlite_path(settings.db_url)
+    if path is not None and not path.is_file():
+        typer.echo(f"creating a new database at {path}", err=True)  # a typo shows here
+    store = Store(settings.db_url)
     try:
         token = store.create_key(tenant)
     except ValueError as exc:
@@ -96,7 +103,7 @@ def keys_list(
     only their hashes are stored."""
     from advface.service.store import Store
 
-    store = Store(settings_from(db_url=db_url).db_url)
+    store = Store(existing_settings(db_url=db_url).db_url)
     try:
         for k in store.list_keys():
             print_json(
@@ -126,7 +133,7 @@ def keys_rekey_tenant(
     from advface.service.store import NotFound
     from advface.service.transform import rekey_tenant
 
-    store = open_store(settings_from(db_url=db_url, master_key_file=master_key_file))
+    store = open_store(existing_settings(db_url=db_url, master_key_file=master_key_file))
     try:
         with user_errors():
             try:
@@ -150,7 +157,7 @@ def keys_revoke(
 
     if not re.fullmatch(r"[0-9a-f]{12}", key_id):
         raise typer.BadParameter("KEY_ID must be the 12 hex digits of a key id (advface keys list)")
-    store = Store(settings_from(db_url=db_url).db_url)
+    store = Store(existing_settings(db_url=db_url).db_url)
     try:
         found = store.revoke_key(key_id)
     finally:

@@ -13,6 +13,7 @@ from advface.cli._server import (
     HeadOpt,
     MasterKeyOpt,
     ensure_master_key,
+    existing_settings,
     open_store,
     print_json,
     settings_from,
@@ -201,7 +202,7 @@ def reembed_cmd(
     from advface.service.backend import load_backend
     from advface.service.core import embed_missing
 
-    settings = settings_from(
+    settings = existing_settings(
         db_url=db_url,
         backend=backend,
         head=head,
@@ -278,7 +279,7 @@ def migrate_cmd(
     from advface.service.backend import load_backend
     from advface.service.core import public_params, reprotect
 
-    settings = settings_from(
+    settings = existing_settings(
         db_url=db_url, backend=backend, head=head, master_key_file=master_key_file
     )
     with user_errors():

@@ -85,10 +85,11 @@ def pgvector_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url:
         db = _fresh_database(url)
         fresh = next(db)
-        if _has_pgvector(fresh):
+        has = _has_pgvector(fresh)  # asked before the drop: a dropped database has nothing
+        if has:
             yield fresh
         next(db, None)  # drops the database
-        if _has_pgvector(fresh):
+        if has:
             return
     try:
         import pgserver

@@ -77,8 +77,9 @@ def test_service_records_the_distilled_version(
     key = store.create_key("acme")
     tenant = store.authenticate(key)
     with TestClient(app) as c:
-        ready = c.get("/ready").json()
-        assert ready["psi_version"] == version and ready["model_version"] == TOY_VERSION
+        assert c.get("/ready").status_code == 200
+        served = app.state.service.backend
+        assert served.embedding_version == version and served.version == TOY_VERSION
         h = {"X-API-Key": key}
         assert c.post("/v1/subjects", json={"subject_id": "p1"}, headers=h).status_code == 201
         r = c.post("/v1/subjects/p1/templates", content=payload.encode(feature_map(1)), headers=h)

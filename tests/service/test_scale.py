@@ -93,8 +93,8 @@ def test_migration_embeds_once_and_startup_loads_without_psi(db_url: str) -> Non
     first = counting(toy_backend())
     c, svc = start(db_url, first, rebuild_batch=2)
     try:
-        ready = c.get("/ready").json()
-        assert ready["templates"] == 5 and ready["backfilled_templates"] == 5
+        assert c.get("/ready").status_code == 200
+        assert svc.index.count() == 5 and svc.backfilled_templates == 5
         assert first.psi.maps == 5 + 1  # each stored map once, plus one probe for the dimension
         assert identify(c, key, 3)[0]["subject_id"] == "p3"
     finally:
@@ -103,8 +103,8 @@ def test_migration_embeds_once_and_startup_loads_without_psi(db_url: str) -> Non
     again = counting(toy_backend())
     c, svc = start(db_url, again)
     try:
-        ready = c.get("/ready").json()
-        assert ready["templates"] == 5 and ready["backfilled_templates"] == 0
+        assert c.get("/ready").status_code == 200
+        assert svc.index.count() == 5 and svc.backfilled_templates == 0
         assert again.psi.maps == 1  # start-up read the stored embeddings, ran no Psi on them
         assert identify(c, key, 3)[0]["subject_id"] == "p3"
     finally:
@@ -151,7 +151,7 @@ def test_reembed_while_serving_then_switch(tmp_path: Path) -> None:
         svc.store.close()
     c, svc = start(url, new)
     try:
-        assert c.get("/ready").json()["backfilled_templates"] == 0
+        assert c.get("/ready").status_code == 200 and svc.backfilled_templates == 0
         after = identify(c, key, 2, k=4)
         assert after[0]["subject_id"] == "p2"
         assert [x["score"] for x in after] != [x["score"] for x in before]  # new Psi's scores
@@ -297,7 +297,7 @@ def test_index_snapshot_restores_and_replays_the_log(tmp_path: Path) -> None:
     snap = tmp_path / "s.db.index"
     c, svc = start(url, toy_backend())
     try:
-        assert c.get("/ready").json()["index_loaded_from"] == "database"
+        assert c.get("/ready").status_code == 200 and svc.sync.loaded_from == "database"
         assert (snap / "meta.json").exists()  # written after the rebuild
         assert oct(snap.stat().st_mode & 0o777) == "0o700"
         before = identify(c, key, 1, k=4)
@@ -326,8 +326,8 @@ def test_index_snapshot_restores_and_replays_the_log(tmp_path: Path) -> None:
     store.close()
     c, svc = start(url, toy_backend())
     try:
-        ready = c.get("/ready").json()
-        assert ready["index_loaded_from"] == "snapshot" and ready["templates"] == 4
+        assert c.get("/ready").status_code == 200
+        assert svc.sync.loaded_from == "snapshot" and svc.index.count() == 4
         assert identify(c, key, 40)[0]["subject_id"] == "late"
         assert all(x["subject_id"] != "p0" for x in identify(c, key, 0, k=10))
         assert identify(c, key, 1, k=4)[0] == before[0]
@@ -338,7 +338,7 @@ def test_index_snapshot_restores_and_replays_the_log(tmp_path: Path) -> None:
     (snap / "meta.json").write_text("{not json")
     c, svc = start(url, toy_backend())
     try:
-        assert c.get("/ready").json()["index_loaded_from"] == "database"
+        assert c.get("/ready").status_code == 200 and svc.sync.loaded_from == "database"
         assert identify(c, key, 40)[0]["subject_id"] == "late"
     finally:
         c.__exit__(None, None, None)
@@ -348,8 +348,8 @@ def test_index_snapshot_restores_and_replays_the_log(tmp_path: Path) -> None:
     shutil.copytree(snap, tmp_path / "other.db.index")
     c, svc = start(f"sqlite:///{other}", toy_backend())
     try:
-        ready = c.get("/ready").json()
-        assert ready["index_loaded_from"] == "database" and ready["templates"] == 2
+        assert c.get("/ready").status_code == 200
+        assert svc.sync.loaded_from == "database" and svc.index.count() == 2
     finally:
         c.__exit__(None, None, None)
         svc.store.close()

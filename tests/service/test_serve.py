@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -56,7 +57,8 @@ def test_serve_sdk_restart_persistence(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             c.enroll("id0", np.zeros((3, 3), np.float32))
     with ServerProcess(**srv_args) as srv, AdvFaceClient(srv.url, key, retries=0) as c:
-        assert srv.ready_info["templates"] == 3
+        stats = httpx.get(f"{srv.url}/v1/stats", headers={"X-API-Key": key}).json()
+        assert stats["templates"] == 3
         _cli_client_roundtrip(srv.url, key, tmp_path)
         g2 = c.verify("id1", feature_map(1, noise=0.2, sample=3))
         assert g2.score == pytest.approx(g.score, abs=1e-6) and g2.match

@@ -82,8 +82,10 @@ def test_service_with_uint8_storage_and_older_rows(tmp_path: Path, toy: Backend)
     finally:
         cm.__exit__(None, None, None)
         h.store.close()
-    # A database of an earlier version had no map_codec column: it is added, rows decode.
+    # A database of an earlier version had no map_codec column (nor the metadata indexes over
+    # it): it is added, rows decode.
     with sqlite3.connect(db) as conn:
+        conn.execute("DROP INDEX ix_templates_meta")
         conn.execute("ALTER TABLE templates DROP COLUMN map_codec")
     h, cm = make_harness(url, toy, storage_codec="uint8")
     try:

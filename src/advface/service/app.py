@@ -8,19 +8,25 @@ injected, which is how the tests run it with tiny stand-in modules.
 from __future__ import annotations
 
 import logging
+import os
+import random
+import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import FastAPI
+from sqlalchemy import exc as sa_exc
 
 from advface.service import crypto
 from advface.service.backend import Backend, load_backend
 from advface.service.core import Service, public_params
 from advface.service.dbindex import PgVectorIndex, PgVectorUnavailable, SqlExactIndex
-from advface.service.errors import ServiceError, install_error_handlers
+from advface.service.errors import DB_UNAVAILABLE, ServiceError, install_error_handlers
 from advface.service.guard import GuardLimits, RequestGuard, TokenBucket
 from advface.service.index import HnswIndex, VectorIndex
 from advface.service.routes import ops, recognition, subjects, templates
@@ -28,7 +34,14 @@ from advface.service.settings import ServiceSettings, default_master_key_file
 from advface.service.store import Store
 from advface.service.transform import TenantTransforms, TransformedIndex
 
-__all__ = ["API_VERSION", "Service", "ServiceError", "build_index", "create_app"]
+__all__ = [
+    "API_VERSION",
+    "Service",
+    "ServiceError",
+    "StartupRetry",
+    "build_index",
+    "create_app",
+]
 
 log = logging.getLogger("advface.service")
 
@@ -71,35 +84,166 @@ def build_index(settings: ServiceSettings, store: Store, backend: Backend) -> Ve
         return SqlExactIndex(store, dim, version)
 
 
-def _lifespan(svc: Service, in_background: bool) -> Any:
+# Start-up failures a later attempt can get past: the database unreachable, locked or in a
+# deadlock, a unique-key race between workers embedding the same templates, a full disk.
+TRANSIENT_STARTUP_ERRORS: tuple[type[Exception], ...] = (
+    *DB_UNAVAILABLE,
+    sa_exc.IntegrityError,
+    OSError,
+)
+# Exit statuses of a worker whose start-up failed (only under ``server.run``): uvicorn's
+# supervisor restarts a worker that exits 1 and stops the whole server when one exits 3 (its
+# STARTUP_FAILURE), which is right for an error every worker would hit again.
+EXIT_RETRIES_EXHAUSTED = 1
+EXIT_STARTUP_FATAL = 3
+# Set by ``server.run`` for its workers: a worker exiting with EXIT_STARTUP_FATAL creates this
+# file, so the supervising process, which uvicorn lets exit 0, exits with that status too.
+STARTUP_FAILED_FILE_ENV = "ADVFACE_STARTUP_FAILED_FILE"
+
+
+@dataclass(frozen=True)
+class StartupRetry:
+    """How often, and how long apart, start-up is retried after a transient error."""
+
+    attempts: int = 8
+    first_delay: float = 1.0  # seconds; doubled after each failure, up to ``max_delay``
+    max_delay: float = 60.0
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failed attempt (with jitter, so workers
+        that failed together do not retry in step)."""
+        base = min(self.max_delay, self.first_delay * 2 ** (failures - 1))
+        return base * random.uniform(0.5, 1.0)
+
+
+def startup_error_category(exc: BaseException) -> str:
+    """A short, fixed name for a start-up failure: what ``/ready`` may say about it (the
+    driver's message can name hosts, users and paths; it goes to the log only)."""
+    if isinstance(exc, DB_UNAVAILABLE):
+        return "database_unavailable"
+    if isinstance(exc, sa_exc.SQLAlchemyError):
+        return "database_error"
+    if isinstance(exc, crypto.CryptoError):
+        return "decryption_failed"
+    if isinstance(exc, OSError):
+        return "os_error"
+    return "internal_error"
+
+
+def run_startup(svc: Service, retry: StartupRetry, stop: threading.Event) -> int:
+    """``svc.startup()``, retried with exponential backoff while its errors are transient
+    (start-up resumes: embedded batches stay committed, the index is reloaded whole).
+
+    Returns 0 when the service is ready (or ``stop`` was set while waiting), else the exit
+    status for the failure; ``svc.startup_error`` then holds its category.
+    """
+    attempts = max(1, retry.attempts)
+    for attempt in range(1, attempts + 1):
+        try:
+            svc.startup()
+        except TRANSIENT_STARTUP_ERRORS as exc:
+            if attempt == attempts:
+                log.error("start-up failed %d times; giving up", attempt, exc_info=exc)
+                svc.startup_error = startup_error_category(exc)
+                return EXIT_RETRIES_EXHAUSTED
+            delay = retry.delay(attempt)
+            # The driver's own message (not SQLAlchemy's with the statement): host, lock, ...
+            cause = getattr(exc, "orig", None) or exc
+            log.warning(
+                "start-up attempt %d of %d failed (%s: %s); retrying in %.1f s",
+                attempt,
+                attempts,
+                type(cause).__name__,
+                str(cause).strip(),
+                delay,
+            )
+            if stop.wait(delay):
+                return 0
+        except Exception as exc:  # noqa: BLE001 - configuration or a bug: retrying cannot help
+            log.error("start-up failed; retrying cannot fix this error", exc_info=exc)
+            svc.startup_error = startup_error_category(exc)
+            return EXIT_STARTUP_FATAL
+        else:
+            # /ready is unauthenticated and only says ready or not: these go to the log.
+            log.info(
+                "serving: vector index %s loaded from %s, start-up %.2f s CPU; E %s, Psi %s, "
+                "protection %s",
+                type(svc.index).__name__,
+                svc.sync.loaded_from if svc.sync else "database",
+                svc.rebuild_cpu_seconds,
+                svc.backend.version,
+                svc.backend.embedding_version,
+                svc.protection_name,
+            )
+            return 0
+    raise AssertionError("unreachable: the last attempt returns")
+
+
+def _request_shutdown() -> None:
+    """Ask uvicorn to shut down gracefully (its SIGTERM handler): the requests in flight are
+    answered, then the lifespan's shutdown runs."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _exit_process(status: int) -> None:
+    """End this process with ``status`` (uvicorn itself would exit 0 after a shutdown)."""
+    mark = os.environ.get(STARTUP_FAILED_FILE_ENV)
+    if mark and status == EXIT_STARTUP_FATAL:
+        try:
+            Path(mark).touch()
+        except OSError:
+            log.exception("could not report the failed start-up to the supervising process")
+    logging.shutdown()  # flush the log lines that say why
+    os._exit(status)
+
+
+def _lifespan(svc: Service, in_background: bool, retry: StartupRetry) -> Any:
     """Start-up: embed what has no embedding, load the index (in a thread, so ``/health``
-    answers at once)."""
+    answers at once), retrying transient errors.
+
+    A start-up that fails for good leaves ``/ready`` at 503 ``startup_failed``. Under
+    ``server.run`` (``app.state.exit_on_startup_failure``) the process then shuts down
+    gracefully and exits non-zero, so a supervisor restarts it or reports the failure instead
+    of a worker answering 503 forever.
+    """
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        failed: list[int] = []
+
         def run() -> None:
-            try:
-                svc.startup()
-            except Exception as exc:  # noqa: BLE001 - reported by /ready, not fatal
-                log.exception("start-up failed")
-                svc.startup_error = f"{type(exc).__name__}: {exc}"
+            status = run_startup(svc, retry, stop)
+            if not status:
+                return
+            if not getattr(app.state, "exit_on_startup_failure", False):
+                log.error("this process answers 503 startup_failed until it is restarted")
+                return
+            failed.append(status)
+            _request_shutdown()  # the shutdown below then exits with the status
 
         if in_background:
             threading.Thread(target=run, name="index-load", daemon=True).start()
         else:
             run()
         yield
+        stop.set()
         try:
             svc.shutdown()
         except Exception:  # noqa: BLE001 - a snapshot only saves start-up time
             log.exception("saving the index snapshot failed")
+        if failed:
+            log.critical("exiting with status %d: the start-up failed", failed[0])
+            _exit_process(failed[0])
 
     return lifespan
 
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for ``--workers N``: each worker builds its app from ``ADVFACE_*``."""
-    return create_app(ServiceSettings.from_env())
+    app = create_app(ServiceSettings.from_env())
+    app.state.exit_on_startup_failure = True  # let uvicorn's supervisor see a failed start-up
+    return app
 
 
 def protection_for(settings: ServiceSettings, backend: Backend) -> Any:
@@ -128,11 +272,13 @@ def create_app(
     protection: Any = None,
     keys: crypto.KeyProvider | None = None,
     rebuild_in_background: bool = True,
+    startup_retry: StartupRetry | None = None,
 ) -> FastAPI:
     """Build the service app. Collaborators not given are built from ``settings``.
 
     Start-up (lifespan) runs in a thread, so ``/health`` answers at once and ``/ready`` turns
-    200 when every template has an embedding and the index is loaded.
+    200 when every template has an embedding and the index is loaded; transient start-up
+    errors are retried as ``startup_retry`` says.
     """
     settings = settings or ServiceSettings.from_env()
     if settings.torch_threads > 0:
@@ -174,7 +320,7 @@ def create_app(
         version=API_VERSION,
         description="Stores server-protected face feature maps (AdvFace, CVPR 2023); "
         "verify 1:1 and identify 1:N on the protected templates.",
-        lifespan=_lifespan(svc, rebuild_in_background),
+        lifespan=_lifespan(svc, rebuild_in_background, startup_retry or StartupRetry()),
         # The stock pages load Swagger UI / ReDoc from a CDN; ops.DOCS_HTML works offline.
         docs_url=None,
         redoc_url=None,

@@ -266,21 +266,28 @@ class IndexSync:
         lo, hi = self.store.change_bounds()
         if hi <= self.seq:
             return 0
-        if lo > self.seq + 1:  # entries we never saw were pruned
+        start = self.seq
+        if lo > self.seq + 1 or not self._replay_locked():
             log.warning("index change log pruned past this worker; reloading")
             self._reload_locked()
-            return hi - self.seq
-        seen = 0
+        if hi - lo > 2 * self.keep:
+            self.store.prune_changes(self.keep)
+        return max(0, self.seq - start)
+
+    def _replay_locked(self) -> bool:
+        """Apply the logged changes page by page; False when entries after ``self.seq`` are
+        gone (the changes before the gap are applied, the caller reloads)."""
         while changes := self.store.changes_after(self.seq):
+            # ``seq`` has no holes but the pruned prefix: another worker may prune while we
+            # read, so each page must start right after what was applied.
+            if changes[0][0] != self.seq + 1:
+                return False
             ids = sorted({tid for _, tid, v in changes if v == self.version})
             if ids:
                 self.index.remove(ids)
                 _add_grouped(self.index, self.store.embeddings_of(self.version, ids))
             self.seq = changes[-1][0]
-            seen += len(changes)
-        if hi - lo > 2 * self.keep:
-            self.store.prune_changes(self.keep)
-        return seen
+        return True
 
 
 @dataclass

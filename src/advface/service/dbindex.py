@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from advface.service.index import Hit, VectorIndex, _check_k, _unit
+from advface.service.settings import PGVECTOR_MAX_EF_SEARCH
 from advface.service.store import Store, VectorRow
 from advface.service.transform import TenantTransforms, orthogonal
 
@@ -91,11 +92,19 @@ class PgVectorIndex(_DbIndex):
         backfill: bool = True,
         transforms: TenantTransforms | None = None,
     ) -> None:
+        if not 1 <= ef_search <= PGVECTOR_MAX_EF_SEARCH:
+            raise ValueError(
+                f"the pgvector index takes ef_search 1..{PGVECTOR_MAX_EF_SEARCH} "
+                f"(ADVFACE_INDEX_EF_SEARCH), got {ef_search}"
+            )
         super().__init__(store, dim, version)
         self.ef_search, self.transforms = ef_search, transforms
         self.pgvector_version = _ensure_schema(store, dim)
         major, minor = (int(x) for x in self.pgvector_version.split(".")[:2])
         self.iterative = (major, minor) >= (0, 8)
+        # Without an iterative scan a search returns at most ef_search rows (of every tenant,
+        # before the tenant filter), and ef_search stops at pgvector's limit.
+        self.max_search_k = None if self.iterative else PGVECTOR_MAX_EF_SEARCH
         store.vector_writer = self.write
         if transforms is not None:
             self.transform_clear_vectors()
@@ -128,14 +137,20 @@ class PgVectorIndex(_DbIndex):
         )
         with self.store.transaction() as s:
             tenants = [int(t) for t in s.scalars(sql)]
+        moved = 0
         for tenant in tenants:
             try:
                 with self.store.transaction() as s:
-                    seed = self.store.new_transform_seed(s, tenant)
-                    retransform_vectors(s, self.store, tenant, seed)
+                    # Only where no seed exists yet: a worker starting at the same time may
+                    # have created one (and moved the vectors) since the list was read, and
+                    # replacing it would leave its cached transform stale.
+                    seed, created = self.store.ensure_transform_seed(s, tenant)
+                    if created:
+                        retransform_vectors(s, self.store, tenant, seed)
+                        moved += 1
             except IntegrityError:  # another worker moved them first
                 continue
-        return len(tenants)
+        return moved
 
     def backfill(self, batch: int = 1000) -> int:
         """Vectors for stored embeddings that have none (pgvector installed after the fact)."""
@@ -157,6 +172,11 @@ class PgVectorIndex(_DbIndex):
                 self.write(s, [(e.template_id, e.tenant_id, self.version, e.vector) for e in rows])
                 done += len(rows)
 
+    def search_ef(self, k: int) -> int:
+        """``hnsw.ef_search`` of a top-``k`` search: at least ``k`` candidates, within what
+        pgvector accepts (an iterative scan returns more than ef_search rows)."""
+        return min(max(int(k), self.ef_search), PGVECTOR_MAX_EF_SEARCH)
+
     def search(self, tenant_id: int, probe: Any, k: int) -> list[Hit]:
         _check_k(k)
         q = _literal(self._moved(tenant_id, _unit(probe, self.dim)))
@@ -170,7 +190,7 @@ class PgVectorIndex(_DbIndex):
         )
         with self.store.transaction() as s:
             # SET LOCAL: per transaction, so pooled connections keep the server defaults.
-            s.execute(text(f"SET LOCAL hnsw.ef_search = {max(int(k), self.ef_search)}"))
+            s.execute(text(f"SET LOCAL hnsw.ef_search = {self.search_ef(k)}"))
             if self.iterative:
                 s.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
             rows = s.execute(sql, {"q": q, "t": tenant_id, "v": self.version, "k": k}).all()
@@ -209,18 +229,43 @@ def retransform_vectors(
     return done
 
 
+# SQLSTATEs of CREATE EXTENSION meaning the server cannot give this database pgvector: no
+# control or library file (58P01), not allowed to create it (42501), extension not offered by
+# the (managed) server (0A000).
+_NO_EXTENSION = frozenset({"58P01", "42501", "0A000"})
+# Two sessions creating the extension at once: the loser gets a unique violation.
+_CONCURRENT_CREATE = frozenset({"23505", "42710"})
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    """The SQLSTATE of a driver error (psycopg 3 ``sqlstate``, psycopg2 ``pgcode``)."""
+    return getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+
+
+def _has_extension(store: Store) -> bool:
+    with store.engine.connect() as conn:
+        sql = text("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
+        return conn.execute(sql).scalar() is not None
+
+
 def _ensure_schema(store: Store, dim: int) -> str:
     """Create the extension, table and HNSW index if needed; return pgvector's version."""
     try:
         with store.engine.begin() as conn:
             conn.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))
     except DBAPIError as exc:
-        raise PgVectorUnavailable(
-            "PostgreSQL has no usable pgvector extension (CREATE EXTENSION vector failed: "
-            f"{type(exc.orig).__name__}). Install pgvector on the server (e.g. the "
-            "postgresql-NN-pgvector package) and have the database owner run CREATE EXTENSION "
-            "vector, or set --vector-index exact (slow exact scan)."
-        ) from None
+        state = _sqlstate(exc)
+        if state in _CONCURRENT_CREATE and _has_extension(store):
+            pass  # another worker created it at the same moment
+        elif state in _NO_EXTENSION:
+            raise PgVectorUnavailable(
+                "PostgreSQL has no usable pgvector extension (CREATE EXTENSION vector failed: "
+                f"{type(exc.orig).__name__}). Install pgvector on the server (e.g. the "
+                "postgresql-NN-pgvector package) and have the database owner run CREATE "
+                "EXTENSION vector, or set --vector-index exact (slow exact scan)."
+            ) from None
+        else:
+            raise  # a lost connection, a timeout...: no reason to run without pgvector
     with store.engine.begin() as conn:
         conn.execute(
             text(

@@ -17,6 +17,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from advface.service import crypto, payload
+from advface.service.server import redact_path
 
 log = logging.getLogger("advface.service")
 
@@ -155,12 +156,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _crypto(request: Request, exc: crypto.CryptoError) -> JSONResponse:
         # A row that does not authenticate was copied or altered in the database (or the key
         # is wrong): nothing the client can fix, and nothing about the row is echoed.
-        log.error("stored data does not decrypt during %s %s", request.method, request.url.path)
+        log.error(
+            "stored data does not decrypt during %s %s",
+            request.method,
+            redact_path(request.url.path),  # no subject id in a log
+        )
         return error_response(500, "decryption_failed", "stored data does not decrypt")
 
     @app.exception_handler(sa_exc.SQLAlchemyError)
     async def _database(request: Request, exc: sa_exc.SQLAlchemyError) -> JSONResponse:
-        return database_error(exc, f"{request.method} {request.url.path}")
+        return database_error(exc, f"{request.method} {redact_path(request.url.path)}")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

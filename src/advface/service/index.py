@@ -64,6 +64,9 @@ class VectorIndex(ABC):
     #: True when entries live in the database and are written by the store's own
     #: transactions (``Store.vector_writer``); False for in-process indexes to be synced.
     in_database: bool = False
+    #: The most hits one search can return (a wider search finds nothing more); None: no
+    #: limit but the tenant's entries.
+    max_search_k: int | None = None
 
     @abstractmethod
     def add(self, tenant_id: int, items: Sequence[tuple[str, str, Any]]) -> None:
@@ -86,19 +89,21 @@ class VectorIndex(ABC):
 
 
 def top_subjects(index: VectorIndex, tenant_id: int, probe: Any, k: int) -> list[Hit]:
-    """Top-k *subjects* by their best template: searches wider until k distinct subjects, or
-    until the tenant's templates are exhausted (a search returning fewer than asked for)."""
+    """Top-k *subjects* by their best template: searches wider until k distinct subjects, until
+    the tenant's templates are exhausted (a search returning fewer than asked for), or until
+    the index's ``max_search_k`` (then the subjects found so far)."""
     _check_k(k)
-    want = 4 * k
+    cap = index.max_search_k
+    want = 4 * k if cap is None else min(4 * k, cap)
     while True:
         best: dict[str, Hit] = {}
         hits = index.search(tenant_id, probe, want)
         for h in hits:
             if h.subject_id not in best:
                 best[h.subject_id] = h
-        if len(best) >= k or len(hits) < want:
+        if len(best) >= k or len(hits) < want or want == cap:
             return list(best.values())[:k]
-        want *= 4
+        want = 4 * want if cap is None else min(4 * want, cap)
 
 
 class _RWLock:

@@ -76,21 +76,9 @@ class Health(BaseModel):
 
 
 class Ready(BaseModel):
+    """Readiness only: ``/ready`` needs no API key, so it carries no counts or versions."""
+
     status: str
-    templates: int
-    skipped_templates: int
-    backfilled_templates: int
-    vector_index: str
-    index_loaded_from: str
-    rebuild_seconds: float
-    rebuild_cpu_seconds: float
-    model_version: str
-    # Version of Psi that embeds templates and probes (a distilled head's own version).
-    psi_version: str = ""
-    protection: str
-    # Stored templates of all tenants per protection name and per model version of E.
-    templates_by_protection: dict[str, int]
-    templates_by_model_version: dict[str, int]
 
 
 class ProtectionCount(BaseModel):

@@ -1,10 +1,15 @@
-"""Running the app under uvicorn: slow-client timeouts and access logs without query strings."""
+"""Running the app under uvicorn: slow-client timeouts, access logs without query strings or ids,
+and a non-zero exit when the start-up fails for good."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import os
+import re
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -12,31 +17,44 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from advface.service.settings import ServiceSettings
 
+# Everything between a route's id prefix and its last fixed segment: a subject id (perhaps an
+# e-mail address) or a template id. Matching up to the suffix, not one segment, also covers an
+# id with an encoded "/", so no fragment of it is left behind.
+_SUBJECT_PATH = re.compile(r"(/v1/+subjects/+).+?(/templates|/verify)?/*$")
+_TEMPLATE_PATH = re.compile(r"(/v1/+templates/+).+$")
 
-class RedactQuery(logging.Filter):
-    """Drop the query string from uvicorn access-log lines.
+
+def redact_path(path: str) -> str:
+    """``path`` with its subject or template id replaced by ``{id}``."""
+    path = _SUBJECT_PATH.sub(lambda m: f"{m[1]}{{id}}{m[2] or ''}", path, count=1)
+    return _TEMPLATE_PATH.sub(lambda m: f"{m[1]}{{id}}", path, count=1)
+
+
+class RedactAccessLog(logging.Filter):
+    """Drop the query string and the ids in the path from uvicorn access-log lines.
 
     Query strings can carry secrets (a client that puts its API key in ``?api_key=``) or personal
-    data (cursors are subject ids), and access logs are kept longer and read by more people than
-    the database. The path alone still tells which route was hit.
+    data (cursors are subject ids), and so can paths (``/v1/subjects/{id}/verify``); access logs
+    are kept longer and read by more people than the database. The route alone still tells what
+    was hit.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
             path, sep, _ = args[2].partition("?")
-            if sep:
-                record.args = (args[0], args[1], f"{path}?[redacted]", args[3], args[4])
+            path = redact_path(path) + ("?[redacted]" if sep else "")
+            record.args = (args[0], args[1], path, args[3], args[4])
         return True
 
 
 def log_config() -> dict[str, Any]:
-    """uvicorn's logging configuration with :class:`RedactQuery` on the access handler."""
+    """uvicorn's logging configuration with :class:`RedactAccessLog` on the access handler."""
     from uvicorn.config import LOGGING_CONFIG
 
     cfg = copy.deepcopy(LOGGING_CONFIG)
-    cfg.setdefault("filters", {})["redact_query"] = {"()": f"{__name__}.RedactQuery"}
-    cfg["handlers"]["access"]["filters"] = ["redact_query"]
+    cfg.setdefault("filters", {})["redact_access"] = {"()": f"{__name__}.RedactAccessLog"}
+    cfg["handlers"]["access"]["filters"] = ["redact_access"]
     return cfg
 
 
@@ -116,16 +134,28 @@ def run(app: Any, settings: ServiceSettings, log_level: str = "info") -> None:
         host=settings.host, port=settings.port, log_level=log_level, log_config=log_config()
     )
     if settings.workers == 1:
+        if hasattr(app, "state"):
+            # A start-up that fails for good ends the process (non-zero) instead of leaving
+            # it answering 503; the worker processes' apps set this in ``app_from_env``.
+            app.state.exit_on_startup_failure = True
         uvicorn.run(app, http=h11_protocol(settings.header_timeout), workers=1, **common)
         return
     check_workers(settings)
+    from advface.service.app import EXIT_STARTUP_FATAL, STARTUP_FAILED_FILE_ENV
+
     # Worker processes are spawned: they read the settings (and the header timeout of
     # EnvHeaderTimeoutH11) from the environment they inherit.
     os.environ.update(settings.to_env())
-    uvicorn.run(
-        "advface.service.app:app_from_env",
-        factory=True,
-        http=f"{__name__}:EnvHeaderTimeoutH11",
-        workers=settings.workers,
-        **common,
-    )
+    with tempfile.TemporaryDirectory(prefix="advface-serve-") as tmp:
+        failed = Path(tmp) / "startup-failed"
+        os.environ[STARTUP_FAILED_FILE_ENV] = str(failed)
+        uvicorn.run(
+            "advface.service.app:app_from_env",
+            factory=True,
+            http=f"{__name__}:EnvHeaderTimeoutH11",
+            workers=settings.workers,
+            **common,
+        )
+        if failed.exists():
+            # uvicorn stopped every worker because one cannot start; it returns normally.
+            sys.exit(EXIT_STARTUP_FATAL)

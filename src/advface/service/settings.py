@@ -14,6 +14,8 @@ ENV_PREFIX = "ADVFACE_"
 VECTOR_INDEXES = ("auto", "hnsw", "pgvector", "exact")
 # Stored form of each protected map (see ``payload``); embeddings-only keeps no map at all.
 STORAGE_CODECS = ("float16", "float32", "uint8", "embeddings-only")
+# pgvector refuses ``hnsw.ef_search`` above this.
+PGVECTOR_MAX_EF_SEARCH = 1000
 
 
 def default_db_url() -> str:
@@ -73,7 +75,8 @@ class ServiceSettings:
     vector_index: str = "auto"
     # uvicorn worker processes; they share state only through the database.
     workers: int = 1
-    # HNSW search breadth (ef) of the in-process and pgvector indexes: recall vs latency.
+    # HNSW search breadth (ef) of the in-process and pgvector indexes: recall vs latency
+    # (1..4096; pgvector accepts at most 1000).
     index_ef_search: int = 256
     # 1: keep the in-process HNSW graphs in "<SQLite file>.index" (fast start-up); 0: rebuild
     # them from the stored embeddings at every start.
@@ -135,12 +138,24 @@ class ServiceSettings:
             )
         if not 1 <= self.index_ef_search <= 4096:
             raise ValueError(f"index_ef_search must be 1..4096, got {self.index_ef_search}")
+        if self.index_ef_search > PGVECTOR_MAX_EF_SEARCH and self._may_use_pgvector():
+            raise ValueError(
+                f"index_ef_search must be 1..{PGVECTOR_MAX_EF_SEARCH} with the pgvector index "
+                f"(pgvector's limit), got {self.index_ef_search}"
+            )
         if self.index_snapshots not in (0, 1):
             raise ValueError(f"index_snapshots must be 0 or 1, got {self.index_snapshots}")
         if not 1 <= self.workers <= 64:
             raise ValueError(f"workers must be 1..64, got {self.workers}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
+
+    def _may_use_pgvector(self) -> bool:
+        """Whether the index may be pgvector: named, or ``auto`` on PostgreSQL (where the
+        server has the extension)."""
+        scheme = self.db_url.split(":", 1)[0].split("+", 1)[0]
+        postgres = scheme in ("postgresql", "postgres")
+        return self.vector_index == "pgvector" or (self.vector_index == "auto" and postgres)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> ServiceSettings:

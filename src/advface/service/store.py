@@ -39,7 +39,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from advface.service import auth, crypto, payload
@@ -130,6 +130,19 @@ _SQLITE_CHANGE_LOG = (
     ),
     # A random id per database: an index snapshot is only valid for the log it was taken from.
     "CREATE TABLE IF NOT EXISTS index_log_id (id VARCHAR(32) PRIMARY KEY)",
+)
+
+
+# SQLite keeps a row's columns in order and a large ``blob`` spills into overflow pages that
+# must be walked to reach the columns after it: a query reading only metadata would read every
+# stored map. These covering indexes answer the metadata queries (start-up counts, statistics)
+# without reading the rows, and the batch loops of re-embedding and migration read only the rows
+# they return. Created at start-up, so existing databases gain them too.
+_SQLITE_META_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS ix_templates_meta ON templates "
+    "(model_version, id, map_codec, protection, protection_params)",
+    "CREATE INDEX IF NOT EXISTS ix_templates_tenant_meta ON templates "
+    "(tenant_id, protection, protection_params, model_version)",
 )
 
 
@@ -396,6 +409,7 @@ class Store:
             with self.engine.begin() as conn:
                 for ddl in _SQLITE_CHANGE_LOG:
                     conn.execute(text(ddl))
+            self._add_sqlite_indexes()
         # Called inside every transaction that writes embeddings, with
         # ``[(template_id, tenant_id, version, vector)]``: an index kept in the database
         # (pgvector) is written atomically with them.
@@ -419,6 +433,19 @@ class Store:
             have = {c["name"] for c in inspect(self.engine).get_columns("templates")}
             if "map_codec" not in have:
                 raise
+
+    def _add_sqlite_indexes(self) -> None:
+        """Create the metadata indexes where missing (``_SQLITE_META_INDEXES``)."""
+        try:
+            with self.engine.begin() as conn:
+                for ddl in _SQLITE_META_INDEXES:
+                    conn.execute(text(ddl))
+        except OperationalError as exc:
+            # Building them over a large existing table takes a while, under the write lock:
+            # a worker starting meanwhile goes on without (they only speed queries up).
+            if getattr(exc.orig, "sqlite_errorname", "") not in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                raise
+            log.warning("another process is indexing the templates; starting without waiting")
 
     def transaction(self) -> Any:
         """``with store.transaction() as session:`` - committed on success (index modules)."""
@@ -491,22 +518,40 @@ class Store:
                     return self.keys.unwrap(row.wrapped, _transform_ctx(tenant_id))
             try:
                 with self._sessions.begin() as s:
-                    return self.new_transform_seed(s, tenant_id)
+                    return self.ensure_transform_seed(s, tenant_id)[0]
             except IntegrityError:  # another worker created it first, or no such tenant
                 continue
         raise NotFound(f"tenant {tenant_id}")
 
-    def new_transform_seed(self, s: Session, tenant_id: int) -> bytes:
-        """Draw and store (replacing any) a new transform seed for the tenant, in ``s``."""
+    def ensure_transform_seed(self, s: Session, tenant_id: int) -> tuple[bytes, bool]:
+        """``(seed, created)``: the tenant's stored transform seed, or a new one stored in
+        ``s`` where it has none. Never replaces one: workers may already search with it.
+
+        Raises ``IntegrityError`` (at the flush or the commit) when another transaction
+        stored one meanwhile; the caller's retry then reads it.
+        """
         if self.keys is None:
             raise crypto.MasterKeyError("tenant transforms need a master key")
+        row = s.get(TenantTransform, tenant_id)
+        if row is not None:
+            return self.keys.unwrap(row.wrapped, _transform_ctx(tenant_id)), False
         seed = os.urandom(crypto.KEY_BYTES)
         wrapped = self.keys.wrap(seed, _transform_ctx(tenant_id))
+        s.add(TenantTransform(tenant_id=tenant_id, wrapped=wrapped, master_id=self.keys.key_id))
+        s.flush()
+        return seed, True
+
+    def new_transform_seed(self, s: Session, tenant_id: int) -> bytes:
+        """Draw and store (replacing any) a new transform seed for the tenant, in ``s``: a
+        rekey (``transform.rekey_tenant``), which re-transforms the vectors with it."""
+        if self.keys is None:
+            raise crypto.MasterKeyError("tenant transforms need a master key")
         row = s.get(TenantTransform, tenant_id)
         if row is None:
-            s.add(TenantTransform(tenant_id=tenant_id, wrapped=wrapped, master_id=self.keys.key_id))
-        else:
-            row.wrapped, row.master_id, row.created_at = wrapped, self.keys.key_id, _now()
+            return self.ensure_transform_seed(s, tenant_id)[0]
+        seed = os.urandom(crypto.KEY_BYTES)
+        row.wrapped = self.keys.wrap(seed, _transform_ctx(tenant_id))
+        row.master_id, row.created_at = self.keys.key_id, _now()
         s.flush()
         return seed
 
@@ -651,11 +696,14 @@ class Store:
                     self._write_vectors(s, [row], {t.id: subj.id}, keys)
                 return _row(t, subject_id), True
         except IntegrityError:
-            # Lost a race with a concurrent retry using the same idempotency key.
-            if idempotency_key is None:
-                raise
-            prior = self.find_idempotent(tenant_id, idempotency_key)
+            # Lost a race with a concurrent retry using the same idempotency key, or with a
+            # deletion of the subject (its row gone before ours referenced it).
+            prior = None
+            if idempotency_key is not None:
+                prior = self.find_idempotent(tenant_id, idempotency_key)
             if prior is None:
+                if not self.subject_exists(tenant_id, subject_id):
+                    raise NotFound(f"subject {subject_id!r}") from None
                 raise
             if prior.request_sha256 != request_sha256 or prior.subject_id != subject_id:
                 raise IdempotencyConflict(idempotency_key) from None

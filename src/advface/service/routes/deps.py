@@ -15,6 +15,9 @@ from advface.service.schemas import OCTET
 # before the body is read, which leaves the tenant id in the request state.
 _api_key_scheme = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
 
+NOT_READY = "the template gallery is still loading"
+STARTUP_FAILED = "start-up failed; the server log says why"
+
 
 def get_service(request: Request) -> Service:
     return request.app.state.service
@@ -44,8 +47,11 @@ def template_id(template_id: Annotated[str, Path(max_length=64)]) -> str:
 
 
 def require_ready(svc: Annotated[Service, Depends(get_service)]) -> None:
-    if not svc.ready.is_set():
-        raise ServiceError(503, "not_ready", "the template gallery is still loading")
+    if svc.ready.is_set():
+        return
+    if svc.startup_error:
+        raise ServiceError(503, "startup_failed", STARTUP_FAILED)
+    raise ServiceError(503, "not_ready", NOT_READY)
 
 
 async def binary_body(request: Request) -> bytes:

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
 from advface.service.errors import error_response, error_responses
-from advface.service.routes.deps import Svc
+from advface.service.routes.deps import NOT_READY, STARTUP_FAILED, Svc
 from advface.service.schemas import Health, Ready
 
 # A self-contained page (no CDN, no external script): it lists the operations of /openapi.json.
@@ -73,32 +73,19 @@ def router() -> APIRouter:
 
     @r.get("/ready", response_model=Ready, responses=error_responses(500, 503))
     def ready(svc: Svc) -> Any:
-        """Readiness: embeddings complete, index loaded, database answering (503 otherwise)."""
+        """Readiness: embeddings complete, index loaded, database answering (503 otherwise).
+
+        Unauthenticated (load balancers probe it), so it says ready or why not and nothing
+        else: the start-up figures are in the server log, a tenant's counts in ``/v1/stats``.
+        """
         if svc.startup_error:
-            return error_response(503, "startup_failed", svc.startup_error)
+            # A fixed category: the driver's message (hosts, users, paths) stays in the log.
+            return error_response(503, "startup_failed", f"{STARTUP_FAILED} ({svc.startup_error})")
         if not svc.ready.is_set():
-            return error_response(503, "not_ready", "the template gallery is still loading")
+            return error_response(503, "not_ready", NOT_READY)
         if not svc.store.ping():
             return error_response(503, "database_unavailable", "the database does not answer")
-        stats = svc.store.template_stats()
-        by_protection: dict[str, int] = {}
-        for p in stats["by_protection"]:
-            by_protection[p["protection"]] = by_protection.get(p["protection"], 0) + p["templates"]
-        return Ready(
-            status="ready",
-            templates=svc.index.count(),
-            backfilled_templates=svc.backfilled_templates,
-            vector_index=type(svc.index).__name__,
-            index_loaded_from=svc.sync.loaded_from if svc.sync else "database",
-            skipped_templates=svc.skipped_templates,
-            rebuild_seconds=round(svc.rebuild_seconds, 4),
-            rebuild_cpu_seconds=round(svc.rebuild_cpu_seconds, 4),
-            model_version=svc.backend.version,
-            psi_version=svc.backend.embedding_version,
-            protection=svc.protection_name,
-            templates_by_protection=by_protection,
-            templates_by_model_version=stats["by_model_version"],
-        )
+        return Ready(status="ready")
 
     @r.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:

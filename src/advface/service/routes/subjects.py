@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query
 from advface.service.core import iso
 from advface.service.errors import ServiceError, error_responses
 from advface.service.ids import normalise_subject_id
-from advface.service.routes.deps import READY, SubjectId, Svc, Tenant
+from advface.service.routes.deps import SubjectId, Svc, Tenant
 from advface.service.schemas import SubjectDeleted, SubjectIn, SubjectOut, SubjectPage
 from advface.service.settings import ServiceSettings
 from advface.service.store import AlreadyExists, NotFound
@@ -56,14 +56,17 @@ def router(settings: ServiceSettings) -> APIRouter:
         items = [SubjectOut(subject_id=s, created_at=iso(c), templates=n) for s, c, n in rows]
         return SubjectPage(items=items, next_cursor=rows[-1][0] if more and rows else None)
 
+    # Not behind READY: an erasure request must not wait for a long start-up. Deleting needs
+    # no in-memory index; the change log records the cascaded deletes of the embeddings, which
+    # the index being loaded replays (see core.IndexSync).
     @r.delete(
         "/{subject_id}",
         response_model=SubjectDeleted,
-        dependencies=READY,
         responses=error_responses(*API_ERRORS, 404),
     )
     def delete_subject(subject_id: SubjectId, tenant_id: Tenant, svc: Svc) -> SubjectDeleted:
-        """Delete a subject and all its templates (and their embeddings)."""
+        """Delete a subject and all its templates (and their embeddings); also while the
+        service is still starting."""
         try:
             ids = svc.store.delete_subject(tenant_id, subject_id)
         except NotFound:

@@ -111,14 +111,14 @@ def router() -> APIRouter:
         except NotFound:
             raise ServiceError(404, "unknown_template", f"no template {template_id!r}") from None
 
+    # Not behind READY, like deleting a subject (see there).
     @r.delete(
         "/templates/{template_id}",
         response_model=TemplateDeleted,
-        dependencies=READY,
         responses=error_responses(*API_ERRORS, 404),
     )
     def delete_template(template_id: TemplateId, tenant_id: Tenant, svc: Svc) -> TemplateDeleted:
-        """Delete one template (and its embeddings)."""
+        """Delete one template (and its embeddings); also while the service is still starting."""
         try:
             svc.store.delete_template(tenant_id, template_id)
         except NotFound:

@@ -59,7 +59,7 @@ def test_report_names_the_strongest_attacker():
             "stored_identity_cosine": 1.0,
         },
     ]
-    assert strongest(rows, "lfw", "none")["attacker"] == "inversion"
+    assert strongest(rows, "lfw", "none", "ssim")["attacker"] == "inversion"
     meta = {
         "profile": get_profile("smoke").to_dict(),
         "device": "cpu",
@@ -80,6 +80,7 @@ def test_report_names_the_strongest_attacker():
     }
     md = render(meta, rows)
     assert "| none | inversion | 0.900" in md and "6000 (full)" in md
+    assert "code: commit not recorded" in md
     assert "inversion" in summary(rows)
 
 
@@ -91,11 +92,24 @@ def test_smoke_bench_end_to_end_and_resumes(data_root, tmp_path):
     res = run_bench(get_profile("smoke"), out, progress=False)
     data = json.loads((out / "results.json").read_text())
     assert data["complete"] and {r["table"] for r in data["rows"]} == {"robustness"}
+    assert "git_commit" in data and "unchecked" in data["splits"]["server"]["identity_check"]
     recon = {(r["method"], r["attacker"]) for r in data["rows"] if r.get("ssim") is not None}
     for m in METHODS:
         assert {(m, "paper-resrec"), (m, "inversion"), (m, "embedding")} <= recon
+        assert ((m, "embedding-inversion") in recon) == (m != "none")
         acc = [r for r in data["rows"] if r["method"] == m and r.get("accuracy") is not None]
         assert len(acc) == 1 and acc[0]["n_pairs"] == 20
+        lo, hi = acc[0]["accuracy_ci95"]
+        assert 0 <= lo <= acc[0]["accuracy"] <= hi <= 1 and hi > lo  # Wilson, over pairs
+    # 20 sampled pairs hold 10 impostor pairs: no FAR = 1e-3 threshold, no such SRRA.
+    assert all(r["srra_far"] is None for r in data["rows"] if r.get("ssim") is not None)
+    # Every attacker on the same images with the same flips (mirrored images protected too).
+    same = data["attacker_training"]
+    assert same["flip"] is True and same["n_train"] == 24
+    assert {r for r in data["training"] if r.startswith("adaptive")} <= set(same["attackers"])
+    for role in same["attackers"]:
+        t = data["training"][role]
+        assert (t["data_sha256"], t["flip"]) == (same["data_sha256"], True), role
     for m in ("advface", "embedding-shadow"):
         assert {(m, "adaptive-own"), (m, "adaptive-leaked")} <= recon
     assert {("random", "adaptive-leaked"), ("dp", "adaptive-leaked")} <= recon
@@ -105,6 +119,7 @@ def test_smoke_bench_end_to_end_and_resumes(data_root, tmp_path):
         if role.startswith(("attacker", "adaptive")):
             assert t["identity_overlap_with_test"] == 0, role
     assert (out / "report.md").is_file() and (out / "frontier.png").is_file()
+    assert "n/a (too few impostor pairs)" in (out / "report.md").read_text()
     # Resumes: a second run recomputes nothing and gives the same rows.
     again = run_bench(get_profile("smoke"), out, progress=False)
     assert again["stage_seconds"] == {}

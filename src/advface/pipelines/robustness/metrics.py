@@ -12,6 +12,10 @@ from advface.pipelines.context import FACENET_CODE
 from advface.pipelines.robustness.models import BenchContext, code_fingerprint
 
 DATASET_OF = {"lfw": "lfw", "cfp-fp": "cfp"}
+#: The false-accept rate of the second replay threshold.
+FAR = 1e-3
+#: What the report prints for a FAR threshold the pairs cannot give.
+FAR_UNAVAILABLE = "n/a (too few impostor pairs)"
 
 
 @dataclass
@@ -26,9 +30,11 @@ class ProtocolEval:
     fold: np.ndarray
     clean: np.ndarray  # (len(keys), 512)
     threshold: float
-    threshold_far: float
+    # None when the pairs hold fewer than 1/FAR impostor pairs: no threshold has that FAR.
+    threshold_far: float | None
     chance: float  # impostor pairs accepted at ``threshold`` (FAR): SRRA of a random face
-    chance_far: float
+    chance_far: float | None
+    impostor_pairs: int
     clean_accuracy: dict
     key: str
     full: bool
@@ -52,23 +58,43 @@ class ProtocolEval:
 
 
 def _verification(scores: np.ndarray, issame: np.ndarray, fold: np.ndarray) -> dict:
+    """10-fold accuracy with a Wilson 95% interval over the pairs, as the reproduction reports
+    it (each pair is decided once, at its fold's threshold; a normal interval over 10 folds
+    has zero width at 100% and passes 100% on small samples)."""
+    from advface.metrics.image import proportion_ci
     from advface.metrics.verification import evaluate_pairs
 
-    r = evaluate_pairs(scores, issame, fold)
+    r = evaluate_pairs(scores, issame, fold, far=FAR)
+    correct = sum(
+        int(np.sum((scores[fold == f] >= t) == issame[fold == f]))
+        for f, t in zip(np.unique(fold), r.fold_thresholds, strict=True)
+    )
     half = 1.96 * r.accuracy_std / np.sqrt(len(np.unique(fold)))
+    n_impostor = int(np.sum(~issame))
     return {
         "accuracy": r.accuracy,
         "accuracy_std": r.accuracy_std,
-        "accuracy_ci95": [r.accuracy - half, r.accuracy + half],
+        "accuracy_ci95": list(proportion_ci(correct, len(scores))),
+        "accuracy_ci95_folds": [r.accuracy - half, r.accuracy + half],
+        "correct_pairs": correct,
         "threshold": r.threshold,
-        "threshold_far": r.far_threshold,
+        "threshold_far": far_threshold(r.far_threshold, n_impostor),
         "n_pairs": int(len(scores)),
+        "impostor_pairs": n_impostor,
     }
+
+
+def far_threshold(threshold: float, n_impostor: int, far: float = FAR) -> float | None:
+    """``threshold`` when ``n_impostor`` pairs can measure ``far``, else None: with fewer than
+    1/far of them, ``threshold_at_far`` returns the highest impostor score (FAR 0 on the
+    sample), which is not a FAR = ``far`` threshold."""
+    return threshold if n_impostor >= round(1 / far) else None
 
 
 def clean_protocol(ctx: BenchContext, dataset: str, embed: Callable) -> ProtocolEval:
     """Clean embeddings of the profile's pairs (all, or a seeded stratified sample), the
-    operating threshold (10-fold), the FAR = 1e-3 threshold and the chance acceptance rates."""
+    operating threshold (10-fold), the FAR = 1e-3 threshold (None with fewer than 1,000
+    impostor pairs) and the chance acceptance rates."""
     from advface.data.protocols import load_protocol
     from advface.pipelines.data import aligned_images
     from advface.pipelines.eval_fr import pair_scores, sample_pairs
@@ -96,6 +122,7 @@ def clean_protocol(ctx: BenchContext, dataset: str, embed: Callable) -> Protocol
     scores = pair_scores(clean[sub.idx_a], clean[sub.idx_b])
     ver = _verification(scores, sub.issame, sub.fold)
     impostor = scores[~sub.issame]
+    far_thr = ver["threshold_far"]
     return ProtocolEval(
         dataset=dataset,
         keys=sub.keys,
@@ -107,7 +134,8 @@ def clean_protocol(ctx: BenchContext, dataset: str, embed: Callable) -> Protocol
         threshold=ver["threshold"],
         threshold_far=ver["threshold_far"],
         chance=float(np.mean(impostor >= ver["threshold"])),
-        chance_far=float(np.mean(impostor >= ver["threshold_far"])),
+        chance_far=None if far_thr is None else float(np.mean(impostor >= far_thr)),
+        impostor_pairs=ver["impostor_pairs"],
         clean_accuracy=ver,
         key=key,
         full=p.pairs_per_fold is None,
@@ -134,21 +162,30 @@ def recon_rows(
     attacker: str | None = None,
 ) -> list[dict]:
     """One row per attacker: SSIM / PSNR / MSE (mean, 95% CI), SRRA at both thresholds
-    (:func:`advface.pipelines.recon_eval.summarize_recon`, as ``attack`` and ``reproduce``)."""
+    (:func:`advface.pipelines.recon_eval.summarize_recon`, as ``attack`` and ``reproduce``;
+    the FAR one None when the pairs cannot give it) and the replay cosine with its 95% CI."""
+    from advface.attacks.replay import pair_cosine
+    from advface.metrics.image import summarize
     from advface.pipelines.recon_eval import summarize_recon
 
-    thresholds = {"operating": proto.threshold, "far_1e-3": proto.threshold_far}
+    thresholds = {"operating": proto.threshold}
+    if proto.threshold_far is not None:
+        thresholds["far_1e-3"] = proto.threshold_far
     rows = []
     for a, res in results.items():
         per = {k: res[f"{a}/{k}"] for k in ("ssim", "psnr", "mse", "emb")}
         vals = summarize_recon(per, clean_emb, thresholds)
-        vals["srra_far"] = vals.pop("srra_far_1e-3")
-        vals["srra_far_ci95"] = vals.pop("srra_far_1e-3_ci95")
+        vals["srra_far"] = vals.pop("srra_far_1e-3", None)
+        vals["srra_far_ci95"] = vals.pop("srra_far_1e-3_ci95", None)
+        emb = np.asarray(per["emb"])
+        cos = summarize(pair_cosine(emb, np.asarray(clean_emb)[: len(emb)]))
+        vals["replay_cosine_ci95"] = [cos.ci_low, cos.ci_high]
         vals.update(
             chance_srra=proto.chance,
             chance_srra_far=proto.chance_far,
             threshold=proto.threshold,
             threshold_far=proto.threshold_far,
+            impostor_pairs=proto.impostor_pairs,
         )
         rows.append(_row(dataset, method if attacker is None else attacker, a, **vals))
     return rows
@@ -173,6 +210,8 @@ def accuracy_rows(
             accuracy=ver["accuracy"],
             accuracy_std=ver["accuracy_std"],
             accuracy_ci95=ver["accuracy_ci95"],
+            accuracy_ci95_folds=ver["accuracy_ci95_folds"],
+            correct_pairs=ver["correct_pairs"],
             n_pairs=ver["n_pairs"],
             full_protocol=proto.full,
             clean_accuracy=proto.clean_accuracy["accuracy"],

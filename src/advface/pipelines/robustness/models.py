@@ -1,17 +1,24 @@
 """The bench's trained networks: the server's (S, D) and every attacker's, cached by key.
 
-Roles and data (identity-disjoint, :mod:`advface.data.splits`):
+Roles and data (:mod:`advface.data.splits`):
 
 - server: shadow S (ResRec, clean features) and generator D (EmbDec, embeddings) on CelebA's
-  server half;
-- attackers, on LFW people outside the test folds and outside CFP: the paper's attacker R
+  server half (its people cannot be checked against the attackers' or the test people:
+  CelebA's ids are anonymous);
+- attackers, on LFW people outside the test folds and outside CFP (checked by name): the
+  paper's attacker R
   (ResRec, clean features; also the attacker's own shadow), the embedding decoder F (EmbDec on
   Psi(E(x)): the embedding floor; also the attacker's own generator), and one adaptive ResRec
   per (protection, knowledge) trained on protected features.
+
+Every attacker trains on the same images with the same flip setting, epochs and time budget
+(:func:`check_same_training` refuses anything else): an adaptive attacker protects the
+mirrored images too, as an attacker augmenting its own public faces can.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -32,6 +39,36 @@ from advface.pipelines.decoders import train_cached
 
 #: Code of the bench's evaluation stages (the shared parts and the bench's own).
 EVAL_CODE = (*SHARED_EVAL_CODE, "pipelines/robustness")
+#: Training-record fields that must agree between every attacker of a run.
+SAME_FOR_ATTACKERS = (
+    "train_set",
+    "n_train",
+    "data_sha256",
+    "flip",
+    "epochs_setting",
+    "max_minutes",
+)
+
+
+def is_attacker(role: str) -> bool:
+    """Attacker networks (the server's own are ``server-*``)."""
+    return role.startswith(("attacker-", "adaptive-"))
+
+
+def check_same_training(training: dict[str, dict], role: str, record: dict) -> None:
+    """Raise ``ValueError`` if attacker ``role`` would train on other images or with another
+    flip setting, epoch count or time budget than the attackers recorded in ``training``."""
+    if not is_attacker(role):
+        return
+    for other, rec in training.items():
+        if not is_attacker(other) or other == role:
+            continue
+        diff = [k for k in SAME_FOR_ATTACKERS if rec.get(k) != record.get(k)]
+        if diff:
+            raise ValueError(
+                f"attacker {role} would train unlike {other} ({', '.join(diff)}): every bench "
+                "attacker must train on the same images with the same settings"
+            )
 
 
 @dataclass
@@ -68,7 +105,18 @@ def train_model(
     """Train, resume or load one decoder (:func:`advface.pipelines.decoders.train_cached`) and
     record it; returns ``(model in eval mode, its cache key)``. An adaptive attacker's ``code``
     adds :data:`PROTECTION_CODE` and its ``depends`` the keys of the networks its protection
-    uses."""
+    uses. Every network of the run flips (or not) as the profile says; an attacker that
+    would train unlike the others raises before training (:func:`check_same_training`)."""
+    p = ctx.profile
+    same = {
+        "train_set": split.name,
+        "n_train": len(split),
+        "data_sha256": hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
+        "flip": p.flip,
+        "epochs_setting": p.epochs,
+        "max_minutes": p.max_minutes,
+    }
+    check_same_training(ctx.training, role, same)
     model, config, ckpt_name = train_cached(
         ctx,
         role,
@@ -79,10 +127,10 @@ def train_model(
         feature_fn=feature_fn,
         depends=depends or {},
         code=code,
-        epochs=ctx.profile.epochs,
-        # Adaptive attackers: one protected feature per image, as a stolen database holds
-        # (flips would double the protection cost). Embedding decoders flip.
-        flip=feature_fn is None or features == "embedding",
+        epochs=p.epochs,
+        # With flips, MemoFeatures.fill protects each image and its mirror image before the
+        # clock starts, so an adaptive attacker sees the same augmented data as the others.
+        flip=p.flip,
         meta={
             "role": role,
             "train_set": split.name,
@@ -92,10 +140,9 @@ def train_model(
     )
     history = config.get("history", [])
     ctx.training[role] = {
+        **same,
         "arch": arch,
         "features": features,
-        "train_set": split.name,
-        "n_train": len(split),
         "epochs": config.get("epochs"),
         "partial_epoch": config.get("partial_epoch"),
         "loss_curve": [round(h["l1"], 5) for h in history],

@@ -1,4 +1,10 @@
-"""The bench's outputs: results.json, robustness.csv, report.md, the frontier and the grid."""
+"""The bench's outputs: results.json, robustness.csv, report.md, the frontier and the grid.
+
+The verdict is per metric: for each method, the attacker that reaches the highest SSIM, PSNR,
+SRRA and replay cosine, each against the embedding-only floor (the highest value of any
+attacker that sees only the clean embedding, or nothing). SSIM and PSNR measure appearance;
+identity leakage is judged by SRRA and the replay cosine.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,18 @@ import numpy as np
 from advface.pipelines.reproduce.report import write_csvs, write_json
 
 FLOORS = ("floor-embedding", "floor-embedding-inversion", "floor-mean-face")
+#: (method, attacker) rows that by construction see only the clean embedding e, or nothing.
+#: Attackers of embedding-shadow are attackers of e too (its template is a function of e and
+#: fresh randomness), but they are what the floor is compared with, so they are left out.
+EMBEDDING_ONLY = frozenset(
+    {(f, f) for f in FLOORS} | {("none", "embedding"), ("none", "embedding-inversion")}
+)
+#: Attackers that optimise an image (an adversarial image, not a decoder's one-pass face).
+OPTIMISERS = frozenset({"inversion", "embedding-inversion", "floor-embedding-inversion"})
+#: The verdict's metrics (higher is a stronger attacker) and how they are printed.
+METRICS = {"ssim": "SSIM", "psnr": "PSNR", "srra": "SRRA", "replay_cosine": "replay cosine"}
+IDENTITY_METRICS = ("srra", "replay_cosine")
+FAR_UNAVAILABLE = "n/a (too few impostor pairs)"
 
 
 def _recon(rows: list[dict], dataset: str) -> list[dict]:
@@ -26,10 +44,124 @@ def _acc(rows: list[dict], dataset: str, method: str) -> dict | None:
     )
 
 
-def strongest(rows: list[dict], dataset: str, method: str) -> dict | None:
-    """The attacker with the highest mean SSIM against ``method`` on ``dataset``."""
+def _best(sel: list[dict], metric: str, decoders_only: bool) -> dict | None:
+    if decoders_only:
+        sel = [r for r in sel if r["attacker"] not in OPTIMISERS]
+    sel = [r for r in sel if r.get(metric) is not None]
+    # Ties (100% SRRA) go to the row measured on more faces.
+    return max(sel, key=lambda r: (r[metric], r.get("n_images") or 0)) if sel else None
+
+
+def strongest(
+    rows: list[dict], dataset: str, method: str, metric: str, *, decoders_only: bool = False
+) -> dict | None:
+    """The attacker row with the highest mean ``metric`` against ``method`` on ``dataset``
+    (optimisation attackers left out with ``decoders_only``)."""
     sel = [r for r in _recon(rows, dataset) if r["method"] == method]
-    return max(sel, key=lambda r: r["ssim"]) if sel else None
+    return _best(sel, metric, decoders_only)
+
+
+def embedding_floor(
+    rows: list[dict], dataset: str, metric: str, *, decoders_only: bool = False
+) -> dict | None:
+    """The embedding-only floor of ``metric``: the row of the attacker, among those that see
+    only the clean embedding or nothing (:data:`EMBEDDING_ONLY`), with the highest mean."""
+    sel = [r for r in _recon(rows, dataset) if (r["method"], r["attacker"]) in EMBEDDING_ONLY]
+    return _best(sel, metric, decoders_only)
+
+
+def versus(row: dict, floor: dict, metric: str) -> str:
+    """``above`` / ``below`` when ``row``'s 95% interval lies wholly above / below the
+    floor's, ``at`` when they overlap; ``no interval`` when either has none (older results
+    have no replay-cosine interval), which counts as no verdict."""
+    a, b = row.get(f"{metric}_ci95"), floor.get(f"{metric}_ci95")
+    if not (a and b):
+        return "no interval"
+    return "above" if a[0] > b[1] else "below" if a[1] < b[0] else "at"
+
+
+def weak_floor_decoder(rows: list[dict], dataset: str) -> str | None:
+    """Why the floor decoder cannot measure the floor, when it does no better than the mean
+    face in SSIM (its interval reaches the mean face's); None when it does better."""
+    get = {r["method"]: r for r in _recon(rows, dataset) if r["method"] in FLOORS}
+    dec, mean = get.get("floor-embedding"), get.get("floor-mean-face")
+    if dec is None or mean is None or versus(dec, mean, "ssim") == "above":
+        return None
+    return (
+        f"The floor decoder is undertrained: its SSIM ({_ci(dec, 'ssim')}) is not above the "
+        f"mean face's ({_ci(mean, 'ssim')}), an output with no information. It cannot show "
+        'what the embedding gives, so "at the floor" here means at this weak floor, and a '
+        "target stated against it (within 0.03 of the floor) cannot be tested on this run."
+    )
+
+
+def _fmt(metric: str, value: float) -> str:
+    if metric == "srra":
+        return f"{100 * value:.1f}%"
+    return f"{value:.2f}" if metric == "psnr" else f"{value:.3f}"
+
+
+def _cell(r: dict, metric: str, n_all: int, floor: dict | None = None) -> str:
+    """Value, attacker, (n) when measured on fewer faces than the others, and the verdict."""
+    n = f" (n={r['n_images']})" if r.get("n_images", n_all) < n_all else ""
+    verdict = f": {versus(r, floor, metric)}" if floor is not None else ""
+    return f"{_fmt(metric, r[metric])} {r['attacker']}{n}{verdict}"
+
+
+def _methods(rows: list[dict], dataset: str) -> list[str]:
+    return [m for m in dict.fromkeys(r["method"] for r in _recon(rows, dataset)) if m not in FLOORS]
+
+
+def identity_beyond_floor(
+    rows: list[dict], dataset: str, method: str, *, decoders_only: bool = False
+) -> bool:
+    """Whether some attacker's SRRA or replay cosine lies above the embedding-only floor."""
+    for metric in IDENTITY_METRICS:
+        best = strongest(rows, dataset, method, metric, decoders_only=decoders_only)
+        floor = embedding_floor(rows, dataset, metric, decoders_only=decoders_only)
+        if best and floor and versus(best, floor, metric) == "above":
+            return True
+    return False
+
+
+def _floor_attackers(rows: list[dict], dataset: str) -> str:
+    present = [
+        f"`{a}`" if m == a else f"`{a}` against `{m}`"
+        for r in _recon(rows, dataset)
+        if (m := r["method"], a := r["attacker"]) in EMBEDDING_ONLY
+    ]
+    return ", ".join(present)
+
+
+def verdict_table(rows: list[dict], dataset: str, *, decoders_only: bool = False) -> list[str]:
+    """Per method, the strongest attacker by each metric against the embedding-only floor."""
+    n_all = max((r.get("n_images") or 0 for r in _recon(rows, dataset)), default=0)
+    floors = {m: embedding_floor(rows, dataset, m, decoders_only=decoders_only) for m in METRICS}
+    lines = [
+        "| method | " + " | ".join(METRICS.values()) + " |",
+        "| --- |" + " --- |" * len(METRICS),
+        "| embedding-only floor | "
+        + " | ".join(_cell(f, m, n_all) if f else "—" for m, f in floors.items())
+        + " |",
+    ]
+    for method in _methods(rows, dataset):
+        cells = []
+        for m, floor in floors.items():
+            best = strongest(rows, dataset, method, m, decoders_only=decoders_only)
+            cells.append(_cell(best, m, n_all, floor) if best else "—")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    leak = [
+        m
+        for m in _methods(rows, dataset)
+        if identity_beyond_floor(rows, dataset, m, decoders_only=decoders_only)
+    ]
+    lines += [
+        "",
+        "Identity beyond the embedding-only floor (SRRA or replay cosine above it): "
+        + (", ".join(f"`{m}`" for m in leak) if leak else "no method")
+        + ".",
+    ]
+    return lines
 
 
 def write_figures(out: Path, rows: list[dict], grids: dict[str, dict[str, np.ndarray]]) -> list:
@@ -47,18 +179,18 @@ def write_figures(out: Path, rows: list[dict], grids: dict[str, dict[str, np.nda
         files.append(path.name)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for d in sorted({r["dataset"] for r in rows}):
-        for m in sorted({r["method"] for r in _recon(rows, d)} - set(FLOORS)):
-            best, acc = strongest(rows, d, m), _acc(rows, d, m)
+        for m in _methods(rows, d):
+            best, acc = strongest(rows, d, m, "ssim"), _acc(rows, d, m)
             if best and acc:
                 ax.scatter(100 * acc["accuracy"], best["ssim"], label=f"{d} {m}")
                 ax.annotate(m, (100 * acc["accuracy"], best["ssim"]), fontsize=6)
         for f, style in zip(FLOORS, ("--", "-.", ":"), strict=True):
-            fl = strongest(rows, d, f)
+            fl = strongest(rows, d, f, "ssim")
             if fl:
                 ax.axhline(fl["ssim"], ls=style, lw=1, color="grey")
                 ax.annotate(f"{d} {f}", (ax.get_xlim()[0], fl["ssim"]), fontsize=6)
     ax.set_xlabel("verification accuracy, stored side protected (%)")
-    ax.set_ylabel("SSIM of the strongest attacker")
+    ax.set_ylabel("highest SSIM of any attacker (appearance only)")
     ax.set_title("privacy vs accuracy (lower is more private)", fontsize=9)
     ax.legend(fontsize=5)
     ax.grid(alpha=0.3)
@@ -75,12 +207,18 @@ def _ci(r: dict, k: str, scale: float = 1.0, digits: int = 3) -> str:
     return v if lo is None else f"{v} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
 
 
-def render(meta: dict, rows: list[dict]) -> str:
+def _srra_far(r: dict) -> str:
+    return FAR_UNAVAILABLE if r.get("srra_far") is None else f"{100 * r['srra_far']:.1f}%"
+
+
+def _header(meta: dict) -> list[str]:
     p = meta["profile"]
+    commit = meta.get("git_commit") or "not recorded"
     lines = [
         f"# Robustness bench — profile `{p['name']}`",
         "",
-        f"Device: {meta['device']} ({meta['machine']}); wall time {meta['wall_s']} s.",
+        f"Device: {meta['device']} ({meta['machine']}); wall time {meta['wall_s']} s; "
+        f"code: commit {commit}.",
         *(f"> {n}" for n in p["notes"]),
         "",
         "Attackers train on LFW people outside the test folds 1-5 and outside CFP's 500 people "
@@ -88,10 +226,37 @@ def render(meta: dict, rows: list[dict]) -> str:
         f"{meta['splits']['attacker']['people']} people; identity overlap with every test set: "
         "0, checked by name). The server's shadow and generator train on CelebA's server half "
         f"({meta['splits']['server']['images']} images of {meta['splits']['server']['people']} "
-        "people, disjoint by identity id from CelebA's attacker half; CelebA's anonymous ids "
-        "cannot be checked against LFW/CFP names).",
+        "people). Identity overlap between the server's people and the attackers' or the test "
+        "people is unchecked: CelebA's ids are anonymous, LFW's and CFP's are names.",
         "",
     ]
+    same = meta.get("attacker_training")
+    if same:
+        flip = (
+            "with horizontal flips (adaptive attackers protect the mirrored images too)"
+            if same.get("flip")
+            else "without flips"
+        )
+        budget = same.get("max_minutes")
+        lines += [
+            f"Every attacker ({', '.join(same['attackers'])}) trains on the same "
+            f"{same['n_train']} images ({same['train_set']}, sha256 {same['data_sha256']}) "
+            f"{flip}, {same['epochs_setting']} epoch{'' if same['epochs_setting'] == 1 else 's'}"
+            + (f" or {60 * budget:g} s" if budget else "")
+            + " each (checked when each trains).",
+            "",
+        ]
+    else:
+        lines += [
+            "Attacker training settings: not recorded as one record by the code that made this "
+            "run; see the training records below.",
+            "",
+        ]
+    return lines
+
+
+def render(meta: dict, rows: list[dict]) -> str:
+    lines = _header(meta)
     if meta.get("protections"):
         lines += [
             "Protections (the server's settings; `dp` is Laplace noise of scale "
@@ -103,69 +268,113 @@ def render(meta: dict, rows: list[dict]) -> str:
             lines.append(f"- `{m}`: {shown}")
         lines.append("")
     for d in sorted({r["dataset"] for r in rows}):
+        recon = _recon(rows, d)
         lines += [
             f"## {d}",
             "",
-            "| method | attacker | SSIM [95% CI] | PSNR | MSE | SRRA | SRRA@FAR1e-3 | n |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| method | attacker | SSIM [95% CI] | PSNR | MSE | SRRA [95% CI] | SRRA@FAR1e-3 | "
+            "replay cosine | n |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for r in _recon(rows, d):
+        for r in recon:
             lines.append(
                 f"| {r['method']} | {r['attacker']} | {_ci(r, 'ssim')} | {r['psnr']:.2f} | "
-                f"{r['mse']:.4f} | {100 * r['srra']:.1f}% | {100 * r['srra_far']:.1f}% | "
+                f"{r['mse']:.4f} | {_ci(r, 'srra', 100, 1)}% | {_srra_far(r)} | "
+                f"{_ci(r, 'replay_cosine') if r.get('replay_cosine') is not None else '—'} | "
                 f"{r['n_images']} |"
             )
-        ch = _recon(rows, d)[0]
+        ch = recon[0]
+        if ch.get("threshold_far") is None:
+            n_imp = ch.get("impostor_pairs", "fewer than 1,000")
+            far = (
+                f"no FAR = 1e-3 threshold ({n_imp} impostor pairs; it needs 1,000), so "
+                f"SRRA@FAR1e-3 reads {FAR_UNAVAILABLE}"
+            )
+        else:
+            far = (
+                f"{100 * ch['chance_srra_far']:.2f}% at the FAR=1e-3 threshold "
+                f"{ch['threshold_far']:.3f}"
+            )
         lines += [
             "",
             f"Chance SRRA (impostor pairs accepted): {100 * ch['chance_srra']:.2f}% at "
-            f"the operating threshold {ch['threshold']:.3f}, "
-            f"{100 * ch['chance_srra_far']:.2f}% at the FAR=1e-3 threshold "
-            f"{ch['threshold_far']:.3f}.",
+            f"the operating threshold {ch['threshold']:.3f}; {far}.",
             "",
-            "| method | accuracy [95% CI] | strongest attacker | its SSIM | its SRRA | "
-            "stored-vs-clean cosine | pairs |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "### Strongest attacker per metric, against the embedding-only floor",
+            "",
+            "Each cell: the highest mean any attacker reaches against the method, which "
+            "attacker, and where it stands against the embedding-only floor (the highest mean "
+            "of the attackers that see only the clean embedding, or nothing: "
+            f"{_floor_attackers(rows, d)}): above / below = "
+            "its 95% interval lies wholly above / below the floor's, at = they overlap. "
+            "(n=...) marks a value measured on the first n test faces only (the optimisation "
+            "attackers), a smaller set than the others'. SSIM and PSNR measure appearance; "
+            "a reconstruction below the mean face in SSIM can still be accepted as the person, "
+            "so identity is judged by SRRA and the replay cosine.",
+            "",
+            "Any attacker (the floor holds an optimiser of the embedding alone, so an "
+            "identity verdict above it means more than the replay every stored embedding "
+            "allows):",
+            "",
+            *verdict_table(rows, d),
+            "",
+            "Decoders only (one pass through a trained network, a face rather than an image "
+            "optimised against FaceNet):",
+            "",
+            *verdict_table(rows, d, decoders_only=True),
+            "",
         ]
-        for m in dict.fromkeys(r["method"] for r in rows if r["dataset"] == d):
-            a, s = _acc(rows, d, m), strongest(rows, d, m)
-            if a is None or s is None:
-                continue
+        weak = weak_floor_decoder(rows, d)
+        if weak:
+            lines += [weak, ""]
+        accs = [a for m in dict.fromkeys(r["method"] for r in rows) if (a := _acc(rows, d, m))]
+        wilson = all("accuracy_ci95_folds" in a for a in accs)
+        lines += [
+            "| method | accuracy [95% CI"
+            + (", Wilson over pairs" if wilson else ", normal over folds (older results)")
+            + "] | pairs | stored-vs-clean cosine |",
+            "| --- | --- | --- | --- |",
+        ]
+        for a in accs:
             lines.append(
-                f"| {m} | {_ci(a, 'accuracy', 100, 2)} | {s['attacker']} | {s['ssim']:.3f} | "
-                f"{100 * s['srra']:.1f}% | {a['stored_identity_cosine']:.3f} | {a['n_pairs']}"
-                f"{' (full)' if a['full_protocol'] else ' (sample)'} |"
+                f"| {a['method']} | {_ci(a, 'accuracy', 100, 2)} | {a['n_pairs']}"
+                f"{' (full)' if a['full_protocol'] else ' (sample)'} | "
+                f"{a['stored_identity_cosine']:.3f} |"
             )
         lines.append("")
     lines += [
         "## Training records",
         "",
-        "| network | train set | n | epochs | seconds (budget) | "
+        "| network | train set | n | flips | epochs | seconds (budget) | "
         "identity overlap with test | L1 curve (per epoch) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for role, t in meta["training"].items():
         curve = ", ".join(f"{v:.4f}" for v in t["loss_curve"])
+        overlap = t["identity_overlap_with_test"]
+        if overlap is None and role.startswith("server"):
+            overlap = "unchecked (CelebA)"
         lines.append(
-            f"| {role} | {t['train_set']} | {t['n_train']} | {t['epochs']} | "
-            f"{t['seconds']} ({t.get('budget_seconds', '—')}) | "
-            f"{t['identity_overlap_with_test']} | {curve} |"
+            f"| {role} | {t['train_set']} | {t['n_train']} | {t.get('flip', '—')} | "
+            f"{t['epochs']} | {t['seconds']} ({t.get('budget_seconds', '—')}) | "
+            f"{overlap} | {curve} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def summary(rows: list[dict]) -> str:
-    """Per dataset and method: accuracy and the strongest attacker (the CLI's printout)."""
-    out = ["dataset  method            accuracy  strongest attacker      SSIM   SRRA"]
+    """Per dataset and method: accuracy and the strongest attacker by SSIM and by SRRA (the
+    CLI's printout)."""
+    head = ("dataset", "method", "accuracy", "highest SSIM (attacker)", "highest SRRA (attacker)")
+    out = ["{:8} {:26} {:>8}  {:35} {}".format(*head)]
     for d in dict.fromkeys(r["dataset"] for r in rows):
-        for m in dict.fromkeys(r["method"] for r in rows if r["dataset"] == d):
-            a, s = _acc(rows, d, m), strongest(rows, d, m)
-            if s is None:
-                continue
+        for m in dict.fromkeys(r["method"] for r in _recon(rows, d)):
+            s, i = strongest(rows, d, m, "ssim"), strongest(rows, d, m, "srra")
+            a = _acc(rows, d, m)
             acc = f"{100 * a['accuracy']:.2f}%" if a else "-"
-            out.append(
-                f"{d:8} {m:17} {acc:>8}  {s['attacker']:22} {s['ssim']:.3f} {100 * s['srra']:5.1f}%"
-            )
+            ssim = f"{s['ssim']:.3f} ({s['attacker']})"
+            srra = f"{100 * i['srra']:.1f}% ({i['attacker']})"
+            out.append(f"{d:8} {m:26} {acc:>8}  {ssim:35} {srra}")
     return "\n".join(out)
 
 

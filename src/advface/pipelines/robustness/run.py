@@ -1,6 +1,8 @@
 """``run_bench``: the robustness bench's stages, cached under ``OUT/cache`` and resumable.
 
-1. splits (identity-disjoint, checked by name) and the trained networks (:mod:`.models`);
+1. splits (attackers identity-disjoint from the test people, checked by name; the server's
+   CelebA half cannot be checked against either: CelebA's ids are anonymous) and the trained
+   networks (:mod:`.models`), every attacker on the same images and settings;
 2. per dataset: clean embeddings of every protocol image (operating thresholds, chance SRRA),
    then per protection the test images' protected features, each attacker's reconstructions
    (SSIM / PSNR / MSE, replayed embeddings) and the stored side of the pairs (accuracy);
@@ -24,10 +26,13 @@ from tqdm.auto import tqdm
 from advface.pipelines.robustness.models import (
     EVAL_CODE,
     PROTECTION_CODE,
+    SAME_FOR_ATTACKERS,
     TRAIN_CODE,
     BenchContext,
+    check_same_training,
     code_fingerprint,
     embedding_features,
+    is_attacker,
     train_model,
 )
 from advface.pipelines.robustness.profiles import BenchProfile
@@ -39,6 +44,13 @@ ORDER: tuple[str, ...] = ("none", "embedding-shadow", "advface", "random", "dp")
 #: Protections whose output depends on server secrets (an adaptive attacker may have them or not).
 SECRET_METHODS = ("advface", "embedding-shadow")
 DATASETS = {"lfw": "lfw", "cfp-fp": "cfp"}
+#: Optimisation attackers: too slow for every test face, they run on the profile's first
+#: ``inversion_n`` ones.
+INVERSIONS = ("inversion", "embedding-inversion", "floor-embedding-inversion")
+SERVER_IDENTITY_CHECK = (
+    "unchecked: CelebA's identity ids are anonymous, so overlap with the attackers' and the "
+    "test people (LFW/CFP names) cannot be checked"
+)
 
 
 @dataclass
@@ -160,7 +172,8 @@ def _train_networks(ctx: BenchContext, server_split, attacker_split) -> Networks
 def _adaptive_attackers(
     ctx: BenchContext, nets: Networks, split, method: str
 ) -> dict[str, nn.Module]:
-    """ResRec decoders trained on ``method``'s protected features: with the attacker's own
+    """ResRec decoders trained on ``method``'s protected features of the attackers' own
+    training images (each image and, with flips, its mirror image): with the attacker's own
     networks ("adaptive-own") and with the server's leaked ones and settings
     ("adaptive-leaked"); a method without secrets has the leaked variant only."""
     from advface.attacks.train import MemoFeatures
@@ -168,7 +181,6 @@ def _adaptive_attackers(
     if method == "none":
         return {}
     p = ctx.profile
-    adaptive_split = split.sample(p.adaptive_limit, p.seed + 1)
     out: dict[str, nn.Module] = {}
     for v in ("own", "leaked") if method in SECRET_METHODS else ("leaked",):
         if v == "own":
@@ -181,7 +193,7 @@ def _adaptive_attackers(
             ctx,
             f"adaptive-{v}-{method}",
             "resrec",
-            adaptive_split,
+            split,  # the paper's attacker's and the embedding floor's images, no sample
             features=f"{method}:{method_settings(p, method)}",
             feature_fn=MemoFeatures(prot.protect),
             depends=dep if method in SECRET_METHODS else {},
@@ -313,7 +325,7 @@ def run_bench(
     weights: str | Path | None = None,
 ) -> dict:
     """Run (or resume) the bench and write ``results.json``, CSV, report and figures."""
-    from advface.data.splits import celeba_split, check_identity_disjoint, lfw_attacker_split
+    from advface.data.splits import celeba_split, lfw_attacker_split
     from advface.pipelines.robustness import report
 
     t_start = time.perf_counter()
@@ -325,8 +337,9 @@ def run_bench(
     ctx = _context(profile, out, data_root, cache, device, progress, weights)
     p = profile
     attacker_split = lfw_attacker_split(ctx.root).sample(p.train_limit, p.seed)
+    # The server's people against the attackers' and the test people: not checkable (CelebA's
+    # ids are anonymous numbers, LFW's and CFP's are names), and recorded as unchecked.
     server_split = celeba_split(ctx.root, "server").sample(p.train_limit, p.seed)
-    check_identity_disjoint(server_split, [celeba_split(ctx.root, "attacker")])
     nets = _train_networks(ctx, server_split, attacker_split)
     evals = {d: _prepare_dataset(ctx, d, nets) for d in p.datasets}
     rows = [r for ev in evals.values() for r in ev.rows]
@@ -341,6 +354,7 @@ def run_bench(
             "name": server_split.name,
             "images": len(server_split),
             "people": len(server_split.people),
+            "identity_check": SERVER_IDENTITY_CHECK,
         },
     }
     # One method at a time (its adaptive attackers, then every dataset), results written after
@@ -363,13 +377,27 @@ def _public_params(prot) -> dict:
     return {k: v for k, v in prot.params().items() if not k.endswith("_path")}
 
 
+def attacker_training(training: dict[str, dict]) -> dict | None:
+    """What every attacker of the run trained on (the same for all, :func:`check_same_training`)
+    and which attackers those are."""
+    roles = [r for r in training if is_attacker(r)]
+    if not roles:
+        return None
+    first = training[roles[0]]
+    for r in roles[1:]:
+        check_same_training({roles[0]: first}, r, training[r])
+    return {**{k: first.get(k) for k in SAME_FOR_ATTACKERS}, "attackers": roles}
+
+
 def _meta(ctx: BenchContext, splits: dict, t_start: float, *, complete: bool) -> dict:
     from advface import __version__
+    from advface.pipelines.context import git_commit
 
     dev = ctx.device
     return {
         "profile": ctx.profile.to_dict(),
         "complete": complete,
+        "git_commit": git_commit(),
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "advface_version": __version__,
@@ -377,14 +405,31 @@ def _meta(ctx: BenchContext, splits: dict, t_start: float, *, complete: bool) ->
         "splits": splits,
         "protections": ctx.protections,
         "training": ctx.training,
+        "attacker_training": attacker_training(ctx.training),
         "stage_seconds": ctx.timings,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
 
 
+def _embedding_inversion(ctx: BenchContext, nets: Networks) -> nn.Module:
+    """An image optimised so that its embedding matches Psi of the input, nothing else."""
+    from advface.attacks.inversion import EmbeddingInversion, FeatureInversion, InversionSettings
+
+    settings = InversionSettings(
+        steps=ctx.profile.inversion_steps, feature_weight=0.0, id_weight=1.0
+    )
+    return EmbeddingInversion(
+        FeatureInversion(ctx.encoder, ctx.head, settings, init=nets.mean_face)
+    )
+
+
 def _attackers_for(
     ctx: BenchContext, nets: Networks, adaptive: dict[str, nn.Module], method: str
 ) -> dict[str, nn.Module]:
+    """The attackers of ``method``'s stored features. ``inversion`` matches the stored feature
+    itself (and its embedding); ``embedding-inversion`` matches only its embedding Psi(z'),
+    the optimiser adapted to a protection that moves the feature but keeps the embedding (for
+    ``none`` it is ``floor-embedding-inversion``, so it is not run twice)."""
     from advface.attacks.inversion import EmbeddingAttack, FeatureInversion, InversionSettings
 
     p = ctx.profile
@@ -397,6 +442,8 @@ def _attackers_for(
         InversionSettings(steps=p.inversion_steps),
         init=nets.mean_face,
     )
+    if method != "none":
+        attackers["embedding-inversion"] = _embedding_inversion(ctx, nets)
     return attackers
 
 
@@ -416,12 +463,7 @@ class DatasetEval:
 def _prepare_dataset(ctx: BenchContext, dataset: str, nets: Networks) -> DatasetEval:
     """Clean protocol, test faces, and the floors: what the clean embedding e alone gives (a
     decoder trained on e; an image optimised to e), and the mean face (nothing)."""
-    from advface.attacks.inversion import (
-        EmbeddingInversion,
-        FeatureInversion,
-        InversionSettings,
-        MeanFace,
-    )
+    from advface.attacks.inversion import MeanFace
     from advface.pipelines.robustness.metrics import clean_protocol, recon_rows
 
     p = ctx.profile
@@ -444,14 +486,7 @@ def _prepare_dataset(ctx: BenchContext, dataset: str, nets: Networks) -> Dataset
     )
     floors = {
         "floor-embedding": _attackers_for(ctx, nets, {}, "none")["embedding"],
-        "floor-embedding-inversion": EmbeddingInversion(
-            FeatureInversion(
-                ctx.encoder,
-                ctx.head,
-                InversionSettings(steps=p.inversion_steps, feature_weight=0.0, id_weight=1.0),
-                init=nets.mean_face,
-            )
-        ),
+        "floor-embedding-inversion": _embedding_inversion(ctx, nets),
         "floor-mean-face": MeanFace(nets.mean_face),
     }
     res = _attack_stage(
@@ -461,7 +496,7 @@ def _prepare_dataset(ctx: BenchContext, dataset: str, nets: Networks) -> Dataset
         images,
         lambda z: z,
         floors,
-        {"floor-embedding-inversion": p.inversion_n},
+        dict.fromkeys(INVERSIONS, p.inversion_n),
     )
     for f in floors:
         ev.rows += recon_rows(dataset, f, {f: res}, clean_emb, proto, attacker=f)
@@ -497,7 +532,7 @@ def _evaluate_method(
         ev.images,
         prot.protect,
         attackers,
-        {"inversion": p.inversion_n},
+        dict.fromkeys(INVERSIONS, p.inversion_n),
     )
     rows = recon_rows(d, method, {a: res for a in attackers}, ev.clean_emb, ev.proto)
     for a in attackers:

@@ -122,6 +122,36 @@ def test_corrupt_image_names_file_and_keeps_progress(folder: Path, tmp_path: Pat
     assert al.calls == 3
 
 
+def test_truncated_images_are_rebuilt_not_loaded(folder: Path, tmp_path: Path) -> None:
+    """A cut-off images.npy (valid header, missing bytes) is no finished cache: load_aligned
+    names the file and the rebuild, and prepare builds it again."""
+    from advface.data.prepare import _is_complete
+
+    cache = tmp_path / "cache"
+    out = prepare(folder, cache=cache, progress=False, aligner=CountingAligner())
+    plan = {k: json.loads((out / "index.json").read_text())[k] for k in ("format", "n",
+            "keys_sha1", "settings")}  # fmt: skip
+    assert _is_complete(out, plan)
+    images = out / "images.npy"
+    whole = images.read_bytes()
+    images.write_bytes(whole[:-1000])
+    assert not _is_complete(out, plan)
+    with pytest.raises(ValueError, match=r"images\.npy.*advface prepare .* --force"):
+        load_aligned(folder, cache=cache)
+    images.write_bytes(whole[:100])  # a header cut short
+    assert not _is_complete(out, plan)
+    images.write_bytes(whole + b"x")
+    assert not _is_complete(out, plan)
+    small = prepare(folder, cache=cache, limit=2, progress=False, aligner=CountingAligner())
+    (small / "images.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"limit 2 --force"):
+        load_aligned(folder, cache=cache, limit=2)
+    al = CountingAligner()
+    prepare(folder, cache=cache, progress=False, aligner=al)
+    assert al.calls == 5 and images.read_bytes() == whole
+    assert load_aligned(folder, cache=cache).images.shape == (5, 160, 160, 3)
+
+
 def test_limit_and_keys_use_separate_caches(folder: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     out = prepare(folder, cache=cache, limit=2, progress=False, aligner=CountingAligner())
@@ -203,9 +233,9 @@ def test_cli_prepare_folder(folder: Path, tmp_path: Path) -> None:
     assert "2 images, 2 no-face fallbacks" in res.output  # flat images: MTCNN finds none
     assert "no face found in: ann/1.jpg, ann/2.png" in res.output
     bad = CliRunner().invoke(app, ["prepare", "agedb", "--cache-dir", str(tmp_path / "c")])
-    assert bad.exit_code == 1 and "unknown dataset" in bad.output
+    assert bad.exit_code == 2 and "unknown dataset" in bad.output
     res = CliRunner().invoke(app, ["prepare", "cfp", "--download", "--data-root", str(tmp_path)])
-    assert res.exit_code == 1 and "only available for lfw" in res.output
+    assert res.exit_code == 2 and "only available for lfw" in res.output
 
 
 @pytest.mark.data

@@ -221,3 +221,31 @@ def test_cli_report_rerenders_from_results_and_refuses_bad_files(tmp_path):
         res = CliRunner().invoke(app, ["report", str(folder)])
         assert res.exit_code == 2 and "error:" in res.output, (name, res.output)
         assert not (folder / "report.md").exists()
+
+
+def test_cli_report_refuses_malformed_results_and_writes_nothing(tmp_path):
+    """Rows and profile are checked, and report.md rendered in memory, before any file is
+    written: a results.json the report cannot read leaves no CSV or report behind."""
+    import json
+
+    from advface.pipelines.reproduce.report import make_row
+
+    profile = json.loads(json.dumps(get_profile("smoke").to_dict()))
+    no_datasets = {k: v for k, v in profile.items() if k != "datasets"}
+    good = make_row("table2", "lfw", "none", accuracy=0.99)
+    offline = make_row("table2", "lfw", "advface", accuracy=0.9, extra={"mode": "offline"})
+    for name, data, msg in [
+        ("no-table", {"profile": profile, "rows": [{"x": 1}]}, "row 0 has no table"),
+        ("not-object", {"profile": profile, "rows": [good, 1]}, "row 1 is not a JSON object"),
+        ("no-dataset", {"profile": profile, "rows": [{"table": "t1", "x": 1}]}, "no dataset"),
+        ("profile", {"profile": no_datasets, "rows": [good]}, "the profile lacks datasets"),
+        ("archs", {"profile": {**profile, "archs": "resrec"}, "rows": [good]}, "archs is not"),
+        ("no-head", {"profile": profile, "rows": [good, offline]}, "cannot read (missing 'head')"),
+    ]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(data))
+        res = CliRunner().invoke(app, ["report", str(folder)])
+        assert res.exit_code == 2 and isinstance(res.exception, SystemExit), (name, res.output)
+        assert "error:" in res.output and msg in res.output, (name, res.output)
+        assert [p.name for p in folder.iterdir()] == ["results.json"], name

@@ -8,11 +8,11 @@ cd "$(dirname "$0")/../.." && . .venv/bin/activate && export ADVFACE_DATA_ROOT=$
 S=$(ls -d runs/reproduce-cpu-v2/cache/model-shadow-resrec-*)
 set -x
 /usr/bin/time -f "wall %e s" advface train-recon --arch resrec --train-set lfw-nonpairs \
-  --out runs/adaptive-1k --epochs 6 --lr 1e-3 --limit 1000 --features advface:runs/resrec-lfw-cpu \
+  --out runs/adaptive-1k --overwrite --epochs 6 --lr 1e-3 --limit 1000 --features advface:runs/resrec-lfw-cpu \
   --no-flip --threads 2 --max-minutes 40 --no-progress
 for d in lfw cfp-fp; do
   /usr/bin/time -f "wall %e s" advface attack --attacker runs/adaptive-1k --dataset $d --limit 200 \
-    --seed 0 --json --threads 2 --protection "advface:$S" --grid runs/adaptive-1k/grid-$d.png \
+    --seed 0 --json --threads 2 --protection "advface:$S" --grid runs/adaptive-1k/grid-$d.png --overwrite \
     > runs/adaptive-1k-$d.json
   /usr/bin/time -f "wall %e s" advface attack --attacker runs/resrec-lfw-cpu --dataset $d --limit 200 \
     --seed 0 --json --threads 2 --protection "advface:$S" > runs/resrec30-advface-$d.json

@@ -80,3 +80,58 @@ def test_rotate_master_without_a_current_key_writes_no_new_key(tmp_path: Path, m
     )
     assert r.exit_code == 2 and "no current master key" in r.output, r.output
     assert not key_file.exists()
+
+
+def test_a_database_that_cannot_be_opened_is_an_error(tmp_path: Path) -> None:
+    """A URL SQLAlchemy cannot parse, an unreachable server or a file that is no database:
+    ``error: cannot open database <url without password>: ...`` and exit 2, nothing created."""
+    import importlib.util
+
+    not_db = tmp_path / "notes.db"
+    not_db.write_text("not a database")
+    urls = {
+        "foo": "Could not parse SQLAlchemy URL",
+        "nosuch://h/x": "Can't load plugin",
+        "postgresql://u:secret@127.0.0.1:1/x": "connection",  # nothing listens on port 1
+        "postgresql://u:secret@h:port/x": "invalid literal",
+        f"sqlite:///{not_db}": "file is not a database",
+    }
+    if importlib.util.find_spec("MySQLdb") is None:
+        urls["mysql://u:secret@h/x"] = "driver is not installed"
+    run = CliRunner().invoke
+    for url, reason in urls.items():
+        for args in (
+            ["keys", "list"],
+            ["keys", "create", "acme"],
+            ["keys", "revoke", "0" * 12],
+            ["keys", "rekey-tenant", "acme"],
+            ["keys", "rotate-master", "--new-key-file", str(tmp_path / "new.key")],
+            ["reembed", "--backend", "toy"],
+            ["migrate", "--protection", "none", "--backend", "toy"],
+            ["serve", "--backend", "toy"],
+        ):
+            if args[0] == "keys" and args[1] == "rotate-master":
+                args = [*args, "--master-key-file", str(_key_file(tmp_path))]
+            r = run(cli_app, [*args, "--db-url", url])
+            assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (url, args, r.output)
+            assert "error: cannot open database" in r.output and reason in r.output, (url, args)
+            assert "secret" not in r.output and "Traceback" not in r.output, r.output
+    # No database, no new key file; the cache folder holds no master key from serve either.
+    assert {p.name for p in tmp_path.iterdir()} - {"cache"} == {"master.key", "notes.db"}
+    assert not (tmp_path / "cache" / "master.key").exists()
+
+
+def _key_file(folder: Path) -> Path:
+    from advface.service import crypto
+
+    path = folder / "master.key"
+    if not path.exists():
+        crypto.write_key_file(path)
+    return path
+
+
+def test_keys_create_checks_the_name_before_creating_a_database(tmp_path: Path) -> None:
+    db = tmp_path / "svc.db"
+    r = CliRunner().invoke(cli_app, ["keys", "create", "", "--db-url", f"sqlite:///{db}"])
+    assert r.exit_code == 2 and "error: tenant name must be 1..128 characters" in r.output
+    assert not db.exists()

@@ -4,6 +4,9 @@ store under the configured master key, JSON output and the options they have in 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,12 +29,61 @@ HeadOpt = Annotated[
 
 
 def settings_from(**overrides: Any) -> Any:
+    """Service settings from the environment and ``overrides`` (``error: ...`` when invalid)."""
     from advface.service.settings import ServiceSettings
 
-    try:
+    with user_errors():
         return ServiceSettings.from_env(**overrides)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+
+
+def db_label(url: str) -> str:
+    """``url`` as it may be shown: its password hidden, also in a URL that does not parse."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return re.sub(r"(://[^:/@]*):[^/]*@", r"\1:***@", url)
+
+
+@contextmanager
+def _cannot_open(url: str, *errors: type[BaseException]) -> Iterator[None]:
+    """``errors`` raised inside become ``ValueError('cannot open database URL: reason')``."""
+    try:
+        yield
+    except errors as exc:
+        orig = getattr(exc, "orig", None)  # a DBAPIError: the driver's own message
+        reason = str(orig if orig is not None else exc)
+        if isinstance(exc, ImportError):
+            reason = f"its driver is not installed ({reason})"
+        reason = " ".join(reason.split())
+        raise ValueError(f"cannot open database {db_label(url)}: {reason}") from None
+
+
+def check_db_url(url: str) -> None:
+    """Refuse a URL SQLAlchemy cannot parse, an unknown kind of database or one whose driver
+    is missing (``ValueError``), before anything is created."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from advface.service.store import normalise_url
+
+    with _cannot_open(url, ArgumentError, ValueError, ImportError):
+        make_url(normalise_url(url)).get_dialect().import_dbapi()
+
+
+def open_db(settings: Any, keys: Any = None) -> Any:
+    """The store of ``settings.db_url``; a bad URL or a database that cannot be reached or
+    read is ``error: cannot open database ...`` (exit 2). The one way the CLI opens it."""
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
+    from advface.service.store import Store
+
+    with user_errors():
+        check_db_url(settings.db_url)
+        with _cannot_open(settings.db_url, ArgumentError, DBAPIError, ImportError, OSError):
+            return Store(settings.db_url, timeout=settings.db_timeout, keys=keys)
 
 
 def existing_settings(**overrides: Any) -> Any:
@@ -40,9 +92,10 @@ def existing_settings(**overrides: Any) -> Any:
     from advface.service.store import sqlite_path
 
     settings = settings_from(**overrides)
-    path = sqlite_path(settings.db_url)
-    if path is not None and not path.is_file():
-        with user_errors():
+    with user_errors():
+        check_db_url(settings.db_url)
+        path = sqlite_path(settings.db_url)
+        if path is not None and not path.is_file():
             raise ValueError(
                 f"no database at {path}: check --db-url / ADVFACE_DB_URL "
                 "(advface serve and advface keys create make a new one)"
@@ -52,18 +105,21 @@ def existing_settings(**overrides: Any) -> Any:
 
 def open_store(settings: Any) -> Any:
     """The store with the configured master key (``error: ...`` when it does not fit)."""
+    from sqlalchemy.exc import DBAPIError
+
     from advface.service import crypto
     from advface.service.settings import default_master_key_file
-    from advface.service.store import Store
 
     with user_errors():
         keys = crypto.provider_from_config(
             settings.master_key_file, default_file=default_master_key_file()
         )
-        store = Store(settings.db_url, timeout=settings.db_timeout, keys=keys)
+    store = open_db(settings, keys)
+    with user_errors():
         try:
-            store.check_master_key()
-        except crypto.MasterKeyError:
+            with _cannot_open(settings.db_url, DBAPIError):
+                store.check_master_key()
+        except ValueError:  # crypto.MasterKeyError is one too
             store.close()
             raise
     return store

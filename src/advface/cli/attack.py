@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -52,6 +53,13 @@ def train_recon_command(
     limit: Annotated[int | None, typer.Option("--limit", min=2, help="First N images")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from --out")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a checkpoint already in --out (without it or --resume: an error)",
+        ),
+    ] = False,
     max_minutes: Annotated[
         float | None,
         typer.Option(
@@ -73,7 +81,10 @@ def train_recon_command(
     data_root: Annotated[Path | None, typer.Option("--data-root")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Train a reconstruction network R(E(x)) ~ x with L1 loss; prints a JSON summary."""
+    """Train a reconstruction network R(E(x)) ~ x with L1 loss; prints a JSON summary.
+
+    A checkpoint already in --out is refused unless --resume continues it or --overwrite
+    replaces it."""
     import torch
 
     from advface.attacks.train import TrainSettings
@@ -100,6 +111,7 @@ def train_recon_command(
             settings=settings,
             limit=limit,
             resume=resume,
+            overwrite=overwrite,
             features=features,
             data_root=data_root,
         )
@@ -118,14 +130,22 @@ def attack_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit subset")] = 0,
     as_json: JsonOpt = False,
     grid: Annotated[
-        Path | None, typer.Option("--grid", help="PNG of original | reconstruction")
+        Path | None,
+        typer.Option("--grid", help="Write a PNG of original | reconstruction pairs here"),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --grid file")
+    ] = False,
     threshold: Annotated[
         float | None,
-        typer.Option("--threshold", help="Operating threshold (default: from eval-fr on DATASET)"),
+        typer.Option(
+            "--threshold",
+            help="Operating threshold, a cosine in [-1, 1] (default: from eval-fr on DATASET)",
+        ),
     ] = None,
     threshold_far: Annotated[
-        float | None, typer.Option("--threshold-far", help="FAR=1e-3 threshold (with --threshold)")
+        float | None,
+        typer.Option("--threshold-far", help="FAR=1e-3 threshold in [-1, 1] (with --threshold)"),
     ] = None,
     threshold_pairs: Annotated[
         int | None,
@@ -158,6 +178,10 @@ def attack_command(
         typer.echo("error: --threshold-far needs --threshold", err=True)
         raise typer.Exit(2)
     with user_errors():
+        for flag, value in (("--threshold", threshold), ("--threshold-far", threshold_far)):
+            # A cosine: NaN or a value outside [-1, 1] would make SRRA meaningless.
+            if value is not None and not (math.isfinite(value) and -1 <= value <= 1):
+                raise ValueError(f"{flag} must be a cosine similarity in [-1, 1], got {value}")
         res = run_attack(
             attacker,
             dataset,
@@ -168,6 +192,7 @@ def attack_command(
             batch_size=batch_size,
             device=device,
             grid=grid,
+            overwrite=overwrite,
             thresholds=thresholds,
             threshold_pairs_per_fold=threshold_pairs,
             progress=progress and not as_json,

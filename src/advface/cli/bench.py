@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from advface.cli._errors import user_errors
+from advface.cli._errors import check_weights, user_errors
 from advface.cli._options import CacheDirOpt, DataRootOpt, DeviceOpt, QuietOpt, WeightsOpt
 
 
@@ -32,13 +32,28 @@ def bench_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Run (or resume) the robustness bench; write results.json, report.md and figures."""
+    from advface import config
     from advface.pipelines.robustness import get_profile, run_bench
     from advface.pipelines.robustness.report import summary
+    from advface.pipelines.robustness.run import DATASETS
 
     with user_errors():
+        # Checked before anything is written or trained (a typo would cost hours).
+        bad = [d for d in dataset or () if d not in DATASETS]
+        if bad:
+            raise ValueError(
+                f"--dataset takes {', '.join(DATASETS)}, got {', '.join(map(repr, bad))}"
+            )
+        twice = sorted({d for d in dataset or () if dataset.count(d) > 1})
+        if twice:
+            raise ValueError(f"--dataset {', '.join(twice)} given twice")
         overrides = {"datasets": tuple(dataset)} if dataset else {}
+        prof = get_profile(profile, **overrides)
+        config.data_root(data_root)
+        if weights is not None:
+            check_weights(weights, cache_dir)
         res = run_bench(
-            get_profile(profile, **overrides),
+            prof,
             out,
             data_root=data_root,
             cache=cache_dir,

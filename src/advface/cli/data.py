@@ -46,19 +46,24 @@ def prepare_command(
     from advface import config
     from advface.data.prepare import load_aligned, prepare
 
+    with user_errors():
+        if download_url is not None and not download:
+            raise ValueError("--download-url applies only with --download")
+        if download and dataset != "lfw":
+            raise ValueError("--download is only available for lfw")
+        root = config.data_root(data_root, must_exist=False) if download else None
     if threads is not None:
         import cv2
 
         cv2.setNumThreads(threads)
-    with user_errors(code=1):
-        if download:
-            if dataset != "lfw":
-                raise ValueError("--download is only available for lfw")
-            from advface.data.download import LFW_BASE_URL, ensure_lfw
+    if root is not None:
+        from advface.data.download import LFW_BASE_URL, ensure_lfw
 
-            root = config.data_root(data_root, must_exist=False)
+        # A failed download is no bad input: exit status 1, as for any failed run.
+        with user_errors(code=1):
             ensure_lfw(root, base_url=download_url or LFW_BASE_URL, progress=progress)
-            data_root = root
+        data_root = root
+    with user_errors():
         t0 = time.perf_counter()
         out = prepare(
             dataset,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from advface.cli._errors import user_errors
+from advface.cli._errors import loading, user_errors
 from advface.cli._options import JsonOpt, QuietOpt
 
 
@@ -55,11 +55,13 @@ def eval_fr_cmd(
     from advface.protection import protection_from_spec
 
     with user_errors():
-        model = load_facenet(weights, cache=cache_dir)
+        with loading(("--weights", weights)):
+            model = load_facenet(weights, cache=cache_dir)
         prot = None
         if protection.strip().lower() not in ("none", "clean"):
             enc, head = split_facenet(model)
-            prot = protection_from_spec(protection, extractor=enc, head=head, device=device)
+            with loading(("--protection", protection)):
+                prot = protection_from_spec(protection, extractor=enc, head=head, device=device)
         res = eval_fr(
             dataset,
             protection=prot,

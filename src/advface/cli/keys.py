@@ -11,7 +11,9 @@ from advface.cli._errors import user_errors
 from advface.cli._server import (
     DbUrlOpt,
     MasterKeyOpt,
+    check_db_url,
     existing_settings,
+    open_db,
     open_store,
     print_json,
     settings_from,
@@ -53,10 +55,10 @@ def keys_rotate_master(
 def _open_store_for_rotation(settings: Any, new_key_file: Path) -> tuple[Any, Any]:
     """(the store under the current key, the new key's provider). Nothing is written
     (the new key file included) unless a current key is configured and differs from the new
-    one; keys already under the new key (an interrupted rotation) are not an error here."""
+    one and the database opens; keys already under the new key (an interrupted rotation) are
+    not an error here."""
     from advface.service import crypto
     from advface.service.settings import default_master_key_file
-    from advface.service.store import Store
 
     with user_errors():
         keys = crypto.provider_from_config(
@@ -64,13 +66,20 @@ def _open_store_for_rotation(settings: Any, new_key_file: Path) -> tuple[Any, An
         )
         if keys is None:
             raise crypto.MasterKeyError("no current master key configured: nothing to rotate")
+        new = None
         if new_key_file.exists():
             new = crypto.LocalKeyProvider(crypto.read_key_file(new_key_file))
             if keys.key_id == new.key_id:
                 raise crypto.MasterKeyError("the new master key is the current one")
-        else:
-            new = crypto.LocalKeyProvider(crypto.write_key_file(new_key_file))
-    return Store(settings.db_url, timeout=settings.db_timeout, keys=keys), new
+    store = open_db(settings, keys)
+    if new is None:
+        try:
+            with user_errors():
+                new = crypto.LocalKeyProvider(crypto.write_key_file(new_key_file))
+        except BaseException:
+            store.close()
+            raise
+    return store, new
 
 
 @keys_app.command("create")
@@ -79,17 +88,21 @@ def keys_create(
     db_url: DbUrlOpt = None,
 ) -> None:
     """Create an API key for TENANT and print it (it is stored only as a hash)."""
-    from advface.service.store import Store, sqlite_path
+    from advface.service.store import sqlite_path
 
     settings = settings_from(db_url=db_url)
-    path = sqlite_path(settings.db_url)
+    with user_errors():
+        # The store's own rule, checked before a new database is created for nothing.
+        if not tenant or len(tenant) > 128:
+            raise ValueError("tenant name must be 1..128 characters")
+        check_db_url(settings.db_url)
+        path = sqlite_path(settings.db_url)
     if path is not None and not path.is_file():
         typer.echo(f"creating a new database at {path}", err=True)  # a typo shows here
-    store = Store(settings.db_url)
+    store = open_db(settings)
     try:
-        token = store.create_key(tenant)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        with user_errors():
+            token = store.create_key(tenant)
     finally:
         store.close()
     typer.echo(token)
@@ -101,9 +114,7 @@ def keys_list(
 ) -> None:
     """List API keys (id, tenant, created, revoked; one JSON line each). Secrets are never shown:
     only their hashes are stored."""
-    from advface.service.store import Store
-
-    store = Store(existing_settings(db_url=db_url).db_url)
+    store = open_db(existing_settings(db_url=db_url))
     try:
         for k in store.list_keys():
             print_json(
@@ -153,11 +164,10 @@ def keys_revoke(
     """Revoke an API key: requests with it get 401 from then on."""
     import re
 
-    from advface.service.store import Store
-
-    if not re.fullmatch(r"[0-9a-f]{12}", key_id):
-        raise typer.BadParameter("KEY_ID must be the 12 hex digits of a key id (advface keys list)")
-    store = Store(existing_settings(db_url=db_url).db_url)
+    with user_errors():
+        if not re.fullmatch(r"[0-9a-f]{12}", key_id):
+            raise ValueError("KEY_ID must be the 12 hex digits of a key id (advface keys list)")
+    store = open_db(existing_settings(db_url=db_url))
     try:
         found = store.revoke_key(key_id)
     finally:

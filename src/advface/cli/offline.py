@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from advface.cli._errors import user_errors
+from advface.cli._errors import check_checkpoint_dir, loading, user_errors
 from advface.cli._options import DataRootOpt, QuietOpt
 
 SpecOpt = Annotated[
@@ -67,7 +67,10 @@ def distill_cmd(
     work_dir: WorkDirOpt = None,
     eval_dataset: EvalDatasetOpt = None,
     pairs_per_fold: PairsOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing OUT")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="replace an existing OUT (and drop its eval-*.json, of the old head)"),
+    ] = False,
     data_root: DataRootOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -76,9 +79,14 @@ def distill_cmd(
     Rerun the same command to resume (feature chunks and a checkpoint per epoch are kept in
     the work dir). Prints the training record; with --eval-dataset also the offline row.
     """
+    from advface import config
     from advface.pipelines.offline import DistillSettings, run_distill
 
     with user_errors():
+        if eval_dataset is not None:
+            _check_dataset(eval_dataset, "--eval-dataset")  # before hours of training
+        config.data_root(data_root)
+        replaced = overwrite and out.exists()
         settings = DistillSettings(
             epochs=epochs,
             lr=lr,
@@ -89,7 +97,7 @@ def distill_cmd(
             time_budget_s=time_budget,
             seed=seed,
         )
-        config = run_distill(
+        head = run_distill(
             protection,
             out,
             limit=limit,
@@ -99,13 +107,15 @@ def distill_cmd(
             data_root=data_root,
             progress=not quiet,
         )
-    rec = config["record"]
+    if replaced:
+        _drop_stale_evals(out)
+    rec = head["record"]
     typer.echo(
         json.dumps(
             {
-                "model_version": config["model_version"],
-                "images": config["data"]["images"],
-                "identity_overlap": config["data"]["identity_check"]["overlap"],
+                "model_version": head["model_version"],
+                "images": head["data"]["images"],
+                "identity_overlap": head["data"]["identity_check"]["overlap"],
                 "loss_before": rec["loss_before"],
                 "loss_after": rec["loss_after"],
                 "steps": rec["steps"],
@@ -116,9 +126,40 @@ def distill_cmd(
     )
     typer.echo(f"wrote {out}", err=True)
     if eval_dataset is not None:
-        eval_offline_cmd(
-            out, protection, eval_dataset, pairs_per_fold, seed, None, data_root, quiet
+        _evaluate(
+            out,
+            protection,
+            eval_dataset,
+            pairs_per_fold,
+            seed=seed,
+            path=_eval_path(out, eval_dataset),
+            data_root=data_root,
+            quiet=quiet,
         )
+
+
+def _check_dataset(name: str, option: str) -> None:
+    from advface.pipelines.eval_fr import DATASETS
+
+    if name not in DATASETS:
+        raise ValueError(f"{option} must be one of {', '.join(DATASETS)}, got {name!r}")
+
+
+def _eval_path(student: Path, dataset: str) -> Path:
+    """Where a head's own evaluation on ``dataset`` is kept (replaced by a new evaluation)."""
+    return student / f"eval-{dataset}.json"
+
+
+def _drop_stale_evals(student: Path) -> None:
+    """Remove the evaluations of a head that ``distill --overwrite`` replaced: they describe
+    the old weights. Only the files this command names (``_eval_path``) are touched."""
+    from advface.pipelines.eval_fr import DATASETS
+
+    for dataset in DATASETS:
+        stale = _eval_path(student, dataset)
+        if stale.is_file():
+            stale.unlink()
+            typer.echo(f"removed {stale} (an evaluation of the replaced head)", err=True)
 
 
 def eval_offline_cmd(
@@ -128,13 +169,58 @@ def eval_offline_cmd(
     pairs_per_fold: PairsOpt = None,
     seed: Annotated[int, typer.Option(min=0, help="seed of the pair sample")] = 0,
     out: Annotated[
-        Path | None, typer.Option(help="JSON file (default: STUDENT/eval-DATASET.json)")
+        Path | None,
+        typer.Option(
+            help="JSON file to write (default: STUDENT/eval-DATASET.json, the head's own "
+            "record, which a new evaluation replaces)"
+        ),
     ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
     data_root: DataRootOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Verification with the student (offline), the teacher on protected (online) and clean
     features; the stored side of each pair is protected."""
+    from advface import config
+    from advface.models.distill import read_student_config
+
+    with user_errors():
+        _check_dataset(dataset, "--dataset")
+        if out is not None:
+            if out.is_dir():
+                raise ValueError(f"--out {out} is a folder; give a JSON file name")
+            if not out.parent.is_dir():
+                raise ValueError(f"--out {out}: no folder {out.parent}")
+            if out.exists() and not overwrite:
+                raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
+        check_checkpoint_dir(student, "STUDENT")
+        read_student_config(student)  # not a head: said before FaceNet loads
+        config.data_root(data_root)
+        path = _eval_path(student, dataset) if out is None else out
+    _evaluate(
+        student,
+        protection,
+        dataset,
+        pairs_per_fold,
+        seed=seed,
+        path=path,
+        data_root=data_root,
+        quiet=quiet,
+    )
+
+
+def _evaluate(
+    student: Path,
+    protection: str,
+    dataset: str,
+    pairs_per_fold: int | None,
+    *,
+    seed: int,
+    path: Path,
+    data_root: Path | None,
+    quiet: bool,
+) -> None:
+    """Run the offline evaluation and write its row to ``path`` (atomically)."""
     from advface.models.facenet import load_facenet
     from advface.models.split import split_facenet
     from advface.pipelines.offline import default_spec, offline_accuracy
@@ -142,18 +228,19 @@ def eval_offline_cmd(
 
     with user_errors():
         enc, head = split_facenet(load_facenet().eval())
-        prot = protection_from_spec(default_spec(protection), extractor=enc, head=head)
-        row = offline_accuracy(
-            prot,
-            student,
-            dataset,
-            pairs_per_fold,
-            seed=seed,
-            data_root=data_root,
-            progress=not quiet,
-        )
-    path = out or student / f"eval-{dataset}.json"
-    path.write_text(json.dumps(row, indent=1) + "\n")
+        with loading(("--protection", protection)):
+            prot = protection_from_spec(default_spec(protection), extractor=enc, head=head)
+        with loading(("head", student)):
+            row = offline_accuracy(
+                prot,
+                student,
+                dataset,
+                pairs_per_fold,
+                seed=seed,
+                data_root=data_root,
+                progress=not quiet,
+            )
+        _write_json(path, row)
     ref = row["reference"]
     typer.echo(
         json.dumps(
@@ -169,3 +256,15 @@ def eval_offline_cmd(
         )
     )
     typer.echo(f"wrote {path}", err=True)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    """Write ``obj`` to ``path`` through a temporary file beside it: never half-written."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

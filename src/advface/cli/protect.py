@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from advface.cli._errors import user_errors
+from advface.cli._errors import check_checkpoint_dir, loading, user_errors
 from advface.cli._options import JsonOpt, QuietOpt
 
 SrcArg = Annotated[Path, typer.Argument(help="safetensors with tensor z (N,64,77,77)")]
@@ -96,27 +96,33 @@ def protect_command(
             raise ValueError(f"--method {method} needs --shadow CKPT (a reconstruction checkpoint)")
         if method == "embedding-shadow" and generator is None:
             raise ValueError("--method embedding-shadow needs --generator CKPT (an EmbDec)")
+        checkpoints = (("--shadow", shadow), ("--generator", generator))
+        for option, folder in checkpoints if networks else ():
+            if folder is not None:
+                check_checkpoint_dir(folder, option)  # a broken file: before FaceNet loads
         if networks:
             from advface.models.facenet import load_facenet
             from advface.models.split import split_facenet
 
-            extractor, head = split_facenet(load_facenet(weights))
-        protection = build_from_options(
-            method,
-            shadow=shadow,
-            steps=steps,
-            alpha=alpha,
-            epsilon=epsilon,
-            reading=reading,
-            bn=bn,
-            clamp_min=clamp_min,
-            keep_best=True if keep_best else None,
-            epsilon_dp=epsilon_dp,
-            generator=generator,
-            extractor=extractor,
-            head=head,
-            device=device if networks else None,
-        )
+            with loading(("--weights", weights)):
+                extractor, head = split_facenet(load_facenet(weights))
+        with loading(*checkpoints):
+            protection = build_from_options(
+                method,
+                shadow=shadow,
+                steps=steps,
+                alpha=alpha,
+                epsilon=epsilon,
+                reading=reading,
+                bn=bn,
+                clamp_min=clamp_min,
+                keep_best=True if keep_best else None,
+                epsilon_dp=epsilon_dp,
+                generator=generator,
+                extractor=extractor,
+                head=head,
+                device=device if networks else None,
+            )
         summary = protect_file(
             src,
             dst,

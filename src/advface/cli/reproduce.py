@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from advface.cli._errors import user_errors
+from advface.cli._errors import check_weights, user_errors
 from advface.cli._options import CacheDirOpt, DataRootOpt, DeviceOpt, QuietOpt, WeightsOpt
 
 
@@ -55,6 +55,7 @@ def reproduce_cmd(
     share OUT, e.g. ``--datasets cfp-fp --threads 1 --stages-only`` beside the main run
     with ``--threads 1`` (on two cores about a fifth more throughput than one process with two
     threads); the main run reuses the helper's stages and writes the results."""
+    from advface import config
     from advface.pipelines.reproduce.headline import headline_table
     from advface.pipelines.reproduce.profiles import get_profile
     from advface.pipelines.reproduce.run import reproduce
@@ -64,6 +65,10 @@ def reproduce_cmd(
         prof = get_profile(profile)
         if datasets is not None:
             prof = get_profile(profile, datasets=parse_datasets(datasets, prof.datasets))
+        # Before OUT/cache is made: a missing data root or unloadable weights create nothing.
+        config.data_root(data_root)
+        if weights is not None:
+            check_weights(weights, cache_dir)
         if threads is not None:
             import torch
 
@@ -91,12 +96,19 @@ def report_cmd(
 ) -> None:
     """Re-render FOLDER's report.md and table CSVs from its results.json (no computation):
     after a change to the report, or to read a partial run's results."""
-    from advface.pipelines.reproduce.report import read_results, write_csvs, write_report
+    from advface.pipelines.reproduce.report import (
+        read_results,
+        render_results,
+        write_csvs,
+        write_report,
+    )
 
     with user_errors():
-        meta, rows = read_results(folder / "results.json")
+        results = folder / "results.json"
+        meta, rows = read_results(results)
+        text = render_results(results, meta, rows)  # in memory: nothing written unless it renders
         write_csvs(folder, rows)
-        path = write_report(folder, meta, rows)
+        path = write_report(folder, meta, rows, text)
     typer.echo(f"wrote {path}")
 
 
@@ -111,8 +123,8 @@ def parse_datasets(spec: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def parse_heads(specs: list[str]) -> dict[str, Path]:
-    """``LABEL=DIR`` options -> {label: folder}; a bad form, a label given twice or a missing
-    folder is a ValueError."""
+    """``LABEL=DIR`` options -> {label: folder}; a bad form, a label given twice, the label
+    ``psi`` or a missing folder is a ValueError."""
     heads: dict[str, Path] = {}
     for spec in specs:
         label, sep, folder = spec.partition("=")
@@ -121,6 +133,8 @@ def parse_heads(specs: list[str]) -> dict[str, Path]:
             raise ValueError(f"--head takes LABEL=DIR, got {spec!r}")
         if label in heads:
             raise ValueError(f"--head label {label!r} given twice")
+        if label == "psi":  # reproduce() refuses it too; here before the data root is checked
+            raise ValueError("an extra head cannot be labelled 'psi' (FaceNet's own head)")
         if not Path(folder).is_dir():
             raise ValueError(f"--head {label}: no folder {folder}")
         heads[label] = Path(folder)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from advface.cli._errors import user_errors
+from advface.cli._errors import check_checkpoint_dir, loading, user_errors
 from advface.cli._server import (
     DbUrlOpt,
     HeadOpt,
     MasterKeyOpt,
+    check_db_url,
+    db_label,
     ensure_master_key,
     existing_settings,
     open_store,
@@ -53,7 +56,7 @@ ThresholdOpt = Annotated[
 ]
 MaxBodyBytesOpt = Annotated[int | None, typer.Option(help="request body limit")]
 BackendOpt = Annotated[str | None, typer.Option(help="facenet | toy (tests)")]
-TorchThreadsOpt = Annotated[int | None, typer.Option(help="torch CPU threads (0: default)")]
+TorchThreadsOpt = Annotated[int | None, typer.Option(min=0, help="torch CPU threads (0: default)")]
 HeaderTimeoutOpt = Annotated[
     float | None,
     typer.Option(help="seconds to receive a request's headers [ADVFACE_HEADER_TIMEOUT, 10]"),
@@ -92,7 +95,9 @@ StorageCodecOpt = Annotated[
         "[ADVFACE_STORAGE_CODEC, float16]"
     ),
 ]
-LogLevelOpt = Annotated[str, typer.Option(help="uvicorn log level")]
+# uvicorn's levels (uvicorn.config.LOG_LEVELS); "trace" is uvicorn's own, below debug.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+LogLevelOpt = Annotated[str, typer.Option(help=f"uvicorn log level: {' | '.join(LOG_LEVELS)}")]
 
 
 def serve_cmd(
@@ -120,12 +125,12 @@ def serve_cmd(
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Run the template service (state in the database; any number of workers)."""
-    params = None
-    if protection_params is not None:
-        try:
-            params = json.loads(protection_params)
-        except ValueError as exc:
-            raise typer.BadParameter(f"--protection-params is not JSON: {exc}") from exc
+    with user_errors():
+        if log_level.lower() not in LOG_LEVELS:
+            raise ValueError(
+                f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}"
+            )
+        params = None if protection_params is None else _json_object(protection_params)
     settings = settings_from(
         host=host,
         port=port,
@@ -152,32 +157,72 @@ def serve_cmd(
     _serve(settings, log_level)
 
 
+def _backend(settings: Any) -> Any:
+    """The configured networks (Psi from ``settings.head`` if set); a head whose files do not
+    load is an ``error: ...`` naming them."""
+    from advface.service.backend import load_backend
+
+    if settings.head:
+        check_checkpoint_dir(Path(settings.head), "--head")
+    with loading(("--head", settings.head or None)):
+        return load_backend(settings.backend, settings.head)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """``--protection-params`` as a dict (``ValueError`` when not a JSON object)."""
+    try:
+        params = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--protection-params is not JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise ValueError("--protection-params must be a JSON object")
+    return params
+
+
 def _serve(settings: Any, log_level: str) -> None:
-    """Build the app (bad settings: ``error: ...``, exit 2) and run it under uvicorn."""
+    """Build the app (bad settings: ``error: ...``, exit 2) and run it under uvicorn.
+
+    Everything that can be checked without the database is checked first, so a refused
+    start-up leaves no new database or master key behind.
+    """
     import logging
 
+    from uvicorn.config import LOG_LEVELS as UVICORN_LEVELS
+
     from advface.service import server
-    from advface.service.app import create_app
+    from advface.service.app import create_app, protection_for
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    # Numeric: logging knows no "TRACE" until uvicorn registers it.
+    level = UVICORN_LEVELS[log_level.lower()]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
     with user_errors():
+        check_db_url(settings.db_url)
         server.check_workers(settings)
-        settings = ensure_master_key(settings)
-        # Built here also with several workers: bad settings and a missing pgvector are
-        # reported once, before any worker starts.
-        app = create_app(settings)
-    from sqlalchemy.engine import make_url
+        if settings.torch_threads > 0:
+            import torch
 
-    db = make_url(settings.db_url).render_as_string(hide_password=True)
+            torch.set_num_threads(settings.torch_threads)
+        net = _backend(settings)
+        prot = protection_for(settings, net)
+    settings = ensure_master_key(settings)
+    store = open_store(settings)
+    try:
+        with user_errors():
+            # Built here also with several workers: bad settings and a missing pgvector are
+            # reported once, before any worker starts.
+            app = create_app(settings, store=store, backend=net, protection=prot)
+    except BaseException:
+        store.close()
+        raise
     typer.echo(
-        f"advface serve: http://{settings.host}:{settings.port} db={db} "
+        f"advface serve: http://{settings.host}:{settings.port} db={db_label(settings.db_url)} "
         f"protection={settings.protection} backend={settings.backend} "
         f"psi={app.state.service.backend.embedding_version} "
         f"threshold={settings.threshold} index={type(app.state.service.index).__name__} "
         f"workers={settings.workers}",
         err=True,
     )
-    server.run(app, settings, log_level)
+    server.run(app, settings, log_level.lower())
 
 
 def reembed_cmd(
@@ -199,7 +244,6 @@ def reembed_cmd(
     from tqdm import tqdm
 
     from advface.service.app import build_index
-    from advface.service.backend import load_backend
     from advface.service.core import embed_missing
 
     settings = existing_settings(
@@ -214,7 +258,7 @@ def reembed_cmd(
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        net = load_backend(settings.backend, settings.head)
+        net = _backend(settings)
     store = open_store(settings)
     try:
         with user_errors():
@@ -276,20 +320,14 @@ def migrate_cmd(
     from tqdm import tqdm
 
     from advface.service.app import build_index, protection_for
-    from advface.service.backend import load_backend
     from advface.service.core import public_params, reprotect
 
     settings = existing_settings(
         db_url=db_url, backend=backend, head=head, master_key_file=master_key_file
     )
     with user_errors():
-        try:
-            params = json.loads(protection_params)
-        except ValueError as exc:
-            raise ValueError(f"--protection-params is not JSON: {exc}") from None
-        if not isinstance(params, dict):
-            raise ValueError("--protection-params must be a JSON object")
-        net = load_backend(settings.backend, settings.head)
+        params = _json_object(protection_params)
+        net = _backend(settings)
         target = replace(settings, protection=protection, protection_params=params)
         prot = protection_for(target, net)
     store = open_store(settings)

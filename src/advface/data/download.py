@@ -2,12 +2,15 @@
 
 Every file is streamed to a temporary file beside its destination, its MD5 checked, and only then
 renamed (``pairs.txt``) or extracted into a temporary folder that is renamed into place
-(``lfw-deepfunneled/``). On a checksum mismatch or any other failure nothing is left behind.
+(``lfw-deepfunneled/``). On a checksum mismatch or any other failure nothing is left behind (the
+folders this call created included), and a network, file or archive failure is a ``ValueError``
+naming the URL.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -29,6 +32,11 @@ class ChecksumError(ValueError):
     """A downloaded file does not have the expected MD5."""
 
 
+# What a failed transfer or extraction raises: URLError and HTTPError are OSErrors; a connection
+# cut mid-body is an HTTPException; a damaged archive a TarError.
+_FETCH_ERRORS = (OSError, http.client.HTTPException, tarfile.TarError)
+
+
 def _join(base_url: str, name: str) -> str:
     return base_url.rstrip("/") + "/" + name
 
@@ -36,13 +44,21 @@ def _join(base_url: str, name: str) -> str:
 def download_file(
     url: str, dest: Path, md5: str, *, timeout: float = 60.0, progress: bool = False
 ) -> Path:
-    """Download ``url`` to ``dest`` via a temporary file, verifying ``md5`` before the rename."""
+    """Download ``url`` to ``dest`` via a temporary file, verifying ``md5`` before the rename.
+
+    A failed transfer raises ``ValueError("download of <url> failed: ...")``; a wrong MD5
+    :class:`ChecksumError`. Either way no file is left behind.
+    """
+    try:
+        request = urllib.request.Request(url)
+    except ValueError as exc:  # no scheme
+        raise ValueError(f"download of {url} failed: {exc}") from exc
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     digest = hashlib.md5()
     try:
-        with os.fdopen(fd, "wb") as fh, urllib.request.urlopen(url, timeout=timeout) as resp:
+        with os.fdopen(fd, "wb") as fh, urllib.request.urlopen(request, timeout=timeout) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             from tqdm import tqdm
 
@@ -60,6 +76,9 @@ def download_file(
                 "the file was discarded"
             )
         os.replace(tmp, dest)
+    except _FETCH_ERRORS as exc:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"download of {url} failed: {exc}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -101,7 +120,27 @@ def ensure_lfw(
     if missing:
         raise ValueError(f"checksums lack entries for {', '.join(sorted(missing))}")
     lfw = Path(root).expanduser() / "lfw"
-    lfw.mkdir(parents=True, exist_ok=True)
+    created = [d for d in (lfw, *lfw.parents) if not d.exists()]  # innermost first
+    try:
+        lfw.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create {lfw}: {exc}") from exc
+    try:
+        _fetch_lfw(lfw, base_url, sums, timeout, progress)
+    except BaseException:
+        for d in created:  # a failed first download leaves no empty data root behind
+            try:
+                d.rmdir()
+            except OSError:
+                break  # not empty: something else lives there now
+        raise
+    return lfw
+
+
+def _fetch_lfw(
+    lfw: Path, base_url: str, sums: dict[str, str], timeout: float, progress: bool
+) -> None:
+    """Download into ``lfw`` whichever of ``pairs.txt`` and ``lfw-deepfunneled/`` it lacks."""
     pairs = lfw / "pairs.txt"
     if not pairs.is_file():
         download_file(
@@ -114,15 +153,11 @@ def ensure_lfw(
     images = lfw / "lfw-deepfunneled"
     if not images.is_dir():
         archive = lfw / "lfw-deepfunneled.tgz"
-        download_file(
-            _join(base_url, archive.name),
-            archive,
-            sums[archive.name],
-            timeout=timeout,
-            progress=progress,
-        )
+        url = _join(base_url, archive.name)
+        download_file(url, archive, sums[archive.name], timeout=timeout, progress=progress)
         try:
             _extract_tgz(archive, lfw, "lfw-deepfunneled")
+        except _FETCH_ERRORS as exc:
+            raise ValueError(f"download of {url} failed: cannot extract it: {exc}") from exc
         finally:
             archive.unlink(missing_ok=True)  # the extracted tree is what is used
-    return lfw

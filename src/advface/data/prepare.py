@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -312,7 +313,8 @@ def prepare(
 
 
 def _is_complete(out: Path, plan: dict[str, Any]) -> bool:
-    """Whether ``out`` holds a finished cache built with the same keys and settings."""
+    """Whether ``out`` holds a finished cache built with the same keys and settings, its
+    ``images.npy`` whole (header and file size; the pixels are not read)."""
     index_path = out / INDEX_FILE
     if not index_path.is_file() or not (out / IMAGES_FILE).is_file():
         return False
@@ -320,7 +322,38 @@ def _is_complete(out: Path, plan: dict[str, Any]) -> bool:
         old = json.loads(index_path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return all(old.get(k) == plan[k] for k in ("format", "n", "keys_sha1", "settings"))
+    if not isinstance(old, dict):
+        return False
+    if not all(old.get(k) == plan[k] for k in ("format", "n", "keys_sha1", "settings")):
+        return False
+    shape = old.get("image_shape")
+    return _images_whole(out / IMAGES_FILE, plan["n"], shape if isinstance(shape, list) else None)
+
+
+def _images_whole(path: Path, n: int, image_shape: Sequence[int] | None) -> bool:
+    """Whether ``path``'s .npy header says uint8 (n, H, W, 3) (``image_shape`` when given) and
+    the file holds every byte of it. A truncated file (an interrupted copy, a full disk) keeps a
+    valid header, so the size is what tells it apart; reading only the header keeps this cheap
+    on caches of a gigabyte."""
+    fmt = np.lib.format
+    try:
+        with path.open("rb") as fh:
+            version = fmt.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(fh)
+            else:
+                return False
+            offset = fh.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError):
+        return False
+    if dtype != np.uint8 or len(shape) != 4 or shape[0] != n or shape[3] != 3:
+        return False
+    if image_shape is not None and list(shape[1:]) != list(image_shape):
+        return False
+    return size == offset + math.prod(shape) * dtype.itemsize
 
 
 @contextmanager
@@ -514,6 +547,17 @@ class AlignedSet:
         return np.asarray(self.images[idx])
 
 
+def _rebuild_hint(dataset: str | Path, keys: Sequence[str] | None, limit: int | None) -> str:
+    """How to rebuild a damaged cache: ``prepare --force``, or, for a subset of keys (no
+    command builds those alone), rerunning what built it (``prepare`` rebuilds a damaged one)."""
+    if keys is not None:
+        return "rerun the command that built it (a damaged subset cache is rebuilt)"
+    hint = f"advface prepare {dataset}"
+    if limit is not None:
+        hint += f" --limit {limit}"
+    return f"rebuild it with `{hint} --force`"
+
+
 def load_aligned(
     dataset: str | Path,
     *,
@@ -542,15 +586,25 @@ def load_aligned(
         raise FileNotFoundError(
             f"no aligned cache for {dataset!s} at {folder}{state}: run `{hint}` first"
         )
-    meta = json.loads(index_path.read_text())
-    images = np.load(images_path, mmap_mode="r" if mmap else None)
-    keys_list = list(meta["keys"])
-    if images.shape[0] != len(keys_list):
+    rebuild = _rebuild_hint(dataset, keys, limit)
+    try:
+        meta = json.loads(index_path.read_text())
+        keys_list = list(meta["keys"])
+        found = np.asarray(meta["found"], dtype=bool)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"aligned cache index {index_path} is damaged ({exc}): {rebuild}") from exc
+    try:
+        images = np.load(images_path, mmap_mode="r" if mmap else None)
+    except (OSError, ValueError, EOFError) as exc:
+        # A truncated file fails here with numpy's bare "mmap length is greater than file size".
+        raise ValueError(
+            f"aligned cache images {images_path} are damaged ({exc}): {rebuild}"
+        ) from exc
+    if images.shape[0] != len(keys_list) or len(found) != len(keys_list):
         raise ValueError(
             f"aligned cache {folder} is inconsistent ({images.shape[0]} images, "
-            f"{len(keys_list)} keys): rerun `advface prepare {dataset}`"
+            f"{len(keys_list)} keys, {len(found)} found flags): {rebuild}"
         )
-    found = np.asarray(meta["found"], dtype=bool)
     small = {k: v for k, v in meta.items() if k not in ("keys", "found", "boxes", "crops")}
     return AlignedSet(
         images=images,

@@ -8,6 +8,9 @@ reconstruction as x at the unprotected system's thresholds on that dataset.
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,8 +78,41 @@ def save_grid(
     rows = [np.concatenate([r, np.ones((gap, r.shape[1], 3))], axis=0) for r in rows]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mpimg.imsave(path, np.concatenate(rows, axis=0))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:  # written beside and renamed: a grid is whole or absent
+        mpimg.imsave(tmp, np.concatenate(rows, axis=0), format="png")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the grid is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def check_grid_target(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse a grid path that cannot be written, before an attack spends its time: a folder,
+    an existing file (without ``overwrite``), or a parent that is not a writable folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"grid {path} is a folder: give the path of a .png file")
+    if path.exists() and not overwrite:
+        raise ValueError(f"grid {path} exists (pass --overwrite to replace it)")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # save_grid creates the missing folders below this one
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"grid {path}: {folder} is not a writable folder")
+    return path
+
+
+def check_thresholds(thresholds: dict[str, float]) -> None:
+    """Refuse a NaN or infinite threshold: every comparison with NaN is false, so SRRA would
+    silently be 0. (A finite value outside [-1, 1] accepts every or no replay; the command
+    line refuses those too.)"""
+    for name, value in thresholds.items():
+        if not (isinstance(value, int | float) and math.isfinite(value)):
+            raise ValueError(f"the {name} threshold must be a finite number, got {value!r}")
 
 
 def system_thresholds(
@@ -241,8 +277,9 @@ def run_attack(
     cache: str | Path | None = None,
     batch_size: int = 32,
     device: str = "cpu",
-    grid: str | Path | bool | None = None,
+    grid: str | Path | None = None,
     grid_faces: int = 8,
+    overwrite: bool = False,
     thresholds: dict[str, float] | None = None,
     threshold_pairs_per_fold: int | None = None,
     progress: bool = True,
@@ -253,8 +290,10 @@ def run_attack(
     (operating threshold), ``srra_far_1e-3``, ``replay_cosine`` and ``no_face`` (MTCNN
     fallback crops among the test faces), measured by :mod:`advface.pipelines.recon_eval`
     as in ``advface reproduce``. ``thresholds`` overrides the system's thresholds (keys
-    ``operating`` and ``far_1e-3``); by default they come from the unprotected benchmark on
-    the full protocol (or ``threshold_pairs_per_fold`` pairs of each fold).
+    ``operating`` and ``far_1e-3``, finite); by default they come from the unprotected
+    benchmark on the full protocol (or ``threshold_pairs_per_fold`` pairs of each fold).
+    ``grid``: a PNG of the first ``grid_faces`` (original | reconstruction) pairs is written
+    there (an existing file only with ``overwrite``); none without it.
     """
 
     from advface.config import data_root as resolve_root
@@ -267,6 +306,9 @@ def run_attack(
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if thresholds is not None:
+        check_thresholds(thresholds)
+    grid_path = check_grid_target(grid, overwrite=overwrite) if grid else None
     t0 = time.perf_counter()
     recon, ckpt = load_checkpoint(attacker, device)
     root = resolve_root(data_root)
@@ -300,15 +342,29 @@ def run_attack(
             "device": str(torch.device(device)),
         }
     )
-    if grid is not False and shown is not None:
-        target = (
-            grid
-            if isinstance(grid, str | Path)
-            else Path(attacker) / f"grid-{dataset}-{protection}.png"
-        )
-        out["grid"] = str(save_grid(*shown, target))
+    if grid_path is not None and shown is not None:
+        out["grid"] = str(save_grid(*shown, grid_path))
     out["wall_s"] = round(time.perf_counter() - t0, 2)
     return out
+
+
+def check_train_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, or one holding a checkpoint (its ``config.json``)
+    that neither ``resume`` continues nor ``overwrite`` replaces: the first epoch would
+    silently replace a trained attacker."""
+    from advface.models.recon.checkpoint import CONFIG_FILE
+
+    if resume and overwrite:
+        raise ValueError(
+            "--resume continues the checkpoint in OUT and --overwrite replaces it: give one"
+        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a folder")
+    if (out / CONFIG_FILE).exists() and not (resume or overwrite):
+        raise ValueError(
+            f"output {out} already holds a checkpoint: pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
 
 
 def train_attacker(
@@ -320,6 +376,7 @@ def train_attacker(
     settings: Any = None,
     limit: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     feature_fn: FeatureFn | None = None,
     features: str = "clean",
     data_root: str | Path | None = None,
@@ -328,14 +385,19 @@ def train_attacker(
     """Train a reconstruction network on ``train_set`` (checked disjoint from every test image)
     against FaceNet's E and checkpoint it to ``out``; returns a JSON-ready summary.
 
-    ``feature_fn``/``features`` let an adaptive attacker train on protected features; the
-    ``features`` label is recorded in the checkpoint.
+    A checkpoint already in ``out`` is continued with ``resume``, replaced with ``overwrite``
+    and otherwise refused. ``feature_fn``/``features`` let an adaptive attacker train on
+    protected features; the ``features`` label is recorded in the checkpoint.
     """
     from advface.attacks.train import TrainSettings, train_recon
     from advface.attacks.trainsets import load_train_set
     from advface.models.facenet import load_facenet
+    from advface.models.recon import read_config
     from advface.models.split import split_facenet
 
+    check_train_out(Path(out), resume=resume, overwrite=overwrite)
+    if resume:
+        read_config(out)  # fails now, not after loading the training set
     settings = settings or TrainSettings()
     t0 = time.perf_counter()
     data = load_train_set(train_set, data_root=data_root, limit=limit)

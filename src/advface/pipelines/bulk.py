@@ -11,7 +11,8 @@ Sources (SRC: one file, or a folder of them, in name order):
   or ``images`` (N,160,160,3) uint8 aligned faces, which E turns into feature maps; other tensors
   whose first dimension is N (keys, labels) are carried into the shards row by row;
 - ``.npy`` arrays of either kind (e.g. ``images.npy`` of an ``advface prepare`` cache);
-- the DST folder of an earlier ``protect-bulk`` run (its ``shards/``): re-protecting a gallery.
+- the DST folder of an earlier ``protect-bulk`` run (its ``shards/``): re-protecting a gallery,
+  into another DST (a source inside DST is refused).
 
 DST holds ``manifest.json`` (format, plan id, the plan - sources, shard size, batch size, seed,
 protection record with network fingerprints, E's fingerprint, every shard's rows - and the last
@@ -309,6 +310,16 @@ def read_manifest(dst: str | Path) -> dict[str, Any]:
 def _plan_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return ", ".join(keys) or "plan"
+
+
+def check_apart(src: Path, dst: Path) -> None:
+    """Refuse a source that is DST or lies inside it: a rerun with other settings deletes DST's
+    shards before computing, and these would be the rows it is about to read."""
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s.is_relative_to(d):
+        raise ValueError(
+            f"input {src} lies inside the output {dst}: write the protected copy to another folder"
+        )
 
 
 def open_destination(dst: Path, plan: BulkPlan, *, overwrite: bool) -> list[Shard]:
@@ -636,7 +647,10 @@ def run_bulk(
         check_int("seed", seed, low=0)
     dst = Path(dst)
     t0 = time.perf_counter()
+    check_apart(Path(src), dst)
     plan = _make_plan(src, factory, shard_size, batch_size, seed, precheck)
+    for source in plan.sources:  # a file linked into DST resolves there
+        check_apart(Path(source.path), dst)
     todo = open_destination(dst, plan, overwrite=overwrite)
     opts = ray_options or RayOptions()
     results: Iterator[dict[str, Any]] = iter(())

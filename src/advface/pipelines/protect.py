@@ -124,6 +124,8 @@ def protect_file(
     batch_size = check_int("batch_size", batch_size, low=1)
     if not src.is_file():
         raise ValueError(f"input {src} does not exist")
+    if dst.is_dir():  # --overwrite replaces a file; the rename onto a folder would fail last
+        raise ValueError(f"output {dst} is a folder: give the path of a .safetensors file")
     if dst.exists() and not overwrite:
         raise ValueError(f"output {dst} exists (pass overwrite=True / --overwrite)")
     if not dst.parent.is_dir():

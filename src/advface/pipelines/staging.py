@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 import time
@@ -38,6 +39,10 @@ WEIGHTS_FILE = "facenet-fp16.safetensors"
 STAGE_DATASETS = ("lfw", "cfp", "celeba")
 _TAR_BLOCK = 512
 _MARGIN = 64 * 1024  # tar end-of-archive records and rounding
+# What a manifest may name: plain names only, never a path out of the stage folder.
+_PART_NAME = re.compile(r"part-\d{2,}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _protocol_files(dataset: str, root: Path, keys: Sequence[str]) -> dict[str, bytes]:
@@ -268,13 +273,39 @@ def stage(
 
 
 def read_manifest(stage_dir: str | Path) -> dict[str, Any]:
+    """The stage's manifest, its structure checked: unstaging trusts its part and file names
+    as paths, so a damaged one must fail here, by name, not half-way through."""
     path = Path(stage_dir) / "part-00" / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {stage_dir} is not a stage (no part-00)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable stage manifest: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ValueError(
+            f"{path}: a stage manifest is a JSON object, got {type(manifest).__name__}"
+        )
     if manifest.get("format") != STAGE_FORMAT:
         raise ValueError(f"{path}: stage format {manifest.get('format')} != {STAGE_FORMAT}")
+    _check_parts(path, manifest.get("parts"))
     return manifest
+
+
+def _check_parts(path: Path, parts: Any) -> None:
+    """``parts`` must be {"part-NN": {file name: sha256}}."""
+    if not isinstance(parts, dict) or not parts:
+        raise ValueError(f"{path}: 'parts' must map part names to their files' sha256 sums")
+    for name, files in parts.items():
+        if not _PART_NAME.fullmatch(name):
+            raise ValueError(f"{path}: {name!r} is not a part name (part-NN)")
+        if not isinstance(files, dict):
+            raise ValueError(f"{path}: part {name} must map file names to sha256 sums")
+        for fname, digest in files.items():
+            if not _FILE_NAME.fullmatch(fname) or not (
+                isinstance(digest, str) and _SHA256.fullmatch(digest)
+            ):
+                raise ValueError(f"{path}: part {name} lists {fname!r} without a valid sha256")
 
 
 def verify(stage_dir: str | Path, parts: Sequence[str] | None = None) -> dict[str, Any]:
@@ -282,19 +313,28 @@ def verify(stage_dir: str | Path, parts: Sequence[str] | None = None) -> dict[st
     stage_dir = Path(stage_dir)
     manifest = read_manifest(stage_dir)
     names = list(manifest["parts"]) if parts is None else list(parts)
+    for name in names:
+        if name not in manifest["parts"]:
+            raise ValueError(f"{name} is not a part of stage {stage_dir}")
     missing = [n for n in names if not (stage_dir / n).is_dir()]
     if missing:
         raise FileNotFoundError(
             f"stage {stage_dir} lacks {', '.join(missing)} (of {len(manifest['parts'])} parts)"
         )
     for name in names:
-        if name not in manifest["parts"]:
-            raise ValueError(f"{name} is not a part of stage {stage_dir}")
         for fname, digest in manifest["parts"][name].items():
             path = stage_dir / name / fname
             if not path.is_file() or sha256_file(path) != digest:
                 raise ValueError(f"{path} is missing or damaged (sha256 mismatch)")
     return manifest
+
+
+def _staged_from(marker: Path) -> Any:
+    """The manifest a staged data root records (None when it has no readable marker)."""
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def unstage(stage_dir: str | Path, root: str | Path) -> Path:
@@ -307,18 +347,23 @@ def unstage(stage_dir: str | Path, root: str | Path) -> Path:
 
     stage_dir, root = Path(stage_dir), Path(root)
     manifest = verify(stage_dir)
+    if WEIGHTS_FILE not in manifest["parts"].get("part-00", {}):
+        raise ValueError(f"stage {stage_dir}: its manifest lists no part-00/{WEIGHTS_FILE}")
     if root.exists():
-        marker = root / STAGED_MARKER
-        if marker.is_file() and json.loads(marker.read_text()) == manifest:
+        if _staged_from(root / STAGED_MARKER) == manifest:
             return root
         raise FileExistsError(f"{root} exists and was not made from {stage_dir}")
     with atomic_folder(root) as tmp:
-        for name in manifest["parts"]:
+        for name, files in manifest["parts"].items():
             for tar_name in ("meta.tar", "images.tar"):
+                if tar_name not in files:  # only what verify() checked is unpacked
+                    continue
                 path = stage_dir / name / tar_name
-                if path.is_file():
+                try:
                     with tarfile.open(path) as tar:
                         tar.extractall(tmp, filter="data")
+                except tarfile.TarError as exc:
+                    raise ValueError(f"{path} cannot be unpacked: {exc}") from exc
         shutil.copyfile(stage_dir / "part-00" / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
         (tmp / STAGED_MARKER).write_text(json.dumps(manifest, indent=1) + "\n")
     return root

@@ -52,8 +52,13 @@ def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
     _atomic_write(path, json.dumps({**meta, "rows": rows}, indent=2, default=str) + "\n")
 
 
+# What the report reads from results.json's profile without a default.
+PROFILE_KEYS = ("name", "datasets", "archs", "epsilon", "alpha", "steps", "seed")
+
+
 def read_results(path: Path) -> tuple[dict, list[dict]]:
-    """(meta, rows) of a results.json; a missing or malformed file is a ValueError."""
+    """(meta, rows) of a results.json; a missing or malformed file is a ValueError: every row
+    a JSON object with a string ``table`` and ``dataset``, a profile with ``PROFILE_KEYS``."""
     if not path.is_file():
         raise ValueError(f"no results file {path}")
     try:
@@ -62,10 +67,33 @@ def read_results(path: Path) -> tuple[dict, list[dict]]:
         raise ValueError(f"{path} is not readable JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise ValueError(f"{path} holds no reproduction results (no 'rows' list)")
-    if not isinstance(data.get("profile"), dict):
+    profile = data.get("profile")
+    if not isinstance(profile, dict):
         raise ValueError(f"{path} holds no reproduction results (no 'profile')")
+    missing = [k for k in PROFILE_KEYS if k not in profile]
+    if missing:
+        raise ValueError(f"{path}: the profile lacks {', '.join(missing)}")
+    for key in ("datasets", "archs"):
+        if not isinstance(profile[key], list) or not all(isinstance(v, str) for v in profile[key]):
+            raise ValueError(f"{path}: the profile's {key} is not a list of names")
     rows = data.pop("rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {i} is not a JSON object")
+        bad = [k for k in ("table", "dataset") if not isinstance(row.get(k), str)]
+        if bad:
+            raise ValueError(f"{path}: row {i} has no {' or '.join(bad)} name")
     return data, rows
+
+
+def render_results(path: Path, meta: dict, rows: list[dict]) -> str:
+    """report.md's text for ``path``'s results; a value of the wrong shape (a row or record
+    the renderer cannot read) is a ValueError naming the file."""
+    try:
+        return render_markdown(meta, rows)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(f"{path}: results the report cannot read ({what})") from None
 
 
 def write_csvs(out: Path, rows: list[dict]) -> list[Path]:
@@ -460,7 +488,8 @@ def _compute_time(doc: _Doc) -> None:
     )
 
 
-def write_report(out: Path, meta: dict, rows: list[dict]) -> Path:
+def write_report(out: Path, meta: dict, rows: list[dict], text: str | None = None) -> Path:
+    """Write ``out/report.md`` (``text``: already rendered, else rendered here)."""
     path = out / "report.md"
-    _atomic_write(path, render_markdown(meta, rows))
+    _atomic_write(path, render_markdown(meta, rows) if text is None else text)
     return path

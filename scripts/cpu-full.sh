@@ -46,9 +46,14 @@ fi
 
 echo "$(date -u +%FT%TZ) stages in two processes" >> "$OUT/log.txt"
 (
-  OMP_NUM_THREADS=1 nice -n 19 advface bench --profile "$BENCH" --out "$OUT/robustness" --quiet
+  # A failed bench must not keep CFP-FP's stages from running: the main run reruns the bench
+  # at its end (from whatever the helper cached) and reports a failure there.
+  OMP_NUM_THREADS=1 nice -n 19 advface bench --profile "$BENCH" --out "$OUT/robustness" --quiet ||
+    { rc=$?; echo "$(date -u +%FT%TZ) bench failed (exit $rc); going on with CFP-FP's stages"; }
   "${RUN[@]}" --datasets cfp-fp --threads 1 --stages-only
 ) >> "$OUT/helper.log" 2>&1 &
 helper=$!
+# The helper must not outlive the main run (a rerun would start a second one on its chunks).
+trap 'pkill -TERM -P "$helper" 2>/dev/null; kill "$helper" 2>/dev/null || true' EXIT
 "${RUN[@]}" --threads 1 >> "$OUT/log.txt" 2>&1
 wait "$helper"

@@ -20,6 +20,12 @@ def test_code_fingerprint_follows_the_sources(tmp_path, monkeypatch):
     a = code_fingerprint(("protection",))
     assert a == code_fingerprint(("protection",))
     assert a != code_fingerprint(("attacks/train.py",))
+    # The bench's stages hash its computing modules, not its report (wording recomputes nothing).
+    from advface.pipelines.robustness.models import EVAL_CODE
+
+    assert "pipelines/robustness/run.py" in EVAL_CODE and "protection" in EVAL_CODE
+    assert not any(part.endswith("report.py") for part in EVAL_CODE)
+    assert len(code_fingerprint(EVAL_CODE)) == 16
 
 
 def _row(method, attacker, ssim, **kw):

@@ -57,6 +57,7 @@ def reproduce(
     caches every stage but writes no results: a helper process beside the main run, sharing
     ``out`` (e.g. on another dataset), whose stages the main run then reuses."""
     t_start = time.perf_counter()
+    commit = git_commit()  # the code this run started with, whatever changes meanwhile
     if "psi" in {*(head_dirs or {}), *(extra_heads or {})}:
         raise ValueError("an extra head cannot be labelled 'psi' (FaceNet's own head)")
     out = Path(out)
@@ -84,24 +85,27 @@ def reproduce(
     # run leaves readable results (training records first); the last write replaces them.
     nets = train_networks(ctx)
     done = ["decoders"]
-    save(_meta(ctx, unprotected, t_start, done))
+    save(_meta(ctx, unprotected, t_start, done, commit))
     heads = _heads(ctx, nets, given, extra_heads or {})
     done.append("offline heads")
-    save(_meta(ctx, unprotected, t_start, done))
+    save(_meta(ctx, unprotected, t_start, done, commit))
     for d in profile.datasets:
         ctx.log(f"{d}: pairs, clean embeddings and test faces")
         ev = prepare_dataset(ctx, d, heads)
         unprotected[d] = ev.unprotected
-        for table in TABLES:
+        # A helper process (write=False) beside the main run takes the tables in reverse, so
+        # that the two meet in the middle of a dataset instead of computing the same stages.
+        for table in TABLES if write else reversed(TABLES):
             rows += table(ctx, ev, nets)
         grids[d] = ev.grids
         done.append(d)
         if d != profile.datasets[-1] or profile.robustness is not None:
-            save(_meta(ctx, unprotected, t_start, done))
-    bench_rows, bench = extras.robustness_rows(ctx, out, weights)
+            save(_meta(ctx, unprotected, t_start, done, commit))
+    # The bench runs in the main run only: two processes must not train its networks at once.
+    bench_rows, bench = extras.robustness_rows(ctx, out, weights) if write else ([], None)
     rows += bench_rows
     done += ["robustness"] if profile.robustness else []
-    meta = {**_meta(ctx, unprotected, t_start, done), "robustness": bench}
+    meta = {**_meta(ctx, unprotected, t_start, done, commit), "robustness": bench}
     save(meta)
     return {**meta, "rows": rows}
 
@@ -129,7 +133,9 @@ def _write(out: Path, meta: dict, rows: list[dict], grids: dict, ctx: Context) -
     report.write_report(out, meta, rows)
 
 
-def _meta(ctx: Context, unprotected: dict, t_start: float, done: list[str]) -> dict:
+def _meta(
+    ctx: Context, unprotected: dict, t_start: float, done: list[str], commit: str | None
+) -> dict:
     """The run's record; ``done``: the parts finished (decoders, offline heads, datasets,
     robustness)."""
     from advface import __version__
@@ -145,7 +151,7 @@ def _meta(ctx: Context, unprotected: dict, t_start: float, done: list[str]) -> d
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{platform.processor() or platform.platform()}",
         "advface_version": __version__,
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "torch_version": torch.__version__,
         "numpy_version": np.__version__,
         "python": platform.python_version(),

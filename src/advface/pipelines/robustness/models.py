@@ -37,8 +37,12 @@ from advface.pipelines.context import (  # noqa: F401 (re-exported for the bench
 )
 from advface.pipelines.decoders import train_cached
 
-#: Code of the bench's evaluation stages (the shared parts and the bench's own).
-EVAL_CODE = (*SHARED_EVAL_CODE, "pipelines/robustness")
+#: Code of the bench's evaluation stages: the shared parts and the bench's own computing
+#: modules (not its report, whose wording changes nothing computed).
+EVAL_CODE = (
+    *SHARED_EVAL_CODE,
+    *(f"pipelines/robustness/{m}.py" for m in ("run", "models", "metrics", "profiles")),
+)
 #: Training-record fields that must agree between every attacker of a run.
 SAME_FOR_ATTACKERS = (
     "train_set",

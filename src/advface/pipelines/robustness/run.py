@@ -326,9 +326,11 @@ def run_bench(
 ) -> dict:
     """Run (or resume) the bench and write ``results.json``, CSV, report and figures."""
     from advface.data.splits import celeba_split, lfw_attacker_split
+    from advface.pipelines.context import git_commit
     from advface.pipelines.robustness import report
 
     t_start = time.perf_counter()
+    commit = git_commit()  # the code this run started with, whatever changes meanwhile
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(profile.seed)
@@ -364,7 +366,7 @@ def run_bench(
         for ev in evals.values():
             method_rows, ctx.protections[method] = _evaluate_method(ctx, ev, nets, adaptive, method)
             rows += method_rows
-        meta = _meta(ctx, splits, t_start, complete=i == len(ORDER) - 1)
+        meta = _meta(ctx, splits, t_start, complete=i == len(ORDER) - 1, commit=commit)
         report.write_all(out, meta, rows)
     grids = {d: ev.grid for d, ev in evals.items()}
     meta["figures"] = report.write_figures(out, rows, grids)
@@ -389,15 +391,16 @@ def attacker_training(training: dict[str, dict]) -> dict | None:
     return {**{k: first.get(k) for k in SAME_FOR_ATTACKERS}, "attackers": roles}
 
 
-def _meta(ctx: BenchContext, splits: dict, t_start: float, *, complete: bool) -> dict:
+def _meta(
+    ctx: BenchContext, splits: dict, t_start: float, *, complete: bool, commit: str | None
+) -> dict:
     from advface import __version__
-    from advface.pipelines.context import git_commit
 
     dev = ctx.device
     return {
         "profile": ctx.profile.to_dict(),
         "complete": complete,
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "advface_version": __version__,

@@ -252,3 +252,26 @@ def test_every_attacker_trains_alike():
     ]
     with pytest.raises(ValueError):
         attacker_training({**training, "adaptive-own-advface": {**rec, "flip": False}})
+
+
+def test_cli_report_rerenders_a_bench_folder_without_touching_its_results(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from advface.cli import app
+    from advface.pipelines.robustness.report import render
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({**_meta(), "rows": ROWS}))
+    before = results.read_bytes()
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "report.md").read_text() == render(_meta(), ROWS)
+    assert (tmp_path / "robustness.csv").is_file() and results.read_bytes() == before
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "results.json").write_text(json.dumps({"rows": [{"table": "robustness"}]}))
+    res = CliRunner().invoke(app, ["report", str(broken)])
+    assert res.exit_code == 2 and "cannot read" in res.output, res.output
+    assert not (broken / "report.md").exists() and not (broken / "robustness.csv").exists()

@@ -92,19 +92,30 @@ def reproduce_cmd(
 
 
 def report_cmd(
-    folder: Annotated[Path, typer.Argument(help="a reproduction's output folder")],
+    folder: Annotated[Path, typer.Argument(help="a reproduction's or a bench's output folder")],
 ) -> None:
     """Re-render FOLDER's report.md and table CSVs from its results.json (no computation):
-    after a change to the report, or to read a partial run's results."""
+    after a change to the report, or to read a partial run's results. A bench's folder
+    (``advface bench``) gets the bench's report."""
+    import json
+
     from advface.pipelines.reproduce.report import (
         read_results,
         render_results,
         write_csvs,
         write_report,
     )
+    from advface.pipelines.robustness.report import is_bench_results, rerender
 
     with user_errors():
         results = folder / "results.json"
+        try:
+            bench = results.is_file() and is_bench_results(json.loads(results.read_text()))
+        except (OSError, UnicodeDecodeError, ValueError):
+            bench = False  # read_results names what is wrong with it
+        if bench:
+            typer.echo(f"wrote {rerender(folder)}")
+            return
         meta, rows = read_results(results)
         text = render_results(results, meta, rows)  # in memory: nothing written unless it renders
         write_csvs(folder, rows)

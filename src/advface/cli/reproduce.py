@@ -97,9 +97,8 @@ def report_cmd(
     """Re-render FOLDER's report.md and table CSVs from its results.json (no computation):
     after a change to the report, or to read a partial run's results. A bench's folder
     (``advface bench``) gets the bench's report."""
-    import json
-
     from advface.pipelines.reproduce.report import (
+        load_results_json,
         read_results,
         render_results,
         write_csvs,
@@ -109,14 +108,11 @@ def report_cmd(
 
     with user_errors():
         results = folder / "results.json"
-        try:
-            bench = results.is_file() and is_bench_results(json.loads(results.read_text()))
-        except (OSError, UnicodeDecodeError, ValueError):
-            bench = False  # read_results names what is wrong with it
-        if bench:
-            typer.echo(f"wrote {rerender(folder)}")
+        data = load_results_json(results)  # read once, then rendered by its kind
+        if is_bench_results(data):
+            typer.echo(f"wrote {rerender(folder, data)}")
             return
-        meta, rows = read_results(results)
+        meta, rows = read_results(results, data)
         text = render_results(results, meta, rows)  # in memory: nothing written unless it renders
         write_csvs(folder, rows)
         path = write_report(folder, meta, rows, text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from advface.pipelines.reproduce import paper
@@ -56,16 +57,25 @@ def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
 PROFILE_KEYS = ("name", "datasets", "archs", "epsilon", "alpha", "steps", "seed")
 
 
-def read_results(path: Path) -> tuple[dict, list[dict]]:
-    """(meta, rows) of a results.json; a missing or malformed file is a ValueError: every row
-    a JSON object with a string ``table`` and ``dataset``, a profile with ``PROFILE_KEYS``."""
+def load_results_json(path: Path) -> dict:
+    """The parsed results.json (a reproduction's or a bench's); missing or not JSON: ValueError."""
     if not path.is_file():
         raise ValueError(f"no results file {path}")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not readable JSON: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds no results (not a JSON object)")
+    return data
+
+
+def read_results(path: Path, data: dict | None = None) -> tuple[dict, list[dict]]:
+    """(meta, rows) of a reproduction's results.json (``data``: already parsed); a malformed
+    file is a ValueError: every row a JSON object with a string ``table`` and ``dataset``, a
+    profile with ``PROFILE_KEYS``."""
+    data = load_results_json(path) if data is None else dict(data)
+    if not isinstance(data.get("rows"), list):
         raise ValueError(f"{path} holds no reproduction results (no 'rows' list)")
     profile = data.get("profile")
     if not isinstance(profile, dict):
@@ -86,14 +96,19 @@ def read_results(path: Path) -> tuple[dict, list[dict]]:
     return data, rows
 
 
-def render_results(path: Path, meta: dict, rows: list[dict]) -> str:
-    """report.md's text for ``path``'s results; a value of the wrong shape (a row or record
-    the renderer cannot read) is a ValueError naming the file."""
+def render_checked(path: Path, render: Callable[[dict, list[dict]], str], meta, rows) -> str:
+    """``render(meta, rows)``; a value of the wrong shape (a row or record the renderer cannot
+    read) is a ValueError naming ``path``, so that nothing is written."""
     try:
-        return render_markdown(meta, rows)
+        return render(meta, rows)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
         raise ValueError(f"{path}: results the report cannot read ({what})") from None
+
+
+def render_results(path: Path, meta: dict, rows: list[dict]) -> str:
+    """report.md's text for ``path``'s reproduction results (see :func:`render_checked`)."""
+    return render_checked(path, render_markdown, meta, rows)
 
 
 def write_csvs(out: Path, rows: list[dict]) -> list[Path]:

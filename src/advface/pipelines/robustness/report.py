@@ -384,27 +384,18 @@ def is_bench_results(data: object) -> bool:
     return bool(rows) and all(isinstance(r, dict) and r.get("table") == "robustness" for r in rows)
 
 
-def rerender(folder: Path) -> Path:
-    """Write ``folder``'s report.md and robustness.csv again from its results.json with this
-    renderer (no computation; results.json is not touched). A file the renderer cannot read
-    is a ValueError naming it, and nothing is written."""
-    import json
-
-    from advface.pipelines.reproduce.report import _atomic_write
+def rerender(folder: Path, data: dict) -> Path:
+    """Write ``folder``'s report.md and robustness.csv again from its parsed results.json
+    ``data`` with this renderer (no computation; results.json is not touched). Results the
+    renderer cannot read are a ValueError naming the file, and nothing is written."""
+    from advface.pipelines.reproduce.report import _atomic_write, render_checked
 
     path = folder / "results.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not readable JSON: {exc}") from None
     if not is_bench_results(data):
         raise ValueError(f"{path} holds no bench results (rows with table 'robustness')")
-    rows = data.pop("rows")
-    try:
-        text = render(data, rows)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise ValueError(f"{path}: results the report cannot read ({what})") from None
+    meta = dict(data)
+    rows = meta.pop("rows")
+    text = render_checked(path, render, meta, rows)
     write_csvs(folder, rows)
     _atomic_write(folder / "report.md", text)
     return folder / "report.md"

@@ -175,6 +175,8 @@ def test_new_limits_from_env_and_validated() -> None:
     for bad in ({"header_timeout": 0}, {"max_concurrent_uploads": 0}, {"rate_limit": -1}):
         with pytest.raises(ValueError):
             ServiceSettings(**bad)
+    with pytest.raises(ValueError, match="torch_threads"):
+        ServiceSettings.from_env({"ADVFACE_TORCH_THREADS": "-2"})
 
 
 def test_locked_sqlite_database_is_a_typed_503(

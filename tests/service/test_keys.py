@@ -135,3 +135,32 @@ def test_keys_create_checks_the_name_before_creating_a_database(tmp_path: Path) 
     r = CliRunner().invoke(cli_app, ["keys", "create", "", "--db-url", f"sqlite:///{db}"])
     assert r.exit_code == 2 and "error: tenant name must be 1..128 characters" in r.output
     assert not db.exists()
+
+
+def test_a_database_error_during_a_command_is_an_error_not_a_traceback(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The database fails after it opened (locked, full, connection lost): ``error: database
+    <url>: reason``, exit 1, and the store is closed."""
+    from sqlalchemy.exc import OperationalError
+
+    from advface.service.store import Store
+
+    db_url = f"sqlite:///{tmp_path / 'keys.db'}"
+    cli_key(db_url, "acme")
+    closed = []
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise OperationalError("SELECT ...", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(Store, "list_keys", fail)
+    monkeypatch.setattr(Store, "create_key", fail)
+    close = Store.close
+    monkeypatch.setattr(Store, "close", lambda self: (closed.append(1), close(self)))
+    run = CliRunner().invoke
+    for args in (["keys", "list"], ["keys", "create", "globex"]):
+        r = run(cli_app, [*args, "--db-url", db_url])
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (args, r.output)
+        assert f"error: database {db_url}: database is locked" in r.output, r.output
+        assert "Traceback" not in r.output
+    assert len(closed) == 2

@@ -47,18 +47,37 @@ def db_label(url: str) -> str:
         return re.sub(r"(://[^:/@]*):[^/]*@", r"\1:***@", url)
 
 
+def _db_reason(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)  # a DBAPIError: the driver's own message
+    return " ".join(str(orig if orig is not None else exc).split())
+
+
 @contextmanager
 def _cannot_open(url: str, *errors: type[BaseException]) -> Iterator[None]:
     """``errors`` raised inside become ``ValueError('cannot open database URL: reason')``."""
     try:
         yield
     except errors as exc:
-        orig = getattr(exc, "orig", None)  # a DBAPIError: the driver's own message
-        reason = str(orig if orig is not None else exc)
+        reason = _db_reason(exc)
         if isinstance(exc, ImportError):
             reason = f"its driver is not installed ({reason})"
-        reason = " ".join(reason.split())
         raise ValueError(f"cannot open database {db_label(url)}: {reason}") from None
+
+
+@contextmanager
+def closing(store: Any, url: str) -> Iterator[Any]:
+    """Yield ``store`` and close it on the way out. A database error raised inside (locked,
+    full, connection lost) is ``error: database URL: reason`` and exit status 1 instead of a
+    traceback; the commands commit per batch, so what was committed before it stays."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        yield store
+    except DBAPIError as exc:
+        typer.echo(f"error: database {db_label(url)}: {_db_reason(exc)}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        store.close()
 
 
 def check_db_url(url: str) -> None:

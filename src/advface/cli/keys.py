@@ -12,6 +12,7 @@ from advface.cli._server import (
     DbUrlOpt,
     MasterKeyOpt,
     check_db_url,
+    closing,
     existing_settings,
     open_db,
     open_store,
@@ -44,11 +45,12 @@ def keys_rotate_master(
 
     settings = existing_settings(db_url=db_url, master_key_file=master_key_file)
     store, new = _open_store_for_rotation(settings, new_key_file)
-    try:
-        with user_errors(), tqdm(unit="key", desc="rotate-master") as bar:
-            n = store.rotate_master(new, batch=batch, on_batch=bar.update)
-    finally:
-        store.close()
+    with (
+        closing(store, settings.db_url),
+        user_errors(),
+        tqdm(unit="key", desc="rotate-master") as bar,
+    ):
+        n = store.rotate_master(new, batch=batch, on_batch=bar.update)
     print_json({"rewrapped": n, "master_key_id": new.key_id, "master_key_file": str(new_key_file)})
 
 
@@ -99,12 +101,8 @@ def keys_create(
         path = sqlite_path(settings.db_url)
     if path is not None and not path.is_file():
         typer.echo(f"creating a new database at {path}", err=True)  # a typo shows here
-    store = open_db(settings)
-    try:
-        with user_errors():
-            token = store.create_key(tenant)
-    finally:
-        store.close()
+    with closing(open_db(settings), settings.db_url) as store, user_errors():
+        token = store.create_key(tenant)
     typer.echo(token)
 
 
@@ -114,8 +112,8 @@ def keys_list(
 ) -> None:
     """List API keys (id, tenant, created, revoked; one JSON line each). Secrets are never shown:
     only their hashes are stored."""
-    store = open_db(existing_settings(db_url=db_url))
-    try:
+    settings = existing_settings(db_url=db_url)
+    with closing(open_db(settings), settings.db_url) as store:
         for k in store.list_keys():
             print_json(
                 {
@@ -125,8 +123,6 @@ def keys_list(
                     "revoked": k.revoked,
                 }
             )
-    finally:
-        store.close()
 
 
 @keys_app.command("rekey-tenant")
@@ -144,15 +140,12 @@ def keys_rekey_tenant(
     from advface.service.store import NotFound
     from advface.service.transform import rekey_tenant
 
-    store = open_store(existing_settings(db_url=db_url, master_key_file=master_key_file))
-    try:
-        with user_errors():
-            try:
-                out = rekey_tenant(store, tenant)
-            except NotFound:
-                raise ValueError(f"no tenant {tenant!r}") from None
-    finally:
-        store.close()
+    settings = existing_settings(db_url=db_url, master_key_file=master_key_file)
+    with closing(open_store(settings), settings.db_url) as store, user_errors():
+        try:
+            out = rekey_tenant(store, tenant)
+        except NotFound:
+            raise ValueError(f"no tenant {tenant!r}") from None
     print_json(out)
 
 
@@ -167,11 +160,9 @@ def keys_revoke(
     with user_errors():
         if not re.fullmatch(r"[0-9a-f]{12}", key_id):
             raise ValueError("KEY_ID must be the 12 hex digits of a key id (advface keys list)")
-    store = open_db(existing_settings(db_url=db_url))
-    try:
+    settings = existing_settings(db_url=db_url)
+    with closing(open_db(settings), settings.db_url) as store:
         found = store.revoke_key(key_id)
-    finally:
-        store.close()
     if not found:
         typer.echo(f"error: no API key {key_id}", err=True)
         raise typer.Exit(2)

@@ -14,6 +14,7 @@ from advface.cli._server import (
     HeadOpt,
     MasterKeyOpt,
     check_db_url,
+    closing,
     db_label,
     ensure_master_key,
     existing_settings,
@@ -259,8 +260,7 @@ def reembed_cmd(
 
             torch.set_num_threads(settings.torch_threads)
         net = _backend(settings)
-    store = open_store(settings)
-    try:
+    with closing(open_store(settings), settings.db_url) as store:
         with user_errors():
             build_index(settings, store, net)  # pgvector: its vectors are written alongside
         version = net.embedding_version
@@ -272,8 +272,6 @@ def reembed_cmd(
         left = store.count_missing_embeddings(version, net.version) - corrupt
         dropped = store.drop_other_embeddings(version) if drop_other_versions and not left else 0
         other_models = store.count_other_models(net.version)
-    finally:
-        store.close()
     print_json(
         {
             "version": version,
@@ -330,8 +328,7 @@ def migrate_cmd(
         net = _backend(settings)
         target = replace(settings, protection=protection, protection_params=params)
         prot = protection_for(target, net)
-    store = open_store(settings)
-    try:
+    with closing(open_store(settings), settings.db_url) as store:
         with user_errors():
             build_index(settings, store, net)  # pgvector: its vectors are rewritten alongside
         with user_errors():
@@ -344,8 +341,6 @@ def migrate_cmd(
             )
         left = store.count_to_reprotect(prot.name, public_params(prot), net.version) - corrupt
         other_models = store.count_other_models(net.version)
-    finally:
-        store.close()
     print_json(
         {
             "protection": prot.params(),

@@ -145,6 +145,10 @@ class ServiceSettings:
             )
         if self.index_snapshots not in (0, 1):
             raise ValueError(f"index_snapshots must be 0 or 1, got {self.index_snapshots}")
+        if not 0 <= self.torch_threads <= 1024:
+            raise ValueError(
+                f"torch_threads must be 0..1024 (0: torch's default), got {self.torch_threads}"
+            )
         if not 1 <= self.workers <= 64:
             raise ValueError(f"workers must be 1..64, got {self.workers}")
         if not 0 <= self.port <= 65535:

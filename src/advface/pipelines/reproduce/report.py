@@ -269,6 +269,8 @@ def _pairs_note(meta: dict, rows: list[dict]) -> str:
     prof = meta["profile"]
     n = {r["dataset"]: r.get("n_pairs") for r in rows if r["table"] == "table2"}
     sizes = ", ".join(f"{d} n_pairs = {v}" for d, v in n.items())
+    if not n:
+        return "No accuracy row measured yet."
     if prof.get("pairs_per_fold") is None:
         return f"Accuracy on the full protocols ({sizes}); 95% Wilson intervals over pairs."
     return (
@@ -293,7 +295,7 @@ def _setup(doc: _Doc) -> None:
     doc.plain(
         "Trained networks (identity overlap with the test people, counted by name)",
         ["network", "arch", "features", "train set", "images", "people", "epochs",
-         "seconds (budget)", "last L1", "identity overlap"],
+         "wall s (budget clock s)", "last L1", "identity overlap"],
         [{"name": k, **v} for k, v in meta.get("training", {}).items()],
         lambda t: [t["name"], t["arch"], t.get("features", "clean"), t["train_set"],
                    t["n_train"], t["people"],
@@ -302,6 +304,10 @@ def _setup(doc: _Doc) -> None:
                    (t["loss_curve"] or ["—"])[-1],
                    _overlap(t["identity_check"])],
     )  # fmt: skip
+    if any("budget_seconds" in t for t in meta.get("training", {}).values()):
+        doc.lines += ["", "The budget clock counts CPU time per thread, so that other work on the "
+                      "cores does not shorten training; wall time exceeds it when the cores are "
+                      "shared or a run is paused and resumed."]  # fmt: skip
     if "loss_curves.png" in meta.get("figures", []):
         doc.lines += ["", "![training loss](loss_curves.png)"]
     doc.plain(
@@ -357,7 +363,10 @@ def _paper_tables(doc: _Doc) -> None:
         doc.paper_row([f"{m} ({mode}, {label})"], ("accuracy",), ref, f"table2 {m} {mode}",
                       acc_base, table="table2", method=m, mode=mode, head=label)  # fmt: skip
     doc.lines.append("")
-    if not offline:
+    if not offline and doc.meta.get("offline_heads"):
+        doc.lines.append("Offline mode (Psi' on protected features): heads trained (below), "
+                         "accuracy rows not measured yet.")  # fmt: skip
+    elif not offline:
         doc.lines.append("Offline mode (Psi' on protected features): no head in this run.")
     doc.lines.append(_pairs_note(doc.meta, rows))
     _offline_heads(doc)

@@ -345,7 +345,7 @@ def render(meta: dict, rows: list[dict]) -> str:
     lines += [
         "## Training records",
         "",
-        "| network | train set | n | flips | epochs | seconds (budget) | "
+        "| network | train set | n | flips | epochs | wall s (budget clock s) | "
         "identity overlap with test | L1 curve (per epoch) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

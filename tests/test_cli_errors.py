@@ -237,6 +237,15 @@ def test_bench_refuses_a_dataset_it_does_not_run(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_protect_bulk_names_weights_that_do_not_load(tmp_path: Path, maps: Path) -> None:
+    dst, weights = tmp_path / "out", tmp_path / "w.pt"
+    weights.write_bytes(b"not torch")
+    res = _run("protect-bulk", maps, dst, "--protection", "none", "--engine", "serial",
+               "--weights", weights)  # fmt: skip
+    _refused(res, f"--weights {weights}: not a valid weights/checkpoint file")
+    assert not dst.exists()
+
+
 def test_reproduce_checks_the_data_root_before_creating_out(tmp_path: Path) -> None:
     out = tmp_path / "run"
     res = _run("reproduce", "--profile", "smoke", "--out", out, "--data-root", tmp_path / "none")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from advface.cli._errors import user_errors
+from advface.cli._errors import check_weights, user_errors
 from advface.cli._options import JsonOpt
 
 SrcArg = Annotated[
@@ -99,6 +99,8 @@ def protect_bulk_command(
         )
         if engine == "ray":
             _require_ray()
+        if weights is not None:
+            check_weights(weights)  # names the file; the workers would not
         factory = ProtectionFactory(
             protection,
             weights=None if weights is None else str(weights),
@@ -108,7 +110,7 @@ def protect_bulk_command(
         if not as_json:
             from tqdm.auto import tqdm
 
-            bar = tqdm(desc="protect-bulk", unit="shard")
+            bar = tqdm(desc="protect-bulk", unit="shard", delay=1.0)  # no bar before an error
         try:
             summary = run_bulk(
                 src,

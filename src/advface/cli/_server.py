@@ -86,7 +86,7 @@ def check_db_url(url: str) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    from advface.service.store import normalise_url
+    from advface.service.database import normalise_url
 
     with _cannot_open(url, ArgumentError, ValueError, ImportError):
         make_url(normalise_url(url)).get_dialect().import_dbapi()
@@ -108,7 +108,7 @@ def open_db(settings: Any, keys: Any = None) -> Any:
 def existing_settings(**overrides: Any) -> Any:
     """Settings for a command that works on an existing database: a SQLite file that does not
     exist (a mistyped --db-url) is an ``error: ...`` instead of a new, empty database."""
-    from advface.service.store import sqlite_path
+    from advface.service.database import sqlite_path
 
     settings = settings_from(**overrides)
     with user_errors():

@@ -90,7 +90,7 @@ def keys_create(
     db_url: DbUrlOpt = None,
 ) -> None:
     """Create an API key for TENANT and print it (it is stored only as a hash)."""
-    from advface.service.store import sqlite_path
+    from advface.service.database import sqlite_path
 
     settings = settings_from(db_url=db_url)
     with user_errors():

@@ -21,10 +21,11 @@ import torch
 
 from advface.service import payload
 from advface.service.backend import Backend
+from advface.service.database import sqlite_path
 from advface.service.index import Hit, HnswIndex, VectorIndex, top_subjects
 from advface.service.schemas import TemplateOut
 from advface.service.settings import ServiceSettings
-from advface.service.store import Embedded, Store, sqlite_path
+from advface.service.store import Embedded, Store
 
 log = logging.getLogger("advface.service")
 

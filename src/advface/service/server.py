@@ -112,7 +112,7 @@ def h11_protocol(header_timeout: float) -> type[H11Protocol]:
 
 def check_workers(settings: ServiceSettings) -> None:
     """Refuse worker counts the database cannot serve (clear ``ValueError``)."""
-    from advface.service.store import normalise_url, sqlite_path
+    from advface.service.database import normalise_url, sqlite_path
 
     url = normalise_url(settings.db_url)
     if settings.workers > 1 and url.startswith("sqlite") and sqlite_path(url) is None:

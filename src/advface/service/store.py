@@ -1,10 +1,11 @@
-"""SQLAlchemy schema and repository for tenants, keys, subjects and protected templates.
+"""Repository of tenants, keys, subjects and protected templates (``Store``).
 
 Each template is a protected feature map (compressed blob, see ``payload``; ``map_codec`` says
-in which stored form, ``none`` when only the embedding is kept) plus, in
-``template_embeddings``, Psi's embedding of that stored map, keyed by the Psi version that
-computed it. The embedding is a function of the stored map, so it reveals nothing the map does
-not; keeping it means start-up loads vectors instead of running Psi over every template.
+in which stored form, ``none`` when only the embedding is kept) plus Psi's embedding of that
+stored map, keyed by the Psi version that computed it. The embedding is a function of the
+stored map, so it reveals nothing the map does not; keeping it means start-up loads vectors
+instead of running Psi over every template. The tables are in ``schema``, the engine set-up in
+``database``.
 """
 
 from __future__ import annotations
@@ -16,173 +17,30 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import (
-    Boolean,
-    DateTime,
-    ForeignKey,
-    Index,
-    Integer,
-    LargeBinary,
-    String,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    delete,
-    event,
-    func,
-    or_,
-    select,
-    text,
-)
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy import delete, func, or_, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
 from advface.service import auth, crypto, payload
+from advface.service.database import make_engine
+from advface.service.schema import (
+    ApiKey,
+    Subject,
+    SubjectKey,
+    Template,
+    TemplateEmbedding,
+    Tenant,
+    TenantTransform,
+    create_schema,
+    decode_vector,
+    encode_vector,
+    utc_now,
+)
 
 log = logging.getLogger("advface.service")
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-class Base(DeclarativeBase):
-    """Declarative base of the service schema."""
-
-
-class Tenant(Base):
-    __tablename__ = "tenants"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(128), unique=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class ApiKey(Base):
-    __tablename__ = "api_keys"
-    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    digest: Mapped[str] = mapped_column(String(64))
-    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class Subject(Base):
-    __tablename__ = "subjects"
-    __table_args__ = (UniqueConstraint("tenant_id", "subject_id", name="uq_subject_per_tenant"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    subject_id: Mapped[str] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class SubjectKey(Base):
-    """A subject's data key, wrapped by the master key (encryption at rest, see ``crypto``).
-
-    Deleting the subject deletes this row: every copy of its sealed rows becomes unreadable.
-    """
-
-    __tablename__ = "subject_keys"
-    subject_pk: Mapped[int] = mapped_column(
-        ForeignKey("subjects.id", ondelete="CASCADE"), primary_key=True
-    )
-    tenant_id: Mapped[int] = mapped_column(Integer)
-    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
-    # Fingerprint of the master key it is wrapped under (``crypto.key_id``): rotation resumes
-    # from the rows still under the old key.
-    master_id: Mapped[str] = mapped_column(String(32), index=True)
-
-
-class TenantTransform(Base):
-    """The seed of a tenant's secret orthogonal transform of its index vectors (``transform``),
-    wrapped by the master key like the data keys."""
-
-    __tablename__ = "tenant_transforms"
-    tenant_id: Mapped[int] = mapped_column(
-        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
-    )
-    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
-    master_id: Mapped[str] = mapped_column(String(32), index=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-def _transform_ctx(tenant_id: int) -> bytes:
-    return crypto.aad("tenant-transform", tenant_id, 0)
-
-
-# SQLite change log of the embeddings (``index_changes``), written by triggers in the same
-# transaction as every insert, update or (cascaded) delete of an embedding. SQLite commits
-# writers one at a time, so ``seq`` order is commit order: a worker that has applied every change
-# up to ``seq`` holds exactly the database's state, and catches up by reading what follows.
-_SQLITE_CHANGE_LOG = (
-    "CREATE TABLE IF NOT EXISTS index_changes ("
-    "seq INTEGER PRIMARY KEY AUTOINCREMENT, template_id VARCHAR(32) NOT NULL, "
-    "version VARCHAR(128) NOT NULL)",
-    *(
-        f"CREATE TRIGGER IF NOT EXISTS trg_embedding_{op.lower()} AFTER {op} "
-        f"ON template_embeddings BEGIN INSERT INTO index_changes (template_id, version) "
-        f"VALUES ({row}.template_id, {row}.version); END"
-        for op, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD"))
-    ),
-    # A random id per database: an index snapshot is only valid for the log it was taken from.
-    "CREATE TABLE IF NOT EXISTS index_log_id (id VARCHAR(32) PRIMARY KEY)",
-)
-
-
-# SQLite keeps a row's columns in order and a large ``blob`` spills into overflow pages that
-# must be walked to reach the columns after it: a query reading only metadata would read every
-# stored map. These covering indexes answer the metadata queries (start-up counts, statistics)
-# without reading the rows, and the batch loops of re-embedding and migration read only the rows
-# they return. Created at start-up, so existing databases gain them too.
-_SQLITE_META_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS ix_templates_meta ON templates "
-    "(model_version, id, map_codec, protection, protection_params)",
-    "CREATE INDEX IF NOT EXISTS ix_templates_tenant_meta ON templates "
-    "(tenant_id, protection, protection_params, model_version)",
-)
-
-
-class Template(Base):
-    __tablename__ = "templates"
-    __table_args__ = (
-        UniqueConstraint("tenant_id", "idempotency_key", name="uq_idempotency_per_tenant"),
-        Index("ix_templates_subject", "subject_pk"),
-    )
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    subject_pk: Mapped[int] = mapped_column(ForeignKey("subjects.id", ondelete="CASCADE"))
-    # Protected feature map, payload format (fp16, shape header, compressed); b"" when the
-    # deployment keeps embeddings only.
-    blob: Mapped[bytes] = mapped_column(LargeBinary)
-    # Stored form of the map: float16 | float32 | uint8 | none (embeddings only, no map kept).
-    # NULL: a row of an earlier version (a payload blob, whose header names its dtype).
-    map_codec: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    protection: Mapped[str] = mapped_column(String(32))
-    protection_params: Mapped[str] = mapped_column(Text)  # JSON
-    model_version: Mapped[str] = mapped_column(String(128))
-    idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    # SHA-256 of the client's request payload: tells an honest retry from a reused key.
-    request_sha256: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class TemplateEmbedding(Base):
-    """Psi embedding (float32, unit norm) of a stored protected map, per Psi version."""
-
-    __tablename__ = "template_embeddings"
-    __table_args__ = (Index("ix_embeddings_tenant_version", "tenant_id", "version"),)
-    template_id: Mapped[str] = mapped_column(
-        ForeignKey("templates.id", ondelete="CASCADE"), primary_key=True
-    )
-    # A new Psi version gets its own rows (``advface reembed``) while the old one keeps serving.
-    version: Mapped[str] = mapped_column(String(128), primary_key=True)
-    tenant_id: Mapped[int] = mapped_column(Integer)  # denormalised: tenant-filtered scans
-    vector: Mapped[bytes] = mapped_column(LargeBinary)  # little-endian float32
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 @dataclass(frozen=True)
@@ -193,15 +51,6 @@ class Embedded:
     tenant_id: int
     subject_id: str
     vector: np.ndarray
-
-
-def encode_vector(v: np.ndarray) -> bytes:
-    """float32 little-endian bytes of a 1-D vector."""
-    return np.ascontiguousarray(np.asarray(v, "<f4").reshape(-1)).tobytes()
-
-
-def decode_vector(b: bytes) -> np.ndarray:
-    return np.frombuffer(b, "<f4").astype(np.float32)
 
 
 # (template_id, tenant_id, version, vector)
@@ -245,78 +94,8 @@ class AlreadyExists(Exception):
     """A subject with this id already exists for this tenant."""
 
 
-def normalise_url(url: str) -> str:
-    """Use the psycopg (v3) driver for plain ``postgresql://`` URLs."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
-    return url
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file of a SQLite URL; ``None`` for other databases and in-memory SQLite."""
-    u = make_url(normalise_url(url))
-    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
-        return None
-    if u.database.startswith("file:"):
-        return None  # URI filenames: SQLite parses them itself
-    return Path(u.database)
-
-
-def make_private_sqlite(path: Path) -> None:
-    """Create the database file (and its folder) readable by the owner only.
-
-    It holds the API key digests and the protected templates. SQLite creates the ``-wal`` and
-    ``-shm`` files with the main file's mode, so 0600 here makes all three 0600; files left
-    with a wider mode by an earlier version are tightened.
-    """
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=0o700)
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-    for f in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        if f.exists() and f.stat().st_mode & 0o077:
-            f.chmod(0o600)
-
-
-def make_engine(url: str, timeout: float = 10.0) -> Engine:
-    """Create an engine; SQLite gets WAL, synchronous=FULL, foreign keys and a busy timeout.
-
-    ``timeout``: seconds to wait for a locked SQLite file or a PostgreSQL connection. SQL
-    parameters are hidden from errors, so no subject id or key digest reaches a log.
-    """
-    url = normalise_url(url)
-    if url.startswith("sqlite"):
-        path = sqlite_path(url)
-        if path is not None:
-            make_private_sqlite(path)
-        engine = create_engine(
-            url,
-            connect_args={"check_same_thread": False, "timeout": timeout},
-            hide_parameters=True,
-        )
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - trivial
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            # FULL: every commit is fsynced, so an acknowledged enrollment survives power loss.
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            # Deleted rows are overwritten with zeros, not left in free pages (a deleted
-            # subject's wrapped key must not survive in the file).
-            cur.execute("PRAGMA secure_delete=ON")
-            cur.close()
-
-        return engine
-    return create_engine(
-        url,
-        pool_pre_ping=True,  # a dropped connection is replaced instead of failing a request
-        pool_size=5,
-        max_overflow=5,
-        pool_timeout=timeout,
-        hide_parameters=True,
-        connect_args={"connect_timeout": max(1, round(timeout))},
-    )
+def _transform_ctx(tenant_id: int) -> bytes:
+    return crypto.aad("tenant-transform", tenant_id, 0)
 
 
 class _Keys:
@@ -400,16 +179,8 @@ class Store:
         self.keys = keys
         self.engine = make_engine(url, timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # Creates what is missing: a database of an earlier version gains the embeddings table
-        # (its templates are then embedded once, see ``core.Service.backfill``).
-        Base.metadata.create_all(self.engine)
-        self._add_missing_columns()
+        create_schema(self.engine)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
-        if self.is_sqlite:
-            with self.engine.begin() as conn:
-                for ddl in _SQLITE_CHANGE_LOG:
-                    conn.execute(text(ddl))
-            self._add_sqlite_indexes()
         # Called inside every transaction that writes embeddings, with
         # ``[(template_id, tenant_id, version, vector)]``: an index kept in the database
         # (pgvector) is written atomically with them.
@@ -417,35 +188,6 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
-
-    def _add_missing_columns(self) -> None:
-        """Columns added since a database was created (``create_all`` adds only tables)."""
-        from sqlalchemy import inspect
-        from sqlalchemy.exc import DBAPIError
-
-        have = {c["name"] for c in inspect(self.engine).get_columns("templates")}
-        if "map_codec" in have:
-            return
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(text("ALTER TABLE templates ADD COLUMN map_codec VARCHAR(32)"))
-        except DBAPIError:  # another worker added it at the same moment
-            have = {c["name"] for c in inspect(self.engine).get_columns("templates")}
-            if "map_codec" not in have:
-                raise
-
-    def _add_sqlite_indexes(self) -> None:
-        """Create the metadata indexes where missing (``_SQLITE_META_INDEXES``)."""
-        try:
-            with self.engine.begin() as conn:
-                for ddl in _SQLITE_META_INDEXES:
-                    conn.execute(text(ddl))
-        except OperationalError as exc:
-            # Building them over a large existing table takes a while, under the write lock:
-            # a worker starting meanwhile goes on without (they only speed queries up).
-            if getattr(exc.orig, "sqlite_errorname", "") not in ("SQLITE_BUSY", "SQLITE_LOCKED"):
-                raise
-            log.warning("another process is indexing the templates; starting without waiting")
 
     def transaction(self) -> Any:
         """``with store.transaction() as session:`` - committed on success (index modules)."""
@@ -551,7 +293,7 @@ class Store:
             return self.ensure_transform_seed(s, tenant_id)[0]
         seed = os.urandom(crypto.KEY_BYTES)
         row.wrapped = self.keys.wrap(seed, _transform_ctx(tenant_id))
-        row.master_id, row.created_at = self.keys.key_id, _now()
+        row.master_id, row.created_at = self.keys.key_id, utc_now()
         s.flush()
         return seed
 

@@ -38,7 +38,7 @@ from advface.pipelines.data import aligned_images
 from advface.pipelines.eval_fr import sample_pairs
 from advface.service import crypto, payload
 from advface.service.core import encode_stored
-from advface.service.schema import encode_vector
+from advface.service.tables import encode_vector
 
 CODECS = ("float32", "float16", "uint8", "embeddings-only")
 

@@ -21,10 +21,10 @@ from advface.protection import build_protection
 from advface.service import crypto, payload
 from advface.service.app import Service, create_app
 from advface.service.backend import Backend, toy_backend
-from advface.service.schema import Base
 from advface.service.sdk import AdvFaceClient
 from advface.service.settings import ServiceSettings
 from advface.service.store import Store
+from advface.service.tables import Base
 
 PG_ENV = "ADVFACE_TEST_POSTGRES_URL"
 # The master key of the harness: every harness test runs with encryption at rest.

@@ -4,7 +4,7 @@ Each template is a protected feature map (compressed blob, see ``payload``; ``ma
 in which stored form, ``none`` when only the embedding is kept) plus Psi's embedding of that
 stored map, keyed by the Psi version that computed it. The embedding is a function of the
 stored map, so it reveals nothing the map does not; keeping it means start-up loads vectors
-instead of running Psi over every template. The tables are in ``schema``, the engine set-up in
+instead of running Psi over every template. The tables are in ``tables``, the engine set-up in
 ``database``.
 """
 
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from advface.service import auth, crypto, payload
 from advface.service.database import make_engine
-from advface.service.schema import (
+from advface.service.tables import (
     ApiKey,
     Subject,
     SubjectKey,

@@ -52,8 +52,8 @@ def reproduce_cmd(
     Every stage is cached under OUT/cache (training checkpoints every epoch): rerun the same
     command to resume an interrupted run. Once the decoders and offline heads are trained
     (in one process: their time budgets count CPU time per thread), a helper process may
-    share OUT, e.g. ``--datasets cfp-fp --threads 1 --stages-only`` beside the main run
-    with ``--threads 1`` (on two cores about a fifth more throughput than one process with two
+    share OUT, e.g. --datasets cfp-fp --threads 1 --stages-only beside the main run
+    with --threads 1 (on two cores about a fifth more throughput than one process with two
     threads); the main run reuses the helper's stages and writes the results."""
     from advface import config
     from advface.pipelines.reproduce.headline import headline_table
@@ -96,7 +96,7 @@ def report_cmd(
 ) -> None:
     """Re-render FOLDER's report.md and table CSVs from its results.json (no computation):
     after a change to the report, or to read a partial run's results. A bench's folder
-    (``advface bench``) gets the bench's report."""
+    (advface bench) gets the bench's report."""
     from advface.pipelines.reproduce.report import (
         load_results_json,
         read_results,
@@ -155,14 +155,17 @@ def stage_cmd(
     dataset: Annotated[
         list[str] | None, typer.Option(help="lfw / cfp / celeba (repeat; default all)")
     ] = None,
-    part_mib: Annotated[float, typer.Option(help="size of each part (one device call)")] = 48.0,
+    part_mib: Annotated[
+        float, typer.Option(help="size of each part (one transfer to the GPU machine)")
+    ] = 48.0,
     quality: Annotated[int, typer.Option(help="JPEG quality of the staged faces")] = 95,
     celeba_part: Annotated[
         str, typer.Option(help="all | server | attacker half of CelebA's identities")
     ] = "all",
     quiet: QuietOpt = False,
 ) -> None:
-    """Stage aligned faces + fp16 FaceNet into parts of at most PART_MIB for device calls."""
+    """Stage aligned faces + fp16 FaceNet into parts of at most PART_MIB, for a remote GPU
+    machine that takes a limited transfer per call."""
     from advface.pipelines.staging import STAGE_DATASETS, stage
 
     with user_errors():
@@ -183,14 +186,14 @@ def stage_cmd(
         )
     w = manifest["weights"]
     typer.echo(f"weights fp16: min cosine {w['min_cosine']:.6f} on {w['probe_faces']} faces")
-    typer.echo(f"{len(manifest['parts'])} parts in {out}: carry one per device call")
+    typer.echo(f"{len(manifest['parts'])} parts in {out}: send one per command to the GPU machine")
 
 
 def unstage_cmd(
     stage_dir: Annotated[Path, typer.Argument(help="folder holding part-00 ... part-NN")],
     root: Annotated[Path, typer.Option(help="staged data root to write")],
 ) -> None:
-    """Verify a stage's parts and write the staged data root (used on the device)."""
+    """Verify a stage's parts and write the staged data root (on the GPU machine)."""
     from advface.pipelines.staging import unstage
 
     with user_errors():

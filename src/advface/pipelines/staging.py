@@ -1,7 +1,8 @@
-"""Stage data and weights for a device machine that sees neither the data root nor the wheels.
+"""Stage data and weights for a remote GPU machine that sees neither the data root nor the
+wheels.
 
-A device call carries at most 64 MiB (working tree included), so a stage is a folder of parts,
-each carried by one call and each under ``part_mib``:
+Each command sent to it carries at most 64 MiB (working tree included), so a stage is a folder
+of parts, each carried by one command and each under ``part_mib``:
 
 - ``part-00/``: ``manifest.json`` (format, datasets, every part's sha256, fidelity figures),
   ``meta.tar`` (the protocol text files) and ``facenet-fp16.safetensors`` (the converted FaceNet
@@ -226,7 +227,7 @@ def stage(
 
     ``celeba_part="server"`` stages only the server half of CelebA's identities
     (:func:`advface.data.splits.celeba_split`), all the robustness bench needs of it: one
-    device call fewer.
+    transfer fewer.
 
     Uses (or builds) the full aligned caches of ``datasets``. Written into a temporary folder
     and renamed, so an interrupted run leaves no stage behind.

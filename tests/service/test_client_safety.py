@@ -92,3 +92,28 @@ def test_cli_refuses_images_without_a_face(
     r = run(cli_app, ["client", "enroll", "newcomer", grey, "--allow-no-face", "--api-key", "k"])
     assert r.exit_code == 0, r.output
     assert harness.state() == (before[0] + 1, before[1] + 1)
+
+
+def test_client_checks_its_url_and_key_and_names_an_unreachable_service() -> None:
+    """A malformed URL or a missing key is refused before any request (exit 2); a service
+    that does not answer is named with the reason (exit 1), without an HTTP status."""
+    import socket
+
+    from advface.service.sdk import AdvFaceClient, ServiceUnavailableError
+
+    for bad in ("notaurl", "ftp://host", "http://"):
+        with pytest.raises(ValueError, match="service URL"):
+            AdvFaceClient(bad, "afk_x")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with AdvFaceClient(url, "afk_x", retries=0) as c, pytest.raises(ServiceUnavailableError) as e:
+        c.health()
+    assert str(e.value).startswith(f"unreachable: cannot reach {url}"), str(e.value)
+    run = CliRunner().invoke
+    r = run(cli_app, ["client", "subjects", "--url", url, "--api-key", "afk_x"])
+    assert r.exit_code == 1 and f"error: unreachable: cannot reach {url}" in r.output, r.output
+    r = run(cli_app, ["client", "subjects", "--url", "notaurl", "--api-key", "afk_x"])
+    assert r.exit_code == 2 and "error: the service URL must be" in r.output, r.output
+    r = run(cli_app, ["client", "subjects", "--url", url], env={"ADVFACE_API_KEY": ""})
+    assert r.exit_code == 2 and "error: no API key" in r.output, r.output

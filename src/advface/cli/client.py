@@ -37,6 +37,11 @@ def _client(url: str, api_key: str, backend: str = "facenet") -> Any:
     from advface.service.backend import load_backend
     from advface.service.sdk import AdvFaceClient
 
+    if not api_key:
+        raise ValueError(
+            "no API key: pass --api-key or set ADVFACE_API_KEY (advface keys create TENANT "
+            "prints one)"
+        )
     extractor = load_backend(backend).extractor if backend != "facenet" else None
     return AdvFaceClient(url, api_key, extractor=extractor)
 

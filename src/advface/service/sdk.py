@@ -42,12 +42,25 @@ def path_segment(value: str) -> str:
     return quote(value, safe="").replace(".", "%2E")
 
 
+def _check_base_url(base_url: str) -> None:
+    """Refuse a base URL that is not http(s)://host[:port][/path] before any request."""
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ValueError(f"the service URL {base_url!r} is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(
+            f"the service URL must be http://HOST[:PORT] or https://HOST[:PORT], got {base_url!r}"
+        )
+
+
 # -- exceptions -----------------------------------------------------------------------------
 class AdvFaceServiceError(Exception):
     """An error answered by the service (or the failure to reach it)."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
+        # status 0: no HTTP answer at all (the service could not be reached)
+        super().__init__(f"{code}: {message}" if status == 0 else f"{status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
 
 
@@ -157,6 +170,7 @@ class AdvFaceClient:
     ) -> None:
         if retries < 0 or backoff < 0:
             raise ValueError("retries and backoff must be >= 0")
+        _check_base_url(base_url)
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
             headers={API_KEY_HEADER: api_key},
@@ -251,7 +265,8 @@ class AdvFaceClient:
                 r = self._http.request(method, url, **kw)
             except httpx.TransportError as exc:
                 if attempt >= self.retries:
-                    raise ServiceUnavailableError(0, "unreachable", str(exc)) from exc
+                    reason = f"cannot reach {self._http.base_url}: {exc}"
+                    raise ServiceUnavailableError(0, "unreachable", reason) from exc
             else:
                 if r.status_code not in (502, 503, 504) or attempt >= self.retries:
                     return self._decode(r)

@@ -11,6 +11,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from advface.cli import app as cli_app
@@ -281,6 +282,17 @@ def test_serve_with_two_workers(tmp_path: Path) -> None:
             )
             assert r.status_code == 200 and len(r.json()["candidates"]) == 4, r.text
             assert r.json()["candidates"][0]["subject_id"] == "w2"
+        # Whichever worker answers the scrape, it sums both workers' counts.
+        for _ in range(4):
+            text = httpx.get(f"{srv.url}/metrics").text
+            counts = {
+                (s.labels["route"], s.labels["status"]): s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+                if s.name == "advface_http_requests_total" and s.labels["method"] == "POST"
+            }
+            assert counts[("/v1/identify", "200")] == 12, counts
+            assert counts[("/v1/subjects/{subject_id}/templates", "201")] == 4, counts
     assert "workers=2" in log.read_text()
 
 

@@ -96,6 +96,13 @@ StorageCodecOpt = Annotated[
         "[ADVFACE_STORAGE_CODEC, float16]"
     ),
 ]
+MetricsOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--metrics/--no-metrics",
+        help="GET /metrics, Prometheus text, aggregate only [ADVFACE_METRICS, on]",
+    ),
+]
 # uvicorn's levels (uvicorn.config.LOG_LEVELS); "trace" is uvicorn's own, below debug.
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 LogLevelOpt = Annotated[str, typer.Option(help=f"uvicorn log level: {' | '.join(LOG_LEVELS)}")]
@@ -123,6 +130,7 @@ def serve_cmd(
     workers: WorkersOpt = None,
     storage_codec: StorageCodecOpt = None,
     master_key_file: MasterKeyOpt = None,
+    metrics: MetricsOpt = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Run the template service (state in the database; any number of workers)."""
@@ -154,6 +162,7 @@ def serve_cmd(
         workers=workers,
         storage_codec=storage_codec,
         master_key_file=master_key_file,
+        metrics=None if metrics is None else int(metrics),
     )
     _serve(settings, log_level)
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from sqlalchemy import exc as sa_exc
+from starlette.routing import BaseRoute
 
 from advface.service import crypto
 from advface.service.backend import Backend, load_backend
@@ -239,6 +240,23 @@ def _lifespan(svc: Service, in_background: bool, retry: StartupRetry) -> Any:
     return lifespan
 
 
+def _add_metrics(app: FastAPI, svc: Service, routes: list[BaseRoute]) -> None:
+    """Prometheus metrics (``GET /metrics``), counted outside the request guard."""
+    from advface import __version__
+    from advface.service.metrics import MetricsMiddleware, ServiceMetrics
+
+    info = {
+        "version": __version__,
+        "protection": svc.protection_name,
+        "backend": svc.settings.backend,
+        "psi": svc.backend.embedding_version,
+        "index": type(svc.index).__name__,
+    }
+    svc.metrics = ServiceMetrics(info, ready=svc.ready.is_set)
+    # Added after the guard, so it wraps it: refusals are counted too.
+    app.add_middleware(MetricsMiddleware, metrics=svc.metrics, routes=routes)
+
+
 def app_from_env() -> FastAPI:
     """uvicorn factory for ``--workers N``: each worker builds its app from ``ADVFACE_*``."""
     app = create_app(ServiceSettings.from_env())
@@ -340,9 +358,15 @@ def create_app(
         ),
         limiter=limiter,
     )
+    routers = [
+        ops.router(metrics=bool(settings.metrics)),
+        subjects.router(settings),
+        templates.router(),
+        recognition.router(settings),
+    ]
+    if settings.metrics:
+        _add_metrics(app, svc, [route for r in routers for route in r.routes])
     install_error_handlers(app)
-    app.include_router(ops.router())
-    app.include_router(subjects.router(settings))
-    app.include_router(templates.router())
-    app.include_router(recognition.router(settings))
+    for r in routers:
+        app.include_router(r)
     return app

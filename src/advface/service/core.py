@@ -315,6 +315,8 @@ class Service:
     protection_name: str = "none"
     protection_params: dict[str, Any] = field(default_factory=dict)
     sync: IndexSync | None = None
+    # Prometheus metrics (``metrics.ServiceMetrics``): the compute times are observed here.
+    metrics: Any = None
 
     def __post_init__(self) -> None:
         if not self.index.in_database:
@@ -389,7 +391,10 @@ class Service:
 
     # -- compute (runs in a worker thread) ----------------------------------------------
     def _embed_checked(self, z: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
         emb = self.backend.embed(torch.from_numpy(z)[None])[0].numpy()
+        if self.metrics is not None:
+            self.metrics.psi_seconds.observe(time.perf_counter() - t0)
         if not np.isfinite(emb).all():
             raise payload.PayloadError(
                 "invalid_features", "feature map gives a non-finite embedding (values too large)"
@@ -411,7 +416,10 @@ class Service:
         """Validate -> protect -> encode for storage -> embed exactly what is stored."""
         z = self._decode(body)
         with self.compute_lock:
+            t0 = time.perf_counter()
             zp = self.protection.protect(torch.from_numpy(z)[None])[0].numpy()
+            if self.metrics is not None:
+                self.metrics.protection_seconds.observe(time.perf_counter() - t0)
         blob = encode_stored(zp, self.settings.storage_codec)
         # Embed the decoded blob, not zp, so the start-up rebuild gives the same scores.
         stored = stored_map(blob, zp, self.backend.feature_shape)

@@ -149,6 +149,13 @@ def run(app: Any, settings: ServiceSettings, log_level: str = "info") -> None:
     with tempfile.TemporaryDirectory(prefix="advface-serve-") as tmp:
         failed = Path(tmp) / "startup-failed"
         os.environ[STARTUP_FAILED_FILE_ENV] = str(failed)
+        if settings.metrics:
+            from advface.service.metrics import MULTIPROC_ENV
+
+            # The workers' samples meet in files here, so any worker's /metrics sums them;
+            # a fresh folder per run, as prometheus_client's multiprocess mode requires.
+            (Path(tmp) / "metrics").mkdir()
+            os.environ[MULTIPROC_ENV] = str(Path(tmp) / "metrics")
         uvicorn.run(
             "advface.service.app:app_from_env",
             factory=True,

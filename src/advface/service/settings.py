@@ -60,6 +60,8 @@ class ServiceSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     torch_threads: int = 0  # 0: leave torch's default
+    # GET /metrics: Prometheus text format, aggregate only (no tenant or subject). 0: off.
+    metrics: int = 1
     # Slow-client limits: seconds to send the request line and headers, and the whole body.
     header_timeout: float = 10.0
     read_timeout: float = 30.0
@@ -145,6 +147,8 @@ class ServiceSettings:
             )
         if self.index_snapshots not in (0, 1):
             raise ValueError(f"index_snapshots must be 0 or 1, got {self.index_snapshots}")
+        if self.metrics not in (0, 1):
+            raise ValueError(f"metrics must be 0 or 1, got {self.metrics}")
         if not 0 <= self.torch_threads <= 1024:
             raise ValueError(
                 f"torch_threads must be 0..1024 (0: torch's default), got {self.torch_threads}"

@@ -1,9 +1,10 @@
-"""Operations routes: liveness, readiness and an offline API reference page."""
+"""Operations routes: liveness, readiness, Prometheus metrics and an offline API reference
+page."""
 
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 from advface.service.errors import error_response, error_responses
 from advface.service.routes.deps import NOT_READY, STARTUP_FAILED, Svc
@@ -63,7 +64,7 @@ _DOCS_CSP = (
 )
 
 
-def router() -> APIRouter:
+def router(metrics: bool = True) -> APIRouter:
     r = APIRouter(tags=["ops"])
 
     @r.get("/health", response_model=Health, responses=error_responses(500))
@@ -86,6 +87,15 @@ def router() -> APIRouter:
         if not svc.store.ping():
             return error_response(503, "database_unavailable", "the database does not answer")
         return Ready(status="ready")
+
+    if metrics:
+
+        @r.get("/metrics", include_in_schema=False)
+        def metrics_text(svc: Svc) -> Response:
+            """Prometheus metrics; unauthenticated like /ready, so aggregate only."""
+            from advface.service.metrics import CONTENT_TYPE
+
+            return Response(svc.metrics.exposition(), media_type=CONTENT_TYPE)
 
     @r.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:

@@ -117,3 +117,26 @@ def test_client_checks_its_url_and_key_and_names_an_unreachable_service() -> Non
     assert r.exit_code == 2 and "error: the service URL must be" in r.output, r.output
     r = run(cli_app, ["client", "subjects", "--url", url], env={"ADVFACE_API_KEY": ""})
     assert r.exit_code == 2 and "error: no API key" in r.output, r.output
+
+
+def test_cli_template_delete_template_and_stats(
+    harness: Harness, toy: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from advface.cli import client as cli_client
+
+    monkeypatch.setattr(cli_client, "_client", lambda *a, **k: sdk_client(harness, toy))
+    harness.subject("ann")
+    ids = [harness.enroll("ann", feature_map(3, 0.1, i)).json()["template_id"] for i in range(2)]
+    run = CliRunner().invoke
+    r = run(cli_app, ["client", "stats", "--api-key", "k"])
+    assert r.exit_code == 0 and json.loads(r.output)["templates"] == 2, r.output
+    r = run(cli_app, ["client", "template", ids[0], "--api-key", "k"])
+    shown = json.loads(r.output)
+    assert r.exit_code == 0 and shown["template_id"] == ids[0] and shown["subject_id"] == "ann"
+    r = run(cli_app, ["client", "delete-template", ids[0], "--api-key", "k"])
+    assert r.exit_code == 0 and json.loads(r.output) == {"template_id": ids[0], "deleted": True}
+    r = run(cli_app, ["client", "template", ids[0], "--api-key", "k"])
+    assert r.exit_code == 1 and "404" in r.output, r.output
+    assert json.loads(run(cli_app, ["client", "stats", "--api-key", "k"]).output)["templates"] == 1

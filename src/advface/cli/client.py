@@ -150,3 +150,41 @@ def client_delete_subject(
             print_json({"subject_id": subject, "deleted_templates": c.delete_subject(subject)})
 
     _run(go)
+
+
+@client_app.command("template")
+def client_template(
+    template_id: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
+) -> None:
+    """Show a template's record: subject, protection and its parameters, model version."""
+
+    def go() -> None:
+        with _client(url, api_key) as c:
+            print_json(c.get_template(template_id))
+
+    _run(go)
+
+
+@client_app.command("delete-template")
+def client_delete_template(
+    template_id: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
+) -> None:
+    """Delete one template (the subject and its other templates stay)."""
+
+    def go() -> None:
+        with _client(url, api_key) as c:
+            c.delete_template(template_id)
+            print_json({"template_id": template_id, "deleted": True})
+
+    _run(go)
+
+
+@client_app.command("stats")
+def client_stats(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
+    """The tenant's stored templates per protection and per model version (JSON)."""
+
+    def go() -> None:
+        with _client(url, api_key) as c:
+            print_json(c.stats())
+
+    _run(go)

@@ -393,6 +393,11 @@ class AdvFaceClient:
     def delete_template(self, template_id: str) -> None:
         self._request("DELETE", f"/v1/templates/{path_segment(template_id)}")
 
+    def stats(self) -> dict[str, Any]:
+        """The tenant's stored templates: ``templates``, ``by_protection`` (with parameters)
+        and ``by_model_version`` (E's version)."""
+        return self._request("GET", "/v1/stats")
+
 
 def payload_content_type() -> str:
     return "application/octet-stream"

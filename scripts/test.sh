@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-ruff check src tests
-ruff format --check src tests benchmarks
+ruff check src tests benchmarks examples
+ruff format --check src tests benchmarks examples
 python -m pytest -q "$@"

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from advface.cli._errors import user_errors
 from advface.cli._server import print_json
 
 client_app = typer.Typer(help="Talk to a running template service.", no_args_is_help=True)
@@ -29,12 +30,24 @@ BackendOpt = Annotated[
 ]
 
 
+ExtractorOpt = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="ADVFACE_EXTRACTOR",
+        help="run E from this exported folder (advface export-extractor) with OpenCV "
+        "instead of torch",
+    ),
+]
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(client_app, name="client")
+    app.command("export-extractor")(export_extractor_cmd)
 
 
-def _client(url: str, api_key: str, backend: str = "facenet") -> Any:
-    from advface.service.backend import load_backend
+def _client(
+    url: str, api_key: str, backend: str = "facenet", extractor_dir: Path | None = None
+) -> Any:
     from advface.service.sdk import AdvFaceClient
 
     if not api_key:
@@ -42,8 +55,35 @@ def _client(url: str, api_key: str, backend: str = "facenet") -> Any:
             "no API key: pass --api-key or set ADVFACE_API_KEY (advface keys create TENANT "
             "prints one)"
         )
-    extractor = load_backend(backend).extractor if backend != "facenet" else None
+    if extractor_dir is not None:
+        from advface.service.extractor_onnx import OnnxExtractor
+
+        extractor = OnnxExtractor(extractor_dir)
+    elif backend != "facenet":
+        from advface.service.backend import load_backend
+
+        extractor = load_backend(backend).extractor
+    else:
+        extractor = None  # the SDK loads FaceNet's E on first use
     return AdvFaceClient(url, api_key, extractor=extractor)
+
+
+def export_extractor_cmd(
+    out: Annotated[Path, typer.Option(help="folder to write (extractor.onnx + config.json)")],
+    backend: BackendOpt = "facenet",
+    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+) -> None:
+    """Export the client's E to ONNX for devices without PyTorch (advface client --extractor
+    OUT, or OnnxExtractor(OUT) in the SDK: OpenCV runs it)."""
+    from advface.service.backend import load_backend
+    from advface.service.extractor_onnx import export_extractor
+
+    with user_errors():
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists (--overwrite replaces it)")
+        net = load_backend(backend)
+        config = export_extractor(net.extractor, out, model_version=net.version, overwrite=True)
+    print_json({"out": str(out), **config})
 
 
 def _run(fn: Any) -> None:
@@ -54,7 +94,7 @@ def _run(fn: Any) -> None:
     except AdvFaceServiceError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    except ValueError as exc:  # bad image, file not found, ...
+    except (ValueError, FileNotFoundError) as exc:  # bad image, missing file, ...
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
 
@@ -69,11 +109,12 @@ def client_enroll(
     aligned: AlignedOpt = False,
     backend: BackendOpt = "facenet",
     allow_no_face: NoFaceOpt = False,
+    extractor: ExtractorOpt = None,
 ) -> None:
     """Align, extract E(x) here, and enroll each image for SUBJECT (one JSON line each)."""
 
     def go() -> None:
-        with _client(url, api_key, backend) as c:
+        with _client(url, api_key, backend, extractor) as c:
             # Every image is checked (readable, has a face) before anything is sent.
             feats = [c.features(i, aligned=aligned, allow_no_face=allow_no_face) for i in images]
             if create:
@@ -93,12 +134,13 @@ def client_verify(
     aligned: AlignedOpt = False,
     backend: BackendOpt = "facenet",
     allow_no_face: NoFaceOpt = False,
+    extractor: ExtractorOpt = None,
 ) -> None:
     """1:1: is IMAGE the enrolled SUBJECT? Exit code 0 for a match, 3 for no match."""
     result: list[Any] = []
 
     def go() -> None:
-        with _client(url, api_key, backend) as c:
+        with _client(url, api_key, backend, extractor) as c:
             result.append(c.verify(subject, image, aligned=aligned, allow_no_face=allow_no_face))
             print_json(result[0])
 
@@ -116,11 +158,12 @@ def client_identify(
     aligned: AlignedOpt = False,
     backend: BackendOpt = "facenet",
     allow_no_face: NoFaceOpt = False,
+    extractor: ExtractorOpt = None,
 ) -> None:
     """1:N: the TOP_K most similar enrolled subjects."""
 
     def go() -> None:
-        with _client(url, api_key, backend) as c:
+        with _client(url, api_key, backend, extractor) as c:
             found = c.identify(image, top_k, aligned=aligned, allow_no_face=allow_no_face)
             print_json([vars(x) for x in found])
 

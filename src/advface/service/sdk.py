@@ -8,6 +8,10 @@ protects it before storing (paper Fig. 1/2).
     client.create_subject("alice")
     client.enroll("alice", "alice_1.jpg")
     client.verify("alice", "probe.jpg").match
+
+Without PyTorch on the device, run E from an exported folder (``advface export-extractor``)
+through OpenCV: ``AdvFaceClient(url, key, extractor=OnnxExtractor("e-onnx"))``
+(:mod:`advface.service.extractor_onnx`); this module imports torch only for a torch E.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
-import torch
 
 from advface.service import payload
 from advface.service.auth import API_KEY_HEADER
@@ -148,8 +151,9 @@ class AdvFaceClient:
     Args:
         base_url: e.g. ``http://127.0.0.1:8000``.
         api_key: the tenant's key (``advface keys create``).
-        extractor: E, images (N,3,160,160) preprocessed -> (N,64,77,77); default: the split
-            FaceNet's E, loaded on first use.
+        extractor: E: a torch module, images (N,3,160,160) preprocessed -> (N,64,77,77), or
+            an :class:`~advface.service.extractor_onnx.OnnxExtractor` (aligned uint8 faces in,
+            no torch needed); default: the split FaceNet's E in torch, loaded on first use.
         aligner: callable uint8 RGB (H,W,3) -> object with ``.image`` (160,160,3); default
             :class:`advface.data.align.Aligner`, loaded on first use.
         retries: extra attempts after connection errors and 502/503/504. Enrollment is safe to
@@ -164,7 +168,7 @@ class AdvFaceClient:
         timeout: float = 60.0,
         retries: int = 3,
         backoff: float = 0.25,
-        extractor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        extractor: Callable[[Any], Any] | None = None,
         aligner: Callable[[np.ndarray], Any] | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
@@ -192,7 +196,7 @@ class AdvFaceClient:
 
     # -- device side ------------------------------------------------------------------------
     @property
-    def extractor(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def extractor(self) -> Callable[[Any], Any]:
         if self._extractor is None:
             from advface.service.backend import facenet_backend
 
@@ -234,6 +238,10 @@ class AdvFaceClient:
         face = rgb if aligned else self._align(rgb, image, allow_no_face)
         if face.shape != (160, 160, 3):
             raise ValueError(f"aligned face must be (160,160,3), got {face.shape}")
+        if getattr(self.extractor, "takes_uint8_faces", False):
+            return np.asarray(self.extractor(face[None])[0], np.float32)
+        import torch
+
         from advface.models.facenet import preprocess
 
         with torch.inference_mode():

@@ -79,8 +79,11 @@ def test_tenant_isolation_and_removal(make: type[VectorIndex]) -> None:
     assert all(h.template_id != "a00007" for h in idx.search(1, a[7], 300))
     assert idx.count(1) == 299
     idx.add(1, [("a00008", "moved", a[9])])  # re-adding an id replaces its entry
-    top = idx.search(1, a[9], 2)
-    assert {h.template_id for h in top} == {"a00008", "a00009"}
+    # Every entry (k = all): HNSW is approximate, and a top-2 among exact duplicates once
+    # missed one of them; what is tested is the replacement, not the recall.
+    hits = [h for h in idx.search(1, a[9], 299) if h.template_id == "a00008"]
+    assert len(hits) == 1 and hits[0].subject_id == "moved"
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5)  # it holds a[9]'s vector now
     assert idx.count(1) == 299
 
 

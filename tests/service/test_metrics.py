@@ -7,6 +7,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from advface.service import payload
 from advface.service.backend import Backend
 
 from .conftest import Harness, feature_map, make_harness
@@ -52,6 +53,18 @@ def test_metrics_count_by_route_template_with_refusals_and_no_ids(harness: Harne
                (("method", "POST"), ("route", "/v1/subjects/{subject_id}/templates")))  # fmt: skip
     assert s[latency] == 2
     assert s[("advface_ready", ())] == 1
+    decided = ("advface_decisions_total", (("kind", "verify"), ("match", "true")))
+    assert s[decided] == 1  # the genuine probe above
+    assert c.post("/v1/identify", content=payload.encode(feature_map(9)), headers=harness.h())
+    s = _samples(c.get("/metrics").text)
+    assert (
+        sum(
+            v
+            for (n, labels), v in s.items()
+            if n == "advface_decisions_total" and ("kind", "identify") in labels
+        )
+        == 1
+    )
     info = [k for k in s if k[0] == "advface_build_info"]
     assert len(info) == 1 and dict(info[0][1])["protection"] == "none"
 

@@ -84,8 +84,19 @@ class ServiceMetrics:
             buckets=_COMPUTE_BUCKETS,
             registry=reg,
         )
+        self.decisions = Counter(
+            "advface_decisions",
+            "Verify and identify answers at the operating threshold (identify: its best "
+            "candidate), by kind and whether it was a match",
+            ["kind", "match"],
+            registry=reg,
+        )
         self._state = CollectorRegistry()
         self._state.register(_StateCollector(info, ready))
+
+    def decision(self, kind: str, match: bool) -> None:
+        """Count a verify (``kind="verify"``) or identify answer."""
+        self.decisions.labels(kind, "true" if match else "false").inc()
 
     def exposition(self) -> bytes:
         """Every sample in Prometheus' text format (all workers' in multiprocess mode)."""

@@ -31,6 +31,8 @@ def router(settings: ServiceSettings) -> APIRouter:
         score, n = await run_in_threadpool(svc.verify, tenant_id, subject_id, emb)
         if n == 0:
             raise ServiceError(409, "no_templates", f"subject {subject_id!r} has no templates")
+        if svc.metrics is not None:
+            svc.metrics.decision("verify", score >= thr)
         return VerifyOut(
             subject_id=subject_id, score=score, match=score >= thr, threshold=thr, templates=n
         )
@@ -51,6 +53,8 @@ def router(settings: ServiceSettings) -> APIRouter:
         """1:N: the top-k subjects by best template score."""
         emb = await run_in_threadpool(svc.probe, body)
         hits = await run_in_threadpool(svc.identify, tenant_id, emb, top_k)
+        if svc.metrics is not None:  # an empty gallery answers no match
+            svc.metrics.decision("identify", bool(hits) and hits[0].score >= thr)
         return IdentifyOut(
             candidates=[
                 Candidate(

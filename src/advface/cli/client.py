@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -86,11 +87,20 @@ def export_extractor_cmd(
     print_json({"out": str(out), **config})
 
 
-def _run(fn: Any) -> None:
+def _with_client(
+    url: str,
+    api_key: str,
+    action: Callable[[Any], Any],
+    backend: str = "facenet",
+    extractor_dir: Path | None = None,
+) -> Any:
+    """``action(client)``'s result; an error the service answers (or not reaching it) is
+    ``error: ...`` and exit 1, bad input (an image, a file, a URL, the key) exit 2."""
     from advface.service.sdk import AdvFaceServiceError
 
     try:
-        fn()
+        with _client(url, api_key, backend, extractor_dir) as c:
+            return action(c)
     except AdvFaceServiceError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -113,16 +123,15 @@ def client_enroll(
 ) -> None:
     """Align, extract E(x) here, and enroll each image for SUBJECT (one JSON line each)."""
 
-    def go() -> None:
-        with _client(url, api_key, backend, extractor) as c:
-            # Every image is checked (readable, has a face) before anything is sent.
-            feats = [c.features(i, aligned=aligned, allow_no_face=allow_no_face) for i in images]
-            if create:
-                c.create_subject(subject, exist_ok=True)
-            for z in feats:
-                print_json(c.enroll(subject, z))
+    def enroll(c: Any) -> None:
+        # Every image is checked (readable, has a face) before anything is sent.
+        feats = [c.features(i, aligned=aligned, allow_no_face=allow_no_face) for i in images]
+        if create:
+            c.create_subject(subject, exist_ok=True)
+        for z in feats:
+            print_json(c.enroll(subject, z))
 
-    _run(go)
+    _with_client(url, api_key, enroll, backend, extractor)
 
 
 @client_app.command("verify")
@@ -137,15 +146,15 @@ def client_verify(
     extractor: ExtractorOpt = None,
 ) -> None:
     """1:1: is IMAGE the enrolled SUBJECT? Exit code 0 for a match, 3 for no match."""
-    result: list[Any] = []
-
-    def go() -> None:
-        with _client(url, api_key, backend, extractor) as c:
-            result.append(c.verify(subject, image, aligned=aligned, allow_no_face=allow_no_face))
-            print_json(result[0])
-
-    _run(go)
-    if not result[0].match:
+    result = _with_client(
+        url,
+        api_key,
+        lambda c: c.verify(subject, image, aligned=aligned, allow_no_face=allow_no_face),
+        backend,
+        extractor,
+    )
+    print_json(result)
+    if not result.match:
         raise typer.Exit(3)
 
 
@@ -161,25 +170,25 @@ def client_identify(
     extractor: ExtractorOpt = None,
 ) -> None:
     """1:N: the TOP_K most similar enrolled subjects."""
-
-    def go() -> None:
-        with _client(url, api_key, backend, extractor) as c:
-            found = c.identify(image, top_k, aligned=aligned, allow_no_face=allow_no_face)
-            print_json([vars(x) for x in found])
-
-    _run(go)
+    found = _with_client(
+        url,
+        api_key,
+        lambda c: c.identify(image, top_k, aligned=aligned, allow_no_face=allow_no_face),
+        backend,
+        extractor,
+    )
+    print_json([vars(x) for x in found])
 
 
 @client_app.command("subjects")
 def client_subjects(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
     """List the tenant's subjects (one JSON line each)."""
 
-    def go() -> None:
-        with _client(url, api_key) as c:
-            for s in c.list_subjects():
-                print_json(s)
+    def print_all(c: Any) -> None:
+        for s in c.list_subjects():  # printed as the pages arrive
+            print_json(s)
 
-    _run(go)
+    _with_client(url, api_key, print_all)
 
 
 @client_app.command("delete-subject")
@@ -187,12 +196,8 @@ def client_delete_subject(
     subject: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
 ) -> None:
     """Delete SUBJECT and its templates."""
-
-    def go() -> None:
-        with _client(url, api_key) as c:
-            print_json({"subject_id": subject, "deleted_templates": c.delete_subject(subject)})
-
-    _run(go)
+    n = _with_client(url, api_key, lambda c: c.delete_subject(subject))
+    print_json({"subject_id": subject, "deleted_templates": n})
 
 
 @client_app.command("template")
@@ -200,12 +205,7 @@ def client_template(
     template_id: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
 ) -> None:
     """Show a template's record: subject, protection and its parameters, model version."""
-
-    def go() -> None:
-        with _client(url, api_key) as c:
-            print_json(c.get_template(template_id))
-
-    _run(go)
+    print_json(_with_client(url, api_key, lambda c: c.get_template(template_id)))
 
 
 @client_app.command("delete-template")
@@ -213,21 +213,11 @@ def client_delete_template(
     template_id: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
 ) -> None:
     """Delete one template (the subject and its other templates stay)."""
-
-    def go() -> None:
-        with _client(url, api_key) as c:
-            c.delete_template(template_id)
-            print_json({"template_id": template_id, "deleted": True})
-
-    _run(go)
+    _with_client(url, api_key, lambda c: c.delete_template(template_id))
+    print_json({"template_id": template_id, "deleted": True})
 
 
 @client_app.command("stats")
 def client_stats(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
     """The tenant's stored templates per protection and per model version (JSON)."""
-
-    def go() -> None:
-        with _client(url, api_key) as c:
-            print_json(c.stats())
-
-    _run(go)
+    print_json(_with_client(url, api_key, lambda c: c.stats()))

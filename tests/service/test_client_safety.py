@@ -140,3 +140,29 @@ def test_cli_template_delete_template_and_stats(
     r = run(cli_app, ["client", "template", ids[0], "--api-key", "k"])
     assert r.exit_code == 1 and "404" in r.output, r.output
     assert json.loads(run(cli_app, ["client", "stats", "--api-key", "k"]).output)["templates"] == 1
+
+
+def test_cli_verify_exit_status_says_match_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from advface.cli import client as cli_client
+    from advface.service.sdk import Verification
+
+    class Answers:  # the service's verdict, whatever the image
+        def __init__(self, match: bool) -> None:
+            self.match = match
+
+        def __enter__(self) -> Answers:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            pass
+
+        def verify(self, subject: str, image: Path, **_: object) -> Verification:
+            return Verification(subject, 0.9 if self.match else 0.1, self.match, 0.4, 2)
+
+    run = CliRunner().invoke
+    for match, status in ((True, 0), (False, 3)):
+        monkeypatch.setattr(cli_client, "_client", lambda *a, m=match, **k: Answers(m))
+        r = run(cli_app, ["client", "verify", "zoe", "probe.png", "--api-key", "k"])
+        assert r.exit_code == status and json.loads(r.output)["match"] is match, r.output

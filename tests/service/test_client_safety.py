@@ -166,3 +166,38 @@ def test_cli_verify_exit_status_says_match_or_not(monkeypatch: pytest.MonkeyPatc
         monkeypatch.setattr(cli_client, "_client", lambda *a, m=match, **k: Answers(m))
         r = run(cli_app, ["client", "verify", "zoe", "probe.png", "--api-key", "k"])
         assert r.exit_code == status and json.loads(r.output)["match"] is match, r.output
+
+
+@pytest.mark.data
+def test_enroll_folder_is_resumable_and_names_what_it_skips(
+    harness: Harness, toy: Backend, tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import shutil
+
+    from advface.cli import client as cli_client
+
+    lfw = data_root / "lfw" / "lfw-deepfunneled"
+    gallery = tmp_path / "gallery"
+    for person in ("Aaron_Peirsol", "Abdullah_Gul"):
+        (gallery / person).mkdir(parents=True)
+        for i in (1, 2):
+            shutil.copy(lfw / person / f"{person}_{i:04d}.jpg", gallery / person)
+    cv2.imwrite(str(gallery / "Abdullah_Gul" / "blank.png"), np.full((250, 250, 3), 128, np.uint8))
+    (gallery / "Abdullah_Gul" / "broken.jpg").write_bytes(b"not an image")
+    c = sdk_client(harness, toy)
+    first = c.enroll_folder(gallery)
+    counts = tuple(first[k] for k in ("images", "subjects", "enrolled", "replayed"))
+    assert counts == (6, 2, 4, 0)
+    assert first["skipped"] == {
+        "no_face": ["Abdullah_Gul/blank.png"],
+        "unreadable": ["Abdullah_Gul/broken.jpg"],
+        "conflict": [],
+    }
+    assert harness.state() == (4, 4)
+    monkeypatch.setattr(cli_client, "_client", lambda *a, **k: sdk_client(harness, toy))
+    r = CliRunner().invoke(cli_app, ["client", "enroll-folder", str(gallery), "--api-key", "k"])
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (again["enrolled"], again["replayed"]) == (0, 4), r.output
+    assert harness.state() == (4, 4)  # nothing stored twice

@@ -134,6 +134,37 @@ def client_enroll(
     _with_client(url, api_key, enroll, backend, extractor)
 
 
+@client_app.command("enroll-folder")
+def client_enroll_folder(
+    folder: Annotated[Path, typer.Argument(help="<folder>/<subject>/<image> tree")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+    aligned: AlignedOpt = False,
+    backend: BackendOpt = "facenet",
+    allow_no_face: NoFaceOpt = False,
+    extractor: ExtractorOpt = None,
+) -> None:
+    """Enroll a whole gallery, one subject per folder (created as needed); rerun to resume:
+    images already stored are skipped. Prints a JSON summary with the images skipped."""
+    from tqdm import tqdm
+
+    from advface.data.protocols import folder_identities
+
+    def enroll(c: Any) -> dict[str, Any]:
+        total = len(folder_identities(folder)[0])  # a folder without the layout: exit 2
+        with tqdm(total=total, unit="image", desc="enroll-folder") as bar:
+
+            def step(key: str, outcome: str) -> None:
+                bar.update(1)
+                bar.set_postfix_str(outcome)
+
+            return c.enroll_folder(
+                folder, aligned=aligned, allow_no_face=allow_no_face, on_image=step
+            )
+
+    print_json(_with_client(url, api_key, enroll, backend, extractor))
+
+
 @client_app.command("verify")
 def client_verify(
     subject: str,

@@ -16,6 +16,7 @@ through OpenCV: ``AdvFaceClient(url, key, extractor=OnnxExtractor("e-onnx"))``
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -368,6 +369,59 @@ class AdvFaceClient:
         url = f"/v1/subjects/{path_segment(subject_id)}/templates"
         d = self._binary(url, data, {"Idempotency-Key": key})
         return Template(**d)
+
+    def enroll_folder(
+        self,
+        folder: str | Path,
+        *,
+        aligned: bool = False,
+        allow_no_face: bool = False,
+        on_image: Callable[[str, str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Enroll every image of a ``<folder>/<subject>/<image>`` tree; subjects are created
+        as needed. Resumable: each image's idempotency key is a digest of its subject and
+        bytes, so a rerun (after an error or an interruption) skips what was stored
+        (``replayed``). Images without a face or that do not decode are skipped and named, and
+        so is an image stored before from other features (``conflict``: E changed since).
+
+        ``on_image(key, outcome)`` is called per image (``enrolled``, ``replayed``,
+        ``no_face``, ``unreadable``, ``conflict``). Returns counts and the skipped keys.
+        """
+        from advface.data.align import UnreadableImageError
+        from advface.data.protocols import folder_identities
+
+        folder = Path(folder)
+        keys, subjects = folder_identities(folder)
+        counts = dict.fromkeys(("enrolled", "replayed", "no_face", "unreadable", "conflict"), 0)
+        skipped: dict[str, list[str]] = {"no_face": [], "unreadable": [], "conflict": []}
+        created: set[str] = set()
+        for key, subject in zip(keys, subjects, strict=True):
+            path = folder / key
+            try:
+                z = self.features(path, aligned=aligned, allow_no_face=allow_no_face)
+            except NoFaceError:
+                outcome = "no_face"
+            except UnreadableImageError:
+                outcome = "unreadable"
+            else:
+                if subject not in created:
+                    self.create_subject(subject, exist_ok=True)
+                    created.add(subject)
+                digest = hashlib.sha256(subject.encode() + b"\0" + path.read_bytes())
+                try:
+                    t = self.enroll(subject, z, idempotency_key=f"folder-{digest.hexdigest()[:48]}")
+                except ConflictError as exc:
+                    if exc.code != "idempotency_conflict":
+                        raise
+                    outcome = "conflict"
+                else:
+                    outcome = "replayed" if t.replayed else "enrolled"
+            counts[outcome] += 1
+            if outcome in skipped:
+                skipped[outcome].append(key)
+            if on_image is not None:
+                on_image(key, outcome)
+        return {"images": len(keys), "subjects": len(set(subjects)), **counts, "skipped": skipped}
 
     def verify(
         self,

@@ -13,6 +13,7 @@ from advface.cli._server import print_json
 
 client_app = typer.Typer(help="Talk to a running template service.", no_args_is_help=True)
 
+DEFAULT_URL = "http://127.0.0.1:8000"  # advface serve's default host and port
 UrlOpt = Annotated[str, typer.Option(envvar="ADVFACE_URL", help="service base URL")]
 KeyOpt = Annotated[str, typer.Option(envvar="ADVFACE_API_KEY", help="tenant API key")]
 AlignedOpt = Annotated[bool, typer.Option(help="images are already 160x160 aligned crops")]
@@ -113,7 +114,7 @@ def _with_client(
 def client_enroll(
     subject: str,
     images: Annotated[list[Path], typer.Argument(help="face images")],
-    url: UrlOpt = "http://127.0.0.1:8000",
+    url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = "",
     create: Annotated[bool, typer.Option(help="create the subject if missing")] = True,
     aligned: AlignedOpt = False,
@@ -137,7 +138,7 @@ def client_enroll(
 @client_app.command("enroll-folder")
 def client_enroll_folder(
     folder: Annotated[Path, typer.Argument(help="<folder>/<subject>/<image> tree")],
-    url: UrlOpt = "http://127.0.0.1:8000",
+    url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = "",
     aligned: AlignedOpt = False,
     backend: BackendOpt = "facenet",
@@ -169,7 +170,7 @@ def client_enroll_folder(
 def client_verify(
     subject: str,
     image: Path,
-    url: UrlOpt = "http://127.0.0.1:8000",
+    url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = "",
     aligned: AlignedOpt = False,
     backend: BackendOpt = "facenet",
@@ -192,7 +193,7 @@ def client_verify(
 @client_app.command("identify")
 def client_identify(
     image: Path,
-    url: UrlOpt = "http://127.0.0.1:8000",
+    url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = "",
     top_k: int = 5,
     aligned: AlignedOpt = False,
@@ -212,7 +213,7 @@ def client_identify(
 
 
 @client_app.command("subjects")
-def client_subjects(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
+def client_subjects(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "") -> None:
     """List the tenant's subjects (one JSON line each)."""
 
     def print_all(c: Any) -> None:
@@ -223,25 +224,21 @@ def client_subjects(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "")
 
 
 @client_app.command("delete-subject")
-def client_delete_subject(
-    subject: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
-) -> None:
+def client_delete_subject(subject: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "") -> None:
     """Delete SUBJECT and its templates."""
     n = _with_client(url, api_key, lambda c: c.delete_subject(subject))
     print_json({"subject_id": subject, "deleted_templates": n})
 
 
 @client_app.command("template")
-def client_template(
-    template_id: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
-) -> None:
+def client_template(template_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "") -> None:
     """Show a template's record: subject, protection and its parameters, model version."""
     print_json(_with_client(url, api_key, lambda c: c.get_template(template_id)))
 
 
 @client_app.command("delete-template")
 def client_delete_template(
-    template_id: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
+    template_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = ""
 ) -> None:
     """Delete one template (the subject and its other templates stay)."""
     _with_client(url, api_key, lambda c: c.delete_template(template_id))
@@ -249,6 +246,6 @@ def client_delete_template(
 
 
 @client_app.command("stats")
-def client_stats(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
+def client_stats(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "") -> None:
     """The tenant's stored templates per protection and per model version (JSON)."""
     print_json(_with_client(url, api_key, lambda c: c.stats()))

@@ -201,3 +201,28 @@ def test_enroll_folder_is_resumable_and_names_what_it_skips(
     again = json.loads(r.stdout.strip().splitlines()[-1])
     assert (again["enrolled"], again["replayed"]) == (0, 4), r.output
     assert harness.state() == (4, 4)  # nothing stored twice
+
+
+def test_enroll_folder_skips_rejected_images_and_goes_on(
+    harness: Harness, toy: Backend, tmp_path: Path
+) -> None:
+    """Without real faces: aligned crops, one of the wrong size (rejected, named), one that
+    is no image (unreadable); the others are stored, and a rerun stores nothing twice."""
+    rng = np.random.default_rng(3)
+    gallery = tmp_path / "g"
+    for subject in ("s1", "s2"):
+        (gallery / subject).mkdir(parents=True)
+        for i in range(2):
+            face = rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)
+            cv2.imwrite(str(gallery / subject / f"{i}.png"), face)
+    cv2.imwrite(str(gallery / "s2" / "small.png"), np.zeros((80, 80, 3), np.uint8))
+    (gallery / "s2" / "broken.jpg").write_bytes(b"\x00")
+    c = sdk_client(harness, toy)
+    seen: list[tuple[str, str]] = []
+    out = c.enroll_folder(gallery, aligned=True, on_image=lambda k, o: seen.append((k, o)))
+    assert (out["images"], out["enrolled"], out["rejected"], out["unreadable"]) == (6, 4, 1, 1)
+    assert out["skipped"]["rejected"] == ["s2/small.png"]
+    assert out["skipped"]["unreadable"] == ["s2/broken.jpg"]
+    assert len(seen) == 6 and harness.state() == (4, 4)
+    again = c.enroll_folder(gallery, aligned=True)
+    assert (again["enrolled"], again["replayed"]) == (0, 4) and harness.state() == (4, 4)

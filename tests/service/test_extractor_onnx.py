@@ -4,6 +4,7 @@ imports no torch, a whole-or-absent export, and a damaged export refused."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,13 @@ from advface.service.sdk import AdvFaceClient
 c = AdvFaceClient("http://127.0.0.1:9", "afk_x", extractor=OnnxExtractor({str(out)!r}))
 z = c.features(np.load({str(tmp_path / "faces.npy")!r})[0], aligned=True)
 np.save({str(tmp_path / "z.npy")!r}, z)
+try:  # the default E needs torch: a clear error naming the way out
+    AdvFaceClient("http://127.0.0.1:9", "afk_x").features(np.zeros((160, 160, 3), np.uint8),
+                                                           aligned=True)
+except ValueError as exc:
+    assert "advface export-extractor" in str(exc), exc
+else:
+    raise SystemExit("the default E ran without torch?")
 print("torch" in sys.modules)
 """
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -119,8 +127,6 @@ def test_cli_export_and_enroll_with_the_onnx_e(
 def test_a_damaged_or_missing_export_is_refused(
     facenet_export: tuple[Path, Backend], tmp_path: Path
 ) -> None:
-    import shutil
-
     copy = tmp_path / "e"
     shutil.copytree(facenet_export[0], copy)
     with (copy / ONNX_FILE).open("r+b") as f:
@@ -133,3 +139,29 @@ def test_a_damaged_or_missing_export_is_refused(
     r = CliRunner().invoke(cli_app, ["client", "verify", "ann", "x.jpg", "--api-key", "k",
                                      "--extractor", str(tmp_path / "nothing")])  # fmt: skip
     assert r.exit_code == 2 and "not an exported extractor" in r.output, r.output
+
+
+def test_overwrite_replaces_only_an_earlier_export(tmp_path: Path, toy: Backend) -> None:
+    out = tmp_path / "e"
+    export_extractor(toy.extractor, out, model_version=toy.version)
+    first = (out / "config.json").read_text()
+    export_extractor(toy.extractor, out, model_version="toy-v2", overwrite=True)
+    assert json.loads((out / "config.json").read_text())["model_version"] == "toy-v2" != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # no old copy left behind
+    victim = tmp_path / "notes"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "todo.txt").write_text("keep me")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me too")
+    for target in (victim, a_file):
+        with pytest.raises(ValueError, match="not a folder written by advface export-extractor"):
+            export_extractor(toy.extractor, target, model_version="x", overwrite=True)
+    assert (victim / "todo.txt").read_text() == "keep me" and (victim / "sub").is_dir()
+    assert a_file.read_text() == "keep me too"
+    bad = tmp_path / "no-version"
+    shutil.copytree(out, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    del cfg["model_version"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="no model_version"):
+        OnnxExtractor(bad)

@@ -73,7 +73,9 @@ def _client(
 def export_extractor_cmd(
     out: Annotated[Path, typer.Option(help="folder to write (extractor.onnx + config.json)")],
     backend: BackendOpt = "facenet",
-    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace OUT if it is an earlier export (nothing else)")
+    ] = False,
 ) -> None:
     """Export the client's E to ONNX for devices without PyTorch (advface client --extractor
     OUT, or OnnxExtractor(OUT) in the SDK: OpenCV runs it)."""
@@ -81,10 +83,12 @@ def export_extractor_cmd(
     from advface.service.extractor_onnx import export_extractor
 
     with user_errors():
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} exists (--overwrite replaces it)")
+        if out.exists() and not overwrite:  # before loading the networks
+            raise FileExistsError(f"{out} exists (--overwrite replaces an earlier export)")
         net = load_backend(backend)
-        config = export_extractor(net.extractor, out, model_version=net.version, overwrite=True)
+        config = export_extractor(
+            net.extractor, out, model_version=net.version, overwrite=overwrite
+        )
     print_json({"out": str(out), **config})
 
 

@@ -10,6 +10,7 @@ its digest, and maps aligned uint8 faces to feature maps. Importing this module 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,10 @@ def export_extractor(
     import torch
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (pass overwrite to replace it)")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists (overwrite replaces an earlier export)")
+        _check_is_export(out)  # never delete a folder that is not ours
     try:
         import onnx  # noqa: F401  (torch's exporter needs it)
     except ImportError:
@@ -53,11 +56,14 @@ def export_extractor(
                 # The TorchScript exporter is chosen on purpose (deprecated, but it needs
                 # only the onnx package); its warning would only alarm the user.
                 warnings.simplefilter("ignore", DeprecationWarning)
+                # The TorchScript exporter: no onnxscript needed (torch >= 2.5 defaults to
+                # the dynamo one and takes ``dynamo``; older versions have only this one).
+                legacy = {"dynamo": False} if "dynamo" in _parameters(torch.onnx.export) else {}
                 torch.onnx.export(
                     extractor,
                     (torch.zeros(1, 3, *FACE_SHAPE[:2]),),
                     str(onnx_path),
-                    dynamo=False,  # the TorchScript exporter: no onnxscript needed
+                    **legacy,
                     input_names=["x"],
                     output_names=["z"],
                     dynamic_axes={"x": {0: "n"}, "z": {0: "n"}},
@@ -73,9 +79,40 @@ def export_extractor(
             "output": "E(x) float32 (N,64,77,77)",
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():  # replaced only once the new one is complete
-            shutil.rmtree(out)
+        if out.exists():
+            # Set aside, not deleted, until the new export is in place.
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+    if out.with_name(f".{out.name}.old").exists():
+        shutil.rmtree(out.with_name(f".{out.name}.old"))
     return config
+
+
+def _parameters(fn: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(fn).parameters)
+
+
+def _check_is_export(out: Path) -> None:
+    """Refuse to replace ``out`` unless it is an earlier export (its two files, nothing else)."""
+    if not out.is_dir() or out.is_symlink():
+        raise ValueError(f"{out} is not a folder written by advface export-extractor")
+    names = {p.name for p in out.iterdir()}
+    config = out / CONFIG_FILE
+    try:
+        ours = (
+            names == {CONFIG_FILE, ONNX_FILE}
+            and json.loads(config.read_text()).get("format") == FORMAT
+        )
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        ours = False
+    if not ours:
+        raise ValueError(
+            f"{out} is not a folder written by advface export-extractor: not replaced "
+            "(choose another --out)"
+        )
 
 
 class OnnxExtractor:
@@ -101,15 +138,22 @@ class OnnxExtractor:
                 )
         try:
             config = json.loads(config_path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{config_path} cannot be read as JSON: {exc}") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise ValueError(f"{config_path}: not an advface extractor config ({FORMAT})")
+        if not isinstance(config.get("model_version"), str):
+            raise ValueError(f"{config_path}: no model_version")
         if sha256_file(onnx_path) != config.get("onnx_sha256"):
             raise ValueError(f"{onnx_path} does not match the sha256 in {config_path}")
         self.config = config
-        self.model_version = str(config["model_version"])
-        self._net = cv2.dnn.readNetFromONNX(str(onnx_path))
+        self.model_version: str = config["model_version"]
+        try:
+            self._net = cv2.dnn.readNetFromONNX(str(onnx_path))
+        except cv2.error as exc:
+            raise ValueError(f"{onnx_path}: OpenCV cannot load it ({exc})") from None
+        # One network, setInput then forward: threads sharing a client take turns.
+        self._lock = threading.Lock()
 
     def __call__(self, faces: np.ndarray) -> np.ndarray:
         faces = np.asarray(faces)
@@ -119,5 +163,6 @@ class OnnxExtractor:
             )
         # FaceNet's input convention (advface.models.facenet.preprocess), without torch.
         x = ((faces.astype(np.float32) - 127.5) / 128.0).transpose(0, 3, 1, 2)
-        self._net.setInput(np.ascontiguousarray(x))
-        return np.asarray(self._net.forward(), np.float32)
+        with self._lock:
+            self._net.setInput(np.ascontiguousarray(x))
+            return np.asarray(self._net.forward(), np.float32)

@@ -199,8 +199,14 @@ class AdvFaceClient:
     @property
     def extractor(self) -> Callable[[Any], Any]:
         if self._extractor is None:
-            from advface.service.backend import facenet_backend
-
+            try:
+                from advface.service.backend import facenet_backend
+            except ImportError as exc:  # a device without PyTorch
+                raise ValueError(
+                    f"FaceNet's E needs PyTorch ({exc}); without it, run E from an ONNX "
+                    "export: extractor=OnnxExtractor(DIR) / --extractor DIR "
+                    "(advface export-extractor)"
+                ) from None
             self._extractor = facenet_backend().extractor
         return self._extractor
 
@@ -381,47 +387,64 @@ class AdvFaceClient:
         """Enroll every image of a ``<folder>/<subject>/<image>`` tree; subjects are created
         as needed. Resumable: each image's idempotency key is a digest of its subject and
         bytes, so a rerun (after an error or an interruption) skips what was stored
-        (``replayed``). Images without a face or that do not decode are skipped and named, and
-        so is an image stored before from other features (``conflict``: E changed since).
+        (``replayed``). Skipped and named, the run going on: images without a face
+        (``no_face``), that do not decode (``unreadable``), that the client or the service
+        rejects as input (``rejected``: e.g. not 160x160 with ``aligned``), and images
+        stored before from other features (``conflict``: E changed since). A service that
+        fails or cannot be reached stops the run (rerun it to resume).
 
-        ``on_image(key, outcome)`` is called per image (``enrolled``, ``replayed``,
-        ``no_face``, ``unreadable``, ``conflict``). Returns counts and the skipped keys.
+        ``on_image(key, outcome)`` is called per image. Returns counts and the skipped keys.
         """
-        from advface.data.align import UnreadableImageError
         from advface.data.protocols import folder_identities
 
         folder = Path(folder)
         keys, subjects = folder_identities(folder)
-        counts = dict.fromkeys(("enrolled", "replayed", "no_face", "unreadable", "conflict"), 0)
-        skipped: dict[str, list[str]] = {"no_face": [], "unreadable": [], "conflict": []}
+        if not aligned:
+            self.aligner  # noqa: B018 (loaded now: a missing MTCNN fails the run, not each image)
+        self.extractor  # noqa: B018 (likewise E: without torch or an export, say so once)
+        skipped: dict[str, list[str]] = {
+            k: [] for k in ("no_face", "unreadable", "rejected", "conflict")
+        }
+        counts = dict.fromkeys(("enrolled", "replayed", *skipped), 0)
         created: set[str] = set()
         for key, subject in zip(keys, subjects, strict=True):
-            path = folder / key
-            try:
-                z = self.features(path, aligned=aligned, allow_no_face=allow_no_face)
-            except NoFaceError:
-                outcome = "no_face"
-            except UnreadableImageError:
-                outcome = "unreadable"
-            else:
-                if subject not in created:
-                    self.create_subject(subject, exist_ok=True)
-                    created.add(subject)
-                digest = hashlib.sha256(subject.encode() + b"\0" + path.read_bytes())
-                try:
-                    t = self.enroll(subject, z, idempotency_key=f"folder-{digest.hexdigest()[:48]}")
-                except ConflictError as exc:
-                    if exc.code != "idempotency_conflict":
-                        raise
-                    outcome = "conflict"
-                else:
-                    outcome = "replayed" if t.replayed else "enrolled"
+            outcome = self._enroll_file(
+                folder / key, subject, created, aligned=aligned, allow_no_face=allow_no_face
+            )
             counts[outcome] += 1
             if outcome in skipped:
                 skipped[outcome].append(key)
             if on_image is not None:
                 on_image(key, outcome)
         return {"images": len(keys), "subjects": len(set(subjects)), **counts, "skipped": skipped}
+
+    def _enroll_file(
+        self, path: Path, subject: str, created: set[str], *, aligned: bool, allow_no_face: bool
+    ) -> str:
+        """One image of :meth:`enroll_folder`: its outcome."""
+        from advface.data.align import UnreadableImageError
+
+        try:
+            z = self.features(path, aligned=aligned, allow_no_face=allow_no_face)
+        except NoFaceError:
+            return "no_face"
+        except UnreadableImageError:
+            return "unreadable"
+        except ValueError:
+            return "rejected"
+        if subject not in created:
+            self.create_subject(subject, exist_ok=True)
+            created.add(subject)
+        digest = hashlib.sha256(subject.encode() + b"\0" + path.read_bytes()).hexdigest()
+        try:
+            t = self.enroll(subject, z, idempotency_key=f"folder-{digest[:48]}")
+        except ConflictError as exc:
+            if exc.code != "idempotency_conflict":
+                raise
+            return "conflict"
+        except InvalidRequestError:
+            return "rejected"
+        return "replayed" if t.replayed else "enrolled"
 
     def verify(
         self,

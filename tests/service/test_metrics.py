@@ -3,14 +3,16 @@ the protection's and Psi's compute times, and the switch that turns it off."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from advface.service import payload
 from advface.service.backend import Backend
 
-from .conftest import Harness, feature_map, make_harness
+from .conftest import Harness, assert_error, feature_map, make_harness
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -24,6 +26,16 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def _requests(samples: dict, route: str, method: str, status: str) -> float:
     labels = (("method", method), ("route", route), ("status", status))
     return samples.get(("advface_http_requests_total", labels), 0.0)
+
+
+@pytest.fixture
+def harness(db_url: str, toy: Backend) -> Iterator[Harness]:
+    h, cm = make_harness(db_url, toy, metrics=1)
+    try:
+        yield h
+    finally:
+        cm.__exit__(None, None, None)
+        h.store.close()
 
 
 def test_metrics_count_by_route_template_with_refusals_and_no_ids(harness: Harness) -> None:
@@ -69,8 +81,8 @@ def test_metrics_count_by_route_template_with_refusals_and_no_ids(harness: Harne
     assert len(info) == 1 and dict(info[0][1])["protection"] == "none"
 
 
-def test_metrics_can_be_turned_off(db_url: str, toy: Backend) -> None:
-    h, cm = make_harness(db_url, toy, metrics=0)
+def test_metrics_are_off_by_default(db_url: str, toy: Backend) -> None:
+    h, cm = make_harness(db_url, toy)
     try:
         assert h.client.get("/metrics").status_code == 404
         assert h.service.metrics is None
@@ -80,9 +92,21 @@ def test_metrics_can_be_turned_off(db_url: str, toy: Backend) -> None:
         h.store.close()
 
 
+def test_a_metrics_token_is_required_when_set(db_url: str, toy: Backend) -> None:
+    h, cm = make_harness(db_url, toy, metrics=1, metrics_token="s3cret-token")
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+            assert_error(h.client.get("/metrics", headers=headers), 401, "invalid_metrics_token")
+        ok = h.client.get("/metrics", headers={"Authorization": "Bearer s3cret-token"})
+        assert ok.status_code == 200 and "advface_http_requests_total" in ok.text
+    finally:
+        cm.__exit__(None, None, None)
+        h.store.close()
+
+
 def test_two_apps_in_one_process_keep_their_own_counts(db_url: str, toy: Backend) -> None:
     """Each app has its own registry (no duplicate-metric error, no shared counts)."""
-    apps: list[tuple[Harness, Any]] = [make_harness(db_url, toy) for _ in range(2)]
+    apps: list[tuple[Harness, Any]] = [make_harness(db_url, toy, metrics=1) for _ in range(2)]
     try:
         apps[0][0].client.get("/health")
         counts = [

@@ -260,7 +260,7 @@ def test_serve_with_two_workers(tmp_path: Path) -> None:
         log_path=log,
         log_level="info",
         ready_timeout=180,
-        extra_args=["--workers", "2", "--rate-limit", "0"],
+        extra_args=["--workers", "2", "--rate-limit", "0", "--metrics"],
     ) as srv:
         h = {"X-API-Key": key}
         for i in range(4):

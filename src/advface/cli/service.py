@@ -100,7 +100,8 @@ MetricsOpt = Annotated[
     bool | None,
     typer.Option(
         "--metrics/--no-metrics",
-        help="GET /metrics, Prometheus text, aggregate only [ADVFACE_METRICS, on]",
+        help="GET /metrics, Prometheus text, aggregate only [ADVFACE_METRICS, off]; "
+        "ADVFACE_METRICS_TOKEN makes scrapes send it as a bearer token",
     ),
 ]
 # uvicorn's levels (uvicorn.config.LOG_LEVELS); "trace" is uvicorn's own, below debug.

@@ -359,7 +359,7 @@ def create_app(
         limiter=limiter,
     )
     routers = [
-        ops.router(metrics=bool(settings.metrics)),
+        ops.router(metrics=bool(settings.metrics), metrics_token=settings.metrics_token),
         subjects.router(settings),
         templates.router(),
         recognition.router(settings),

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Match
@@ -54,7 +54,14 @@ class ServiceMetrics:
     """
 
     def __init__(self, info: dict[str, str], ready: Callable[[], bool]) -> None:
-        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        # prometheus_client chose its storage when first imported (from the environment
+        # then); the exposition must follow that choice, not the environment now.
+        self.multiprocess = values.ValueClass is not values.MutexValue
+        if self.multiprocess and not os.path.isdir(os.environ.get(MULTIPROC_ENV, "")):
+            raise ValueError(
+                f"{MULTIPROC_ENV} must name an existing folder for multiprocess metrics, got "
+                f"{os.environ.get(MULTIPROC_ENV)!r}"
+            )
         # Multiprocess samples live in files and are collected at scrape time; otherwise each
         # app has its own registry (several apps in one process, as in the tests, stay apart).
         reg = None if self.multiprocess else CollectorRegistry()

@@ -60,8 +60,10 @@ class ServiceSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     torch_threads: int = 0  # 0: leave torch's default
-    # GET /metrics: Prometheus text format, aggregate only (no tenant or subject). 0: off.
-    metrics: int = 1
+    # GET /metrics (Prometheus text, aggregate only: no tenant or subject): 1 turns it on.
+    # With metrics_token set, a scrape must send "Authorization: Bearer <token>".
+    metrics: int = 0
+    metrics_token: str = ""
     # Slow-client limits: seconds to send the request line and headers, and the whole body.
     header_timeout: float = 10.0
     read_timeout: float = 30.0

@@ -1,9 +1,10 @@
 """Operations routes: liveness, readiness, Prometheus metrics and an offline API reference
 page."""
 
-from typing import Any
+import hmac
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.responses import HTMLResponse, Response
 
 from advface.service.errors import error_response, error_responses
@@ -64,7 +65,7 @@ _DOCS_CSP = (
 )
 
 
-def router(metrics: bool = True) -> APIRouter:
+def router(metrics: bool = False, metrics_token: str = "") -> APIRouter:
     r = APIRouter(tags=["ops"])
 
     @r.get("/health", response_model=Health, responses=error_responses(500))
@@ -91,10 +92,18 @@ def router(metrics: bool = True) -> APIRouter:
     if metrics:
 
         @r.get("/metrics", include_in_schema=False)
-        def metrics_text(svc: Svc) -> Response:
-            """Prometheus metrics; unauthenticated like /ready, so aggregate only."""
+        def metrics_text(
+            svc: Svc, authorization: Annotated[str | None, Header()] = None
+        ) -> Response:
+            """Prometheus metrics, aggregate only; with a token, only for its bearer."""
             from advface.service.metrics import CONTENT_TYPE
 
+            if metrics_token and not hmac.compare_digest(
+                (authorization or "").encode(), f"Bearer {metrics_token}".encode()
+            ):
+                return error_response(
+                    401, "invalid_metrics_token", "metrics need Authorization: Bearer <token>"
+                )
             return Response(svc.metrics.exposition(), media_type=CONTENT_TYPE)
 
     @r.get("/docs", include_in_schema=False)

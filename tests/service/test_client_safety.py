@@ -101,7 +101,7 @@ def test_client_checks_its_url_and_key_and_names_an_unreachable_service() -> Non
 
     from advface.service.sdk import AdvFaceClient, ServiceUnavailableError
 
-    for bad in ("notaurl", "ftp://host", "http://"):
+    for bad in ("notaurl", "ftp://host", "http://", "http://user:pw@host"):
         with pytest.raises(ValueError, match="service URL"):
             AdvFaceClient(bad, "afk_x")
     with socket.socket() as s:  # a port nothing listens on

@@ -52,6 +52,8 @@ def _check_base_url(base_url: str) -> None:
         url = httpx.URL(base_url)
     except (httpx.InvalidURL, TypeError) as exc:
         raise ValueError(f"the service URL {base_url!r} is not a URL: {exc}") from None
+    if url.userinfo:  # it would end up in error messages and logs
+        raise ValueError("the service URL must not hold credentials (the API key is api_key)")
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(
             f"the service URL must be http://HOST[:PORT] or https://HOST[:PORT], got {base_url!r}"

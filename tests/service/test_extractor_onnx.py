@@ -15,10 +15,11 @@ import torch
 from typer.testing import CliRunner
 
 from advface.cli import app as cli_app
+from advface.service import payload
 from advface.service.backend import Backend
 from advface.service.extractor_onnx import ONNX_FILE, OnnxExtractor, export_extractor
 
-from .conftest import Harness, sdk_client
+from .conftest import Harness, feature_map, sdk_client
 
 FACES = np.random.default_rng(0).integers(0, 256, (3, 160, 160, 3), dtype=np.uint8)
 
@@ -165,3 +166,29 @@ def test_overwrite_replaces_only_an_earlier_export(tmp_path: Path, toy: Backend)
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="no model_version"):
         OnnxExtractor(bad)
+
+
+def test_a_map_of_another_e_is_refused(harness: Harness, toy: Backend, tmp_path: Path) -> None:
+    """The client names its E (X-Advface-Model); the service refuses maps of another E and
+    stores nothing, and accepts its own."""
+    from advface.service.sdk import InvalidRequestError
+
+    harness.subject("ann")
+    before = harness.state()
+    for version, accepted in (("facenet-other/conv2d_2b", False), (toy.version, True)):
+        out = tmp_path / version.replace("/", "_")
+        export_extractor(toy.extractor, out, model_version=version)
+        c = sdk_client(harness)
+        c._extractor = OnnxExtractor(out)
+        assert c.model_version == version
+        if accepted:
+            assert c.enroll("ann", FACES[0], aligned=True).model_version == toy.version
+        else:
+            with pytest.raises(InvalidRequestError) as e:
+                c.enroll("ann", FACES[0], aligned=True)
+            assert e.value.code == "model_mismatch" and harness.state() == before
+    assert harness.state() == (before[0] + 1, before[1] + 1)
+    r = harness.client.post(  # no header: accepted as before (clients that do not say)
+        "/v1/subjects/ann/verify", content=payload.encode(feature_map(1)), headers=harness.h()
+    )
+    assert r.status_code == 200

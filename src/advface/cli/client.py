@@ -57,17 +57,19 @@ def _client(
             "no API key: pass --api-key or set ADVFACE_API_KEY (advface keys create TENANT "
             "prints one)"
         )
+    version = None
     if extractor_dir is not None:
         from advface.service.extractor_onnx import OnnxExtractor
 
-        extractor = OnnxExtractor(extractor_dir)
+        extractor = OnnxExtractor(extractor_dir)  # it carries its model version
     elif backend != "facenet":
         from advface.service.backend import load_backend
 
-        extractor = load_backend(backend).extractor
+        net = load_backend(backend)
+        extractor, version = net.extractor, net.version
     else:
         extractor = None  # the SDK loads FaceNet's E on first use
-    return AdvFaceClient(url, api_key, extractor=extractor)
+    return AdvFaceClient(url, api_key, extractor=extractor, model_version=version)
 
 
 def export_extractor_cmd(

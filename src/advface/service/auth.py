@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 PREFIX = "afk"
 API_KEY_HEADER = "X-API-Key"
+# The version of E that computed an uploaded feature map (optional): the service refuses a map
+# of another E, whose templates would match nothing.
+MODEL_HEADER = "X-Advface-Model"
 _KEY_RE = re.compile(r"^afk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 
 

@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 
 from advface.service import payload
-from advface.service.auth import API_KEY_HEADER
+from advface.service.auth import API_KEY_HEADER, MODEL_HEADER
 
 ImageLike = str | Path | np.ndarray
 
@@ -161,6 +161,8 @@ class AdvFaceClient:
             :class:`advface.data.align.Aligner`, loaded on first use.
         retries: extra attempts after connection errors and 502/503/504. Enrollment is safe to
             retry because every attempt carries the same ``Idempotency-Key``.
+        model_version: E's version, sent with uploads (the service refuses maps of another
+            E); default: the extractor's ``model_version``, FaceNet's for the default E.
     """
 
     def __init__(
@@ -174,6 +176,7 @@ class AdvFaceClient:
         extractor: Callable[[Any], Any] | None = None,
         aligner: Callable[[np.ndarray], Any] | None = None,
         transport: httpx.BaseTransport | None = None,
+        model_version: str | None = None,
     ) -> None:
         if retries < 0 or backoff < 0:
             raise ValueError("retries and backoff must be >= 0")
@@ -187,6 +190,7 @@ class AdvFaceClient:
         self.retries, self.backoff = retries, backoff
         self._extractor = extractor
         self._aligner = aligner
+        self._model_version = model_version
 
     def close(self) -> None:
         self._http.close()
@@ -210,7 +214,19 @@ class AdvFaceClient:
                     "(advface export-extractor)"
                 ) from None
             self._extractor = facenet_backend().extractor
+            if self._model_version is None:
+                from advface.service.backend import FACENET_VERSION
+
+                self._model_version = FACENET_VERSION
         return self._extractor
+
+    @property
+    def model_version(self) -> str | None:
+        """The version of this client's E, sent with every upload so that a service running
+        another E refuses the map (``model_mismatch``); None when unknown (a custom E)."""
+        if self._model_version is not None:
+            return self._model_version
+        return getattr(self._extractor, "model_version", None)
 
     @property
     def aligner(self) -> Callable[[np.ndarray], Any]:
@@ -307,6 +323,8 @@ class AdvFaceClient:
         self, url: str, data: bytes, headers: dict[str, str] | None = None, **kw: Any
     ) -> Any:
         h = {"Content-Type": payload_content_type(), **(headers or {})}
+        if self.model_version is not None:
+            h[MODEL_HEADER] = self.model_version
         return self._request("POST", url, content=data, headers=h, **kw)
 
     # -- API --------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from fastapi.security import APIKeyHeader
 
-from advface.service.auth import API_KEY_HEADER
+from advface.service.auth import API_KEY_HEADER, MODEL_HEADER
 from advface.service.core import Service
 from advface.service.errors import ServiceError
 from advface.service.ids import SUBJECT_ID_HELP, check_template_id, normalise_subject_id
@@ -58,6 +58,15 @@ async def binary_body(request: Request) -> bytes:
     ctype = request.headers.get("content-type", OCTET).split(";")[0].strip().lower()
     if ctype not in (OCTET, ""):
         raise ServiceError(415, "unsupported_media_type", f"send the payload as {OCTET}")
+    claimed = request.headers.get(MODEL_HEADER)
+    ours = get_service(request).backend.version
+    if claimed is not None and claimed != ours:
+        raise ServiceError(
+            422,
+            "model_mismatch",
+            f"the feature map comes from E {claimed[:100]!r}, this service runs E {ours!r}: "
+            "its templates would match nothing (export the service's E for the client)",
+        )
     body = await request.body()
     if not body:
         raise ServiceError(422, "invalid_payload", "empty request body")

@@ -65,16 +65,18 @@ def _cannot_open(url: str, *errors: type[BaseException]) -> Iterator[None]:
 
 
 @contextmanager
-def closing(store: Any, url: str) -> Iterator[Any]:
+def store_session(store: Any, url: str, hint: str = "") -> Iterator[Any]:
     """Yield ``store`` and close it on the way out. A database error raised inside (locked,
     full, connection lost) is ``error: database URL: reason`` and exit status 1 instead of a
-    traceback; the commands commit per batch, so what was committed before it stays."""
+    traceback (``hint`` appended); the commands commit per batch, so what was committed
+    before it stays."""
     from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
     try:
         yield store
-    except DBAPIError as exc:
-        typer.echo(f"error: database {db_label(url)}: {_db_reason(exc)}", err=True)
+    except (DBAPIError, PoolTimeout) as exc:
+        typer.echo(f"error: database {db_label(url)}: {_db_reason(exc)}{hint}", err=True)
         raise typer.Exit(1) from exc
     finally:
         store.close()

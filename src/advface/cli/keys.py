@@ -12,12 +12,12 @@ from advface.cli._server import (
     DbUrlOpt,
     MasterKeyOpt,
     check_db_url,
-    closing,
     existing_settings,
     open_db,
     open_store,
     print_json,
     settings_from,
+    store_session,
 )
 
 keys_app = typer.Typer(help="API keys of the template service.", no_args_is_help=True)
@@ -25,6 +25,12 @@ keys_app = typer.Typer(help="API keys of the template service.", no_args_is_help
 
 def register(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
+
+
+_ROTATION_LEFT_HALF_DONE = (
+    " (the rotation stopped part-way: rerun the same command to finish it before starting "
+    "the service)"
+)
 
 
 @keys_app.command("rotate-master")
@@ -46,7 +52,7 @@ def keys_rotate_master(
     settings = existing_settings(db_url=db_url, master_key_file=master_key_file)
     store, new = _open_store_for_rotation(settings, new_key_file)
     with (
-        closing(store, settings.db_url),
+        store_session(store, settings.db_url, hint=_ROTATION_LEFT_HALF_DONE),
         user_errors(),
         tqdm(unit="key", desc="rotate-master") as bar,
     ):
@@ -101,7 +107,7 @@ def keys_create(
         path = sqlite_path(settings.db_url)
     if path is not None and not path.is_file():
         typer.echo(f"creating a new database at {path}", err=True)  # a typo shows here
-    with closing(open_db(settings), settings.db_url) as store, user_errors():
+    with store_session(open_db(settings), settings.db_url) as store, user_errors():
         token = store.create_key(tenant)
     typer.echo(token)
 
@@ -113,7 +119,7 @@ def keys_list(
     """List API keys (id, tenant, created, revoked; one JSON line each). Secrets are never shown:
     only their hashes are stored."""
     settings = existing_settings(db_url=db_url)
-    with closing(open_db(settings), settings.db_url) as store:
+    with store_session(open_db(settings), settings.db_url) as store:
         for k in store.list_keys():
             print_json(
                 {
@@ -141,7 +147,7 @@ def keys_rekey_tenant(
     from advface.service.transform import rekey_tenant
 
     settings = existing_settings(db_url=db_url, master_key_file=master_key_file)
-    with closing(open_store(settings), settings.db_url) as store, user_errors():
+    with store_session(open_store(settings), settings.db_url) as store, user_errors():
         try:
             out = rekey_tenant(store, tenant)
         except NotFound:
@@ -161,7 +167,7 @@ def keys_revoke(
         if not re.fullmatch(r"[0-9a-f]{12}", key_id):
             raise ValueError("KEY_ID must be the 12 hex digits of a key id (advface keys list)")
     settings = existing_settings(db_url=db_url)
-    with closing(open_db(settings), settings.db_url) as store:
+    with store_session(open_db(settings), settings.db_url) as store:
         found = store.revoke_key(key_id)
     if not found:
         typer.echo(f"error: no API key {key_id}", err=True)

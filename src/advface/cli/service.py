@@ -14,13 +14,13 @@ from advface.cli._server import (
     HeadOpt,
     MasterKeyOpt,
     check_db_url,
-    closing,
     db_label,
     ensure_master_key,
     existing_settings,
     open_store,
     print_json,
     settings_from,
+    store_session,
 )
 
 
@@ -270,7 +270,7 @@ def reembed_cmd(
 
             torch.set_num_threads(settings.torch_threads)
         net = _backend(settings)
-    with closing(open_store(settings), settings.db_url) as store:
+    with store_session(open_store(settings), settings.db_url) as store:
         with user_errors():
             build_index(settings, store, net)  # pgvector: its vectors are written alongside
         version = net.embedding_version
@@ -338,7 +338,7 @@ def migrate_cmd(
         net = _backend(settings)
         target = replace(settings, protection=protection, protection_params=params)
         prot = protection_for(target, net)
-    with closing(open_store(settings), settings.db_url) as store:
+    with store_session(open_store(settings), settings.db_url) as store:
         with user_errors():
             build_index(settings, store, net)  # pgvector: its vectors are rewritten alongside
         with user_errors():

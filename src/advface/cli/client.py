@@ -57,6 +57,8 @@ def _client(
             "no API key: pass --api-key or set ADVFACE_API_KEY (advface keys create TENANT "
             "prints one)"
         )
+    if extractor_dir is not None and backend != "facenet":
+        raise ValueError("--extractor and --backend both choose E: give one")
     version = None
     if extractor_dir is not None:
         from advface.service.extractor_onnx import OnnxExtractor
@@ -201,7 +203,7 @@ def client_identify(
     image: Path,
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = "",
-    top_k: int = 5,
+    top_k: Annotated[int, typer.Option(min=1, help="candidates to return")] = 5,
     aligned: AlignedOpt = False,
     backend: BackendOpt = "facenet",
     allow_no_face: NoFaceOpt = False,

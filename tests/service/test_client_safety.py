@@ -192,6 +192,7 @@ def test_enroll_folder_is_resumable_and_names_what_it_skips(
     assert first["skipped"] == {
         "no_face": ["Abdullah_Gul/blank.png"],
         "unreadable": ["Abdullah_Gul/broken.jpg"],
+        "rejected": [],
         "conflict": [],
     }
     assert harness.state() == (4, 4)

@@ -157,18 +157,23 @@ def client_enroll_folder(
     images already stored are skipped. Prints a JSON summary with the images skipped."""
     from tqdm import tqdm
 
-    from advface.data.protocols import folder_identities
-
     def enroll(c: Any) -> dict[str, Any]:
-        total = len(folder_identities(folder)[0])  # a folder without the layout: exit 2
-        with tqdm(total=total, unit="image", desc="enroll-folder") as bar:
+        with tqdm(unit="image", desc="enroll-folder") as bar:
+
+            def start(total: int) -> None:
+                bar.total = total
+                bar.refresh()
 
             def step(key: str, outcome: str) -> None:
                 bar.update(1)
                 bar.set_postfix_str(outcome)
 
             return c.enroll_folder(
-                folder, aligned=aligned, allow_no_face=allow_no_face, on_image=step
+                folder,
+                aligned=aligned,
+                allow_no_face=allow_no_face,
+                on_image=step,
+                on_start=start,
             )
 
     print_json(_with_client(url, api_key, enroll, backend, extractor))

@@ -403,6 +403,7 @@ class AdvFaceClient:
         aligned: bool = False,
         allow_no_face: bool = False,
         on_image: Callable[[str, str], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
         """Enroll every image of a ``<folder>/<subject>/<image>`` tree; subjects are created
         as needed. Resumable: each image's idempotency key is a digest of its subject and
@@ -413,12 +414,15 @@ class AdvFaceClient:
         stored before from other features (``conflict``: E changed since). A service that
         fails or cannot be reached stops the run (rerun it to resume).
 
-        ``on_image(key, outcome)`` is called per image. Returns counts and the skipped keys.
+        ``on_start(n_images)`` is called once the folder is scanned, ``on_image(key,
+        outcome)`` per image. Returns counts and the skipped keys.
         """
         from advface.data.protocols import folder_identities
 
         folder = Path(folder)
         keys, subjects = folder_identities(folder)
+        if on_start is not None:
+            on_start(len(keys))
         if not aligned:
             self.aligner  # noqa: B018 (loaded now: a missing MTCNN fails the run, not each image)
         self.extractor  # noqa: B018 (likewise E: without torch or an export, say so once)

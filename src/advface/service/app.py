@@ -282,6 +282,51 @@ def protection_for(settings: ServiceSettings, backend: Backend) -> Any:
     return build_protection(settings.protection, **params)
 
 
+def _build_service(
+    settings: ServiceSettings,
+    *,
+    store: Store | None,
+    backend: Backend | None,
+    protection: Any,
+    keys: crypto.KeyProvider | None,
+) -> Service:
+    """The service's collaborators: those not given are built from ``settings``."""
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    backend = backend or load_backend(settings.backend, settings.head)
+    if protection is None:
+        protection = protection_for(settings, backend)
+    served = str(getattr(protection, "name", settings.protection))
+    if backend.head_protection and backend.head_protection != served:
+        log.warning(
+            "Psi %s was distilled for protection %r but the service stores %r templates",
+            backend.embedding_version,
+            backend.head_protection,
+            served,
+        )
+    if served == "none":
+        log.warning(
+            "PROTECTION IS OFF: templates are stored as uploaded; a stolen database yields "
+            "faces. Use the default (embedding-shadow) unless this is a test."
+        )
+    if store is None:
+        keys = keys or crypto.provider_from_config(
+            settings.master_key_file, default_file=default_master_key_file()
+        )
+        store = Store(settings.db_url, timeout=settings.db_timeout, keys=keys)
+    # Encrypted rows and no (or another) master key: a clear start-up error, not 500s later.
+    store.check_master_key()
+    return Service(
+        settings=settings,
+        store=store,
+        backend=backend,
+        protection=protection,
+        index=build_index(settings, store, backend),
+        protection_name=served,
+        protection_params=public_params(protection),
+    )
+
+
 def create_app(
     settings: ServiceSettings | None = None,
     *,
@@ -299,40 +344,7 @@ def create_app(
     errors are retried as ``startup_retry`` says.
     """
     settings = settings or ServiceSettings.from_env()
-    if settings.torch_threads > 0:
-        torch.set_num_threads(settings.torch_threads)
-    backend = backend or load_backend(settings.backend, settings.head)
-    if protection is None:
-        protection = protection_for(settings, backend)
-    served = str(getattr(protection, "name", settings.protection))
-    if backend.head_protection and backend.head_protection != served:
-        log.warning(
-            "Psi %s was distilled for protection %r but the service stores %r templates",
-            backend.embedding_version,
-            backend.head_protection,
-            served,
-        )
-    if getattr(protection, "name", settings.protection) == "none":
-        log.warning(
-            "PROTECTION IS OFF: templates are stored as uploaded; a stolen database yields "
-            "faces. Use the default (embedding-shadow) unless this is a test."
-        )
-    if store is None:
-        keys = keys or crypto.provider_from_config(
-            settings.master_key_file, default_file=default_master_key_file()
-        )
-        store = Store(settings.db_url, timeout=settings.db_timeout, keys=keys)
-    # Encrypted rows and no (or another) master key: a clear start-up error, not 500s later.
-    store.check_master_key()
-    svc = Service(
-        settings=settings,
-        store=store,
-        backend=backend,
-        protection=protection,
-        index=build_index(settings, store, backend),
-        protection_name=str(getattr(protection, "name", settings.protection)),
-        protection_params=public_params(protection),
-    )
+    svc = _build_service(settings, store=store, backend=backend, protection=protection, keys=keys)
     app = FastAPI(
         title="advface template service",
         version=API_VERSION,

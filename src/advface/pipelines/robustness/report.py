@@ -255,94 +255,109 @@ def _header(meta: dict) -> list[str]:
     return lines
 
 
-def render(meta: dict, rows: list[dict]) -> str:
-    lines = _header(meta)
-    if meta.get("protections"):
-        lines += [
-            "Protections (the server's settings; `dp` is Laplace noise of scale "
-            "b = sensitivity / epsilon_dp on every element):",
-            "",
-        ]
-        for m, prm in meta["protections"].items():
-            shown = {k: v for k, v in prm.items() if not k.endswith("sha256") and k != "name"}
-            lines.append(f"- `{m}`: {shown}")
-        lines.append("")
-    for d in sorted({r["dataset"] for r in rows}):
-        recon = _recon(rows, d)
-        lines += [
-            f"## {d}",
-            "",
-            "| method | attacker | SSIM [95% CI] | PSNR | MSE | SRRA [95% CI] | SRRA@FAR1e-3 | "
-            "replay cosine | n |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for r in recon:
-            lines.append(
-                f"| {r['method']} | {r['attacker']} | {_ci(r, 'ssim')} | {r['psnr']:.2f} | "
-                f"{r['mse']:.4f} | {_ci(r, 'srra', 100, 1)}% | {_srra_far(r)} | "
-                f"{_ci(r, 'replay_cosine') if r.get('replay_cosine') is not None else '—'} | "
-                f"{r['n_images']} |"
-            )
-        ch = recon[0]
-        if ch.get("threshold_far") is None:
-            n_imp = ch.get("impostor_pairs", "fewer than 1,000")
-            far = (
-                f"no FAR = 1e-3 threshold ({n_imp} impostor pairs; it needs 1,000), so "
-                f"SRRA@FAR1e-3 reads {FAR_UNAVAILABLE}"
-            )
-        else:
-            far = (
-                f"{100 * ch['chance_srra_far']:.2f}% at the FAR=1e-3 threshold "
-                f"{ch['threshold_far']:.3f}"
-            )
-        lines += [
-            "",
-            f"Chance SRRA (impostor pairs accepted): {100 * ch['chance_srra']:.2f}% at "
-            f"the operating threshold {ch['threshold']:.3f}; {far}.",
-            "",
-            "### Strongest attacker per metric, against the embedding-only floor",
-            "",
-            "Each cell: the highest mean any attacker reaches against the method, which "
-            "attacker, and where it stands against the embedding-only floor (the highest mean "
-            "of the attackers that see only the clean embedding, or nothing: "
-            f"{_floor_attackers(rows, d)}): above / below = "
-            "its 95% interval lies wholly above / below the floor's, at = they overlap. "
-            "(n=...) marks a value measured on the first n test faces only (the optimisation "
-            "attackers), a smaller set than the others'. SSIM and PSNR measure appearance; "
-            "a reconstruction below the mean face in SSIM can still be accepted as the person, "
-            "so identity is judged by SRRA and the replay cosine.",
-            "",
-            "Any attacker (the floor holds an optimiser of the embedding alone, so an "
-            "identity verdict above it means more than the replay every stored embedding "
-            "allows):",
-            "",
-            *verdict_table(rows, d),
-            "",
-            "Decoders only (one pass through a trained network, a face rather than an image "
-            "optimised against FaceNet):",
-            "",
-            *verdict_table(rows, d, decoders_only=True),
-            "",
-        ]
-        weak = weak_floor_decoder(rows, d)
-        if weak:
-            lines += [weak, ""]
-        accs = [a for m in dict.fromkeys(r["method"] for r in rows) if (a := _acc(rows, d, m))]
-        wilson = all("accuracy_ci95_folds" in a for a in accs)
-        lines += [
-            "| method | accuracy [95% CI"
-            + (", Wilson over pairs" if wilson else ", normal over folds (older results)")
-            + "] | pairs | stored-vs-clean cosine |",
-            "| --- | --- | --- | --- |",
-        ]
-        for a in accs:
-            lines.append(
-                f"| {a['method']} | {_ci(a, 'accuracy', 100, 2)} | {a['n_pairs']}"
-                f"{' (full)' if a['full_protocol'] else ' (sample)'} | "
-                f"{a['stored_identity_cosine']:.3f} |"
-            )
-        lines.append("")
+def _protections_section(meta: dict) -> list[str]:
+    """The server's protection settings, one bullet each."""
+    if not meta.get("protections"):
+        return []
+    lines = [
+        "Protections (the server's settings; `dp` is Laplace noise of scale "
+        "b = sensitivity / epsilon_dp on every element):",
+        "",
+    ]
+    for m, prm in meta["protections"].items():
+        shown = {k: v for k, v in prm.items() if not k.endswith("sha256") and k != "name"}
+        lines.append(f"- `{m}`: {shown}")
+    lines.append("")
+    return lines
+
+
+def _dataset_section(rows: list[dict], d: str) -> list[str]:
+    """One dataset: attackers' table, chance levels, verdicts against the floor, accuracy."""
+    recon = _recon(rows, d)
+    lines = [
+        f"## {d}",
+        "",
+        "| method | attacker | SSIM [95% CI] | PSNR | MSE | SRRA [95% CI] | SRRA@FAR1e-3 | "
+        "replay cosine | n |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in recon:
+        lines.append(
+            f"| {r['method']} | {r['attacker']} | {_ci(r, 'ssim')} | {r['psnr']:.2f} | "
+            f"{r['mse']:.4f} | {_ci(r, 'srra', 100, 1)}% | {_srra_far(r)} | "
+            f"{_ci(r, 'replay_cosine') if r.get('replay_cosine') is not None else '—'} | "
+            f"{r['n_images']} |"
+        )
+    ch = recon[0]
+    if ch.get("threshold_far") is None:
+        n_imp = ch.get("impostor_pairs", "fewer than 1,000")
+        far = (
+            f"no FAR = 1e-3 threshold ({n_imp} impostor pairs; it needs 1,000), so "
+            f"SRRA@FAR1e-3 reads {FAR_UNAVAILABLE}"
+        )
+    else:
+        far = (
+            f"{100 * ch['chance_srra_far']:.2f}% at the FAR=1e-3 threshold "
+            f"{ch['threshold_far']:.3f}"
+        )
     lines += [
+        "",
+        f"Chance SRRA (impostor pairs accepted): {100 * ch['chance_srra']:.2f}% at "
+        f"the operating threshold {ch['threshold']:.3f}; {far}.",
+        "",
+        "### Strongest attacker per metric, against the embedding-only floor",
+        "",
+        "Each cell: the highest mean any attacker reaches against the method, which "
+        "attacker, and where it stands against the embedding-only floor (the highest mean "
+        "of the attackers that see only the clean embedding, or nothing: "
+        f"{_floor_attackers(rows, d)}): above / below = "
+        "its 95% interval lies wholly above / below the floor's, at = they overlap. "
+        "(n=...) marks a value measured on the first n test faces only (the optimisation "
+        "attackers), a smaller set than the others'. SSIM and PSNR measure appearance; "
+        "a reconstruction below the mean face in SSIM can still be accepted as the person, "
+        "so identity is judged by SRRA and the replay cosine.",
+        "",
+        "Any attacker (the floor holds an optimiser of the embedding alone, so an "
+        "identity verdict above it means more than the replay every stored embedding "
+        "allows):",
+        "",
+        *verdict_table(rows, d),
+        "",
+        "Decoders only (one pass through a trained network, a face rather than an image "
+        "optimised against FaceNet):",
+        "",
+        *verdict_table(rows, d, decoders_only=True),
+        "",
+    ]
+    weak = weak_floor_decoder(rows, d)
+    if weak:
+        lines += [weak, ""]
+    return lines + _accuracy_table(rows, d)
+
+
+def _accuracy_table(rows: list[dict], d: str) -> list[str]:
+    """Verification accuracy per method on dataset ``d`` (stored side protected)."""
+    accs = [a for m in dict.fromkeys(r["method"] for r in rows) if (a := _acc(rows, d, m))]
+    wilson = all("accuracy_ci95_folds" in a for a in accs)
+    lines = [
+        "| method | accuracy [95% CI"
+        + (", Wilson over pairs" if wilson else ", normal over folds (older results)")
+        + "] | pairs | stored-vs-clean cosine |",
+        "| --- | --- | --- | --- |",
+    ]
+    for a in accs:
+        lines.append(
+            f"| {a['method']} | {_ci(a, 'accuracy', 100, 2)} | {a['n_pairs']}"
+            f"{' (full)' if a['full_protocol'] else ' (sample)'} | "
+            f"{a['stored_identity_cosine']:.3f} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _training_section(meta: dict) -> list[str]:
+    """Each trained network: its data, budget, identity overlap and loss curve."""
+    lines = [
         "## Training records",
         "",
         "| network | train set | n | flips | epochs | wall s (budget clock s) | "
@@ -359,6 +374,14 @@ def render(meta: dict, rows: list[dict]) -> str:
             f"{t['epochs']} | {t['seconds']} ({t.get('budget_seconds', '—')}) | "
             f"{overlap} | {curve} |"
         )
+    return lines
+
+
+def render(meta: dict, rows: list[dict]) -> str:
+    lines = _header(meta) + _protections_section(meta)
+    for d in sorted({r["dataset"] for r in rows}):
+        lines += _dataset_section(rows, d)
+    lines += _training_section(meta)
     return "\n".join(lines) + "\n"
 
 

@@ -260,7 +260,9 @@ def _header(doc: _Doc) -> None:
     elif "complete" not in meta:
         doc.lines += ["> Completeness not recorded (results written by an older version).", ""]
     for note in prof.get("notes", ()):
-        doc.lines += [f"> {note}", ""]
+        # Profile notes are clauses; the report prints them as sentences.
+        end = "" if note.rstrip().endswith((".", "!", "?", ")")) else "."
+        doc.lines += [f"> {note}{end}", ""]
     doc.lines += [f"- Deviation: {dev}" for dev in meta.get("deviations", ())]
 
 

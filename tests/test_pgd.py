@@ -164,3 +164,23 @@ def test_direction_with_loss_traces_without_gradients() -> None:
     trace = PGDTrace()
     _run(torch.zeros(1, 2), PGD(steps=2), direction=torch.ones_like, loss=loss, trace=trace)
     assert calls == [False, False, False] and len(trace.losses) == 3
+
+
+def test_zero_epsilon_projected_returns_the_start_without_evaluating() -> None:
+    z0 = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0))
+    calls: list[int] = []
+
+    def loss(z: Tensor) -> Tensor:
+        calls.append(1)
+        return z.flatten(1).sum(1)
+
+    pinned = _run(z0, PGD(steps=40, alpha=0.2, epsilon=0.0, clamp_min=-0.5), loss=loss)
+    assert calls == [] and torch.equal(pinned, z0.clamp_min(-0.5))
+    # The same result as taking the steps (which the trace forces).
+    traced = _run(
+        z0, PGD(steps=3, alpha=0.2, epsilon=0.0, clamp_min=-0.5), loss=loss, trace=PGDTrace()
+    )
+    assert len(calls) == 4 and torch.equal(traced, pinned)
+    # Other readings still move at epsilon 0.
+    moved = _run(z0, PGD(steps=2, alpha=0.2, epsilon=0.0, reading="accumulated"), loss=loss)
+    assert not torch.equal(moved, z0)

@@ -130,7 +130,9 @@ class PGD:
         ``loss(z)``: scalar or (N,) losses to ascend (differentiable in z). ``direction(z)``:
         the ascent direction itself (e.g. a mix of normalised gradients, or noise); when given,
         ``loss`` is only evaluated (without gradients) for ``trace`` and ``keep_best``.
-        Call it under ``torch.no_grad()``: gradients are enabled only where taken.
+        Call it under ``torch.no_grad()``: gradients are enabled only where taken. Under the
+        projected reading with epsilon 0 the result is the (clamped) start and, unless a trace
+        or keep-best asks for losses, neither ``loss`` nor ``direction`` is called.
         """
         if not isinstance(z0, Tensor) or not z0.is_floating_point() or z0.dim() < 1:
             raise ValueError(f"z0 must be a floating tensor (N, ...), got {z0!r:.60}")
@@ -139,6 +141,10 @@ class PGD:
         if loss is None and (trace is not None or self.keep_best):
             raise ValueError("trace and keep_best need a loss")
         center = self._clamp(z0.detach())
+        if self._pinned() and trace is None and not self.keep_best:
+            # Every projected iterate is the centre itself: skip the T loss/gradient passes
+            # (the result is bit-identical; AdvFace's epsilon-0 sweep point costs nothing).
+            return center
         zt = center
         if self.random_start and self.epsilon > 0:
             zt = self._clamp(center + self.epsilon * noise_like(center, generator, "uniform"))
@@ -162,6 +168,10 @@ class PGD:
         if trace is not None:
             trace.drift_linf = float((zt - center).abs().max())
         return zt.detach()
+
+    def _pinned(self) -> bool:
+        """True when the projection pins every iterate to the centre (projected, epsilon 0)."""
+        return self.reading == "projected" and self.epsilon == 0
 
     # -- one step -------------------------------------------------------------------------------
 

@@ -7,14 +7,23 @@
 # CFP-FP, then the robustness bench, writing the results) and a helper that runs the
 # robustness bench first and then computes CFP-FP's stages for the main run to reuse.
 #
+# It starts by importing LEDGER (the trained networks and finished settings that an earlier
+# machine exported with scripts/ledger.sh, committed beside the results) into OUT's cache, so
+# a fresh machine resumes where the ledger stands rather than from nothing.
+#
 #   OUT=runs/cpu-full bash scripts/cpu-full.sh     # logs: OUT/log.txt and OUT/helper.log
+#   bash scripts/ledger.sh export runs/cpu-full/cache docs/results/cpu-full/ledger  # to carry
 # (PROFILE and BENCH name other reproduce and bench profiles, e.g. smoke to try it.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/cpu-full}"
 PROFILE="${PROFILE:-cpu-full}"
 BENCH="${BENCH:-cpu}"
-mkdir -p "$OUT"
+LEDGER="${LEDGER:-docs/results/$PROFILE/ledger}"
+mkdir -p "$OUT/cache"
+if [ -d "$LEDGER" ]; then
+  bash scripts/ledger.sh import "$LEDGER" "$OUT/cache" >> "$OUT/log.txt"
+fi
 # shellcheck source=/dev/null
 . .venv/bin/activate
 # A simple command, so that `&` gives advface's own pid (for kill) rather than a subshell's.

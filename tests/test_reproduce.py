@@ -149,6 +149,17 @@ def test_smoke_profile_end_to_end_and_resumes(data_root, tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert (out / "results.json").stat().st_mtime_ns == written
     assert {p for p in (out / "cache").rglob("*") if p.is_file()} == set(stamps)
+    # A setting's record stands for its chunks: with the records (and networks) alone, as
+    # carried to another machine, the results come back the same and nothing is recomputed.
+    chunks = [p for p in (out / "cache").glob("*.safetensors")
+              if p.name.startswith(("recon-", "stored-"))]  # fmt: skip
+    assert chunks and list((out / "cache").glob("record-lfw-advface-resrec-eps0.20-*.json"))
+    for p in chunks:
+        p.unlink()
+    carried = reproduce(get_profile("smoke"), out, progress=False)
+    assert carried["rows"] == res["rows"]
+    assert not any((out / "cache").glob("recon-*")) and not any((out / "cache").glob("stored-*"))
+    assert carried["stage_compute_seconds"] == res["stage_compute_seconds"]
 
 
 def test_memo_features_protects_each_image_once():
@@ -342,3 +353,29 @@ def test_attack_and_reproduce_measure_the_same(data_root, tmp_path):
     assert att["n_images"] == ours["n_images"] == n
     for k in ("ssim", "psnr", "mse", "srra", "srra_far_1e-3", "replay_cosine"):
         assert np.isclose(att[k], ours[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_measured_record_round_trips_values_and_grids():
+    import numpy as np
+
+    from advface.pipelines.reproduce.evaluate import Measured
+
+    # Smooth faces, as reconstructions are: colour ramps.
+    y, x = np.mgrid[0:160, 0:160].astype(np.float32) / 160
+    faces = [np.stack([y * 80 * (i + 1), np.full_like(x, 40.0 * i), 255 - x * 200], -1)
+             for i in range(3)]  # fmt: skip
+    grid = np.stack(faces).clip(0, 255).astype(np.uint8)
+    rec = Measured(
+        recon={"resrec": {"ssim": np.float32(0.5), "ssim_ci95": (0.4, 0.6), "extra": {"n": 3}}},
+        accuracy={"psi": {"accuracy": np.float64(0.9), "extra": {}}},
+        grids={"resrec": grid},
+    )
+    data = json.loads(json.dumps(rec.to_json()))  # what the cache file holds
+    back = Measured.from_json(data)
+    assert back.recon == {"resrec": {"ssim": 0.5, "ssim_ci95": [0.4, 0.6], "extra": {"n": 3}}}
+    got = back.grids["resrec"]  # JPEG: for display, close to the reconstructions
+    assert got.shape == grid.shape and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - grid).mean() < 2
+    vals = back.accuracy_values()
+    vals["extra"]["mode"] = "online"  # a table adding to its row does not touch the record
+    assert back.accuracy_values() == {"accuracy": 0.9, "extra": {}}

@@ -36,7 +36,8 @@ class StageCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.compute_seconds: dict[str, float | None] = {}
 
-    def _tally(self, name: str, seconds: float | None) -> None:
+    def tally(self, name: str, seconds: float | None) -> None:
+        """Count ``seconds`` (None: unknown) of computing stage ``name`` in compute_seconds."""
         if name not in self.compute_seconds:
             self.compute_seconds[name] = 0.0
         before = self.compute_seconds[name]
@@ -70,7 +71,7 @@ class StageCache:
             with safe_open(str(path), "np") as fh:  # one read: arrays and the record
                 meta = fh.metadata() or {}
                 value = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
-            self._tally(tally or name, float(meta["seconds"]) if "seconds" in meta else None)
+            self.tally(tally or name, float(meta["seconds"]) if "seconds" in meta else None)
             return value
         t0 = time.perf_counter()
         value = compute()
@@ -82,7 +83,7 @@ class StageCache:
             metadata={"settings": json.dumps(settings, default=str), "seconds": f"{seconds:.3f}"},
         )
         os.replace(tmp, path)
-        self._tally(tally or name, seconds)
+        self.tally(tally or name, seconds)
         return value
 
     def chunked(

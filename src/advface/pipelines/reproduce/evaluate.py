@@ -7,11 +7,17 @@ Per protection: :func:`recon_stage` (every attacker on the test faces' protected
 measured by :mod:`advface.pipelines.recon_eval`) and :func:`stored_stage` (the stored side of
 the pairs through Psi, or an extra head). Each stage is keyed by the protection's complete
 ``params()`` (shadow and E weights included), FaceNet's weights, the attackers' keys and the
-code it runs, and cached in chunks.
+code it runs, and cached in chunks. :func:`measure` turns both into a setting's small record
+(:class:`Measured`: every table's values and grids, one JSON file keyed by both stages' keys),
+so a finished setting never needs its chunks again, and a record can be carried to another
+machine's cache (``scripts/cpu-full.sh``'s ledger).
 """
 
 from __future__ import annotations
 
+import base64
+import copy
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +32,8 @@ from advface.pipelines.reproduce.networks import Context, Networks
 
 # The recon and stored stages run this module's code too (the bench keys its own likewise).
 STAGE_CODE: tuple[str, ...] = (*EVAL_CODE, "pipelines/reproduce/evaluate.py")
+#: A record's values also come from the verification code.
+RECORD_CODE: tuple[str, ...] = (*STAGE_CODE, "pipelines/eval_fr.py")
 
 #: Attackers whose reconstructions are replayed (SRRA) under every protection: Table 1's and
 #: the adaptive attacker. On unprotected features every attacker is replayed.
@@ -83,6 +91,73 @@ class TestFaces:
 
 
 @dataclass
+class Measured:
+    """What the tables read of one protection setting: per attacker its
+    :func:`recon_values`, per head (``"psi"`` or an extra head's label) the online
+    :func:`accuracy_values`, and per attacker the first ``grid_n`` reconstructions (uint8
+    (n,160,160,3); for display only, so the record keeps them as JPEG at quality 95, which
+    keeps a record small enough to carry: every metric is computed before). The accessors
+    return copies (a table may add to a row's values)."""
+
+    recon: dict[str, dict]
+    accuracy: dict[str, dict]
+    grids: dict[str, np.ndarray]
+
+    def recon_values(self, attacker: str) -> dict:
+        return copy.deepcopy(self.recon[attacker])
+
+    def accuracy_values(self, head: str = "psi") -> dict:
+        return copy.deepcopy(self.accuracy[head])
+
+    def to_json(self) -> dict:
+        return {
+            "recon": _plain(self.recon),
+            "accuracy": _plain(self.accuracy),
+            "grids": {a: _encode_grid(g) for a, g in self.grids.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Measured:
+        grids = {a: _decode_grid(g) for a, g in data["grids"].items()}
+        return cls(data["recon"], data["accuracy"], grids)
+
+
+def _plain(value):
+    """JSON-ready copy: numpy scalars and arrays as Python numbers and lists, tuples as lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    return value
+
+
+def _encode_grid(grid: np.ndarray) -> dict:
+    """uint8 (n,H,W,3) RGB faces -> one JPEG strip (quality 95, base64) and n."""
+    import cv2
+
+    n, h, w, c = grid.shape
+    strip = np.ascontiguousarray(grid.transpose(1, 0, 2, 3).reshape(h, n * w, c)[..., ::-1])
+    ok, jpg = cv2.imencode(".jpg", strip, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    if not ok:
+        raise ValueError("could not encode a reconstruction grid as JPEG")
+    return {"n": int(n), "jpeg": base64.b64encode(jpg.tobytes()).decode("ascii")}
+
+
+def _decode_grid(data: dict) -> np.ndarray:
+    import cv2
+
+    buf = np.frombuffer(base64.b64decode(data["jpeg"]), dtype=np.uint8)
+    strip = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if strip is None:
+        raise ValueError("a cached reconstruction grid is not a readable JPEG")
+    n = data["n"]
+    h, nw, c = strip.shape
+    return np.ascontiguousarray(strip[..., ::-1].reshape(h, n, nw // n, c).transpose(1, 0, 2, 3))
+
+
+@dataclass
 class DatasetEval:
     """One dataset's pairs, clean embeddings, thresholds and test faces; results so far."""
 
@@ -96,10 +171,8 @@ class DatasetEval:
     #: computed in the same pass as Psi's (the protection runs once).
     heads: dict[str, ExtraHead] = field(default_factory=dict)
     grids: dict[str, np.ndarray] = field(default_factory=dict)
-    recon: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    stored: dict[str, np.ndarray] = field(default_factory=dict)
-    #: Stored-side embeddings through each extra head, by head label.
-    head_stored: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Each protection setting's record, by label (:func:`measure`).
+    measured: dict[str, Measured] = field(default_factory=dict)
 
     @property
     def stored_idx(self) -> np.ndarray:
@@ -209,16 +282,7 @@ def recon_stage(
     from advface.pipelines.recon_eval import measure_batch
 
     p = ctx.profile
-    key = dict(
-        dataset=faces.dataset,
-        protection=prot.key_params(),
-        attackers={a: attacker_keys[a] for a in sorted(attackers)},
-        replayed=sorted(replayed),
-        batch=p.protect_batch,
-        grid_n=p.grid_n,
-        weights=ctx.weights_sha,
-        code=code_fingerprint(STAGE_CODE),
-    )
+    key = _recon_key(ctx, faces, prot, attackers, attacker_keys, replayed)
 
     def compute(sl: slice) -> dict[str, np.ndarray]:
         out: dict[str, list[np.ndarray]] = {}
@@ -247,6 +311,27 @@ def recon_stage(
     return ctx.stages.chunked(name, key, faces.keys, p.chunk, compute)
 
 
+def _recon_key(
+    ctx: Context,
+    faces: TestFaces,
+    prot,
+    attackers: dict[str, nn.Module],
+    attacker_keys: dict[str, str],
+    replayed: set[str],
+) -> dict:
+    p = ctx.profile
+    return dict(
+        dataset=faces.dataset,
+        protection=prot.key_params(),
+        attackers={a: attacker_keys[a] for a in sorted(attackers)},
+        replayed=sorted(replayed),
+        batch=p.protect_batch,
+        grid_n=p.grid_n,
+        weights=ctx.weights_sha,
+        code=code_fingerprint(STAGE_CODE),
+    )
+
+
 def stored_stage(
     ctx: Context,
     ev: DatasetEval,
@@ -263,14 +348,7 @@ def stored_stage(
         raise ValueError("an extra head cannot be labelled 'psi' (FaceNet's own head)")
     named = {"psi": ctx.head, **(heads or {})}
     keys = [ev.pairs.keys[i] for i in ev.stored_idx]
-    key = dict(
-        dataset=ev.dataset,
-        protection=prot.key_params(),
-        head={n: _head_key(ctx, m) for n, m in sorted(named.items())},
-        batch=ctx.profile.protect_batch,
-        weights=ctx.weights_sha,
-        code=code_fingerprint(STAGE_CODE),
-    )
+    key = _stored_key(ctx, ev, prot, named)
 
     def compute(sl: slice) -> dict[str, np.ndarray]:
         images = ctx.images(ALIGNED[ev.dataset], keys[sl])
@@ -290,6 +368,17 @@ def stored_stage(
 
     name = f"stored-{ev.dataset}-{label}"
     return ctx.stages.chunked(name, key, keys, ctx.profile.chunk, compute)
+
+
+def _stored_key(ctx: Context, ev: DatasetEval, prot, named: dict[str, nn.Module]) -> dict:
+    return dict(
+        dataset=ev.dataset,
+        protection=prot.key_params(),
+        head={n: _head_key(ctx, m) for n, m in sorted(named.items())},
+        batch=ctx.profile.protect_batch,
+        weights=ctx.weights_sha,
+        code=code_fingerprint(STAGE_CODE),
+    )
 
 
 def _head_key(ctx: Context, head: nn.Module) -> str:
@@ -369,28 +458,66 @@ def prepare_dataset(
 # -- measurements and row values ----------------------------------------------------------------
 
 
-def measure(
-    ctx: Context, ev: DatasetEval, nets: Networks, cfg: ProtectionConfig
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """(reconstruction arrays of the test faces, stored-side embeddings) under ``cfg``; the
-    extra heads of ``cfg``'s method see its main setting's stored features (``ev.head_stored``)."""
+def measure(ctx: Context, ev: DatasetEval, nets: Networks, cfg: ProtectionConfig) -> Measured:
+    """The record of ``cfg`` on ``ev``: its reconstruction stage on the test faces and its
+    stored-side stage (Psi and the extra heads of ``cfg``'s method, one protection pass),
+    reduced to the tables' values. Cached as one JSON file keyed by both stages' keys, the
+    faces, the pairs and the thresholds."""
     label = cfg.label
-    if label not in ev.recon:
-        prot = build(ctx, cfg, nets)
-        every = set(nets.attackers)
-        replayed = every if cfg.method == "none" else every & set(REPLAYED)
-        ev.recon[label] = recon_stage(
-            ctx, ev.faces, label, prot, nets.attackers, nets.keys, replayed
-        )
+    if label in ev.measured:
+        return ev.measured[label]
+    prot = build(ctx, cfg, nets)
+    every = set(nets.attackers)
+    replayed = every if cfg.method == "none" else every & set(REPLAYED)
+    heads = {} if cfg.method == "none" else {
+        n: h.module for n, h in ev.heads.items() if main_config(ctx, h.method) == cfg
+    }  # fmt: skip
+    stages = (f"recon-{ev.dataset}-{label}", f"stored-{ev.dataset}-{label}")
+    key = dict(
+        recon=_recon_key(ctx, ev.faces, prot, nets.attackers, nets.keys, replayed),
+        faces=_digest(ev.faces.keys),
+        stored=None if cfg.method == "none" else _stored_key(
+            ctx, ev, prot, {"psi": ctx.head, **heads}),
+        pairs=_pairs_digest(ev.pairs),
+        thresholds=ev.thresholds,
+        code=code_fingerprint(RECORD_CODE),
+    )  # fmt: skip
+    computed = False
+
+    def compute() -> dict:
+        nonlocal computed
+        computed = True
+        res = recon_stage(ctx, ev.faces, label, prot, nets.attackers, nets.keys, replayed)
         if cfg.method == "none":
-            ev.stored[label] = ev.clean[ev.stored_idx]
+            stored = {"psi": ev.clean[ev.stored_idx]}
         else:
-            heads = {n: h.module for n, h in ev.heads.items()
-                     if main_config(ctx, h.method) == cfg}  # fmt: skip
-            out = stored_stage(ctx, ev, label, prot, heads)
-            ev.stored[label] = out["psi"]
-            ev.head_stored.update({n: out[n] for n in heads})
-    return ev.recon[label], ev.stored[label]
+            stored = stored_stage(ctx, ev, label, prot, heads)
+        record = Measured(
+            recon={a: recon_values(res, a, ev) for a in nets.attackers},
+            accuracy={n: accuracy_values(v, ev) for n, v in stored.items()},
+            grids={a: res[f"{a}/grid"] for a in nets.attackers if f"{a}/grid" in res},
+        ).to_json()
+        seconds = ctx.stages.compute_seconds
+        record["seconds"] = {n: seconds[n] for n in stages if n in seconds}
+        return record
+
+    data = ctx.stages.json(f"record-{ev.dataset}-{label}", key, compute)
+    if not computed:  # the stages' compute time, as if their chunks had been read
+        for name, spent in data.get("seconds", {}).items():
+            ctx.stages.tally(name, spent)
+    ev.measured[label] = Measured.from_json(data)
+    return ev.measured[label]
+
+
+def _digest(keys: list[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def _pairs_digest(pairs: PairSubset) -> str:
+    h = hashlib.sha256("\n".join(pairs.keys).encode())
+    for a in (pairs.idx_a, pairs.idx_b, pairs.issame, pairs.fold):
+        h.update(np.ascontiguousarray(np.asarray(a, dtype=np.int64)).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _values(measured: dict) -> dict:

@@ -8,11 +8,9 @@ from advface.pipelines.reproduce.evaluate import (
     OTHER_READING,
     DatasetEval,
     ProtectionConfig,
-    accuracy_values,
     main_config,
     measure,
     merge,
-    recon_values,
 )
 from advface.pipelines.reproduce.networks import Context, Networks
 from advface.pipelines.reproduce.report import make_row
@@ -27,9 +25,9 @@ def _advface_cols(ctx: Context, method: str) -> dict:
 
 def attackers_table(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
     """Every attacker on unprotected features (the attack benchmark)."""
-    res, _ = measure(ctx, ev, nets, ProtectionConfig("none"))
+    m = measure(ctx, ev, nets, ProtectionConfig("none"))
     return [
-        make_row("attackers", ev.dataset, "none", attacker=a, **recon_values(res, a, ev))
+        make_row("attackers", ev.dataset, "none", attacker=a, **m.recon_values(a))
         for a in nets.attackers
     ]
 
@@ -38,12 +36,12 @@ def table1(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
     """Reconstruction by the ResRec attacker under each method (and Fig. 5's grids)."""
     rows = []
     for m in METHODS:
-        res, _ = measure(ctx, ev, nets, main_config(ctx, m))
-        vals = recon_values(res, "resrec", ev)
+        rec = measure(ctx, ev, nets, main_config(ctx, m))
+        vals = rec.recon_values("resrec")
         rows.append(
             make_row("table1", ev.dataset, m, attacker="resrec", **_advface_cols(ctx, m), **vals)
         )
-        ev.grids[m] = res["resrec/grid"]
+        ev.grids[m] = rec.grids["resrec"]
     return rows
 
 
@@ -53,15 +51,13 @@ def table2(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
     features through that head (e.g. the offline mode's Psi')."""
     rows = []
     for m in METHODS:
-        _, stored = measure(ctx, ev, nets, main_config(ctx, m))
-        vals = accuracy_values(stored, ev)
+        vals = measure(ctx, ev, nets, main_config(ctx, m)).accuracy_values()
         vals["extra"]["mode"] = "online"
         if m == "none":
             vals["extra"]["accuracy_full_protocol"] = ev.unprotected["accuracy"]
         rows.append(make_row("table2", ev.dataset, m, **_advface_cols(ctx, m), **vals))
     for label, head in ev.heads.items():
-        measure(ctx, ev, nets, main_config(ctx, head.method))
-        vals = accuracy_values(ev.head_stored[label], ev)
+        vals = measure(ctx, ev, nets, main_config(ctx, head.method)).accuracy_values(label)
         vals["extra"].update(mode=head.mode, head=label, head_version=head.version)
         rows.append(
             make_row("table2", ev.dataset, head.method, **_advface_cols(ctx, head.method), **vals)
@@ -78,8 +74,7 @@ def table3(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
     """AdvFace's accuracy with each shadow architecture."""
     eps, rows = ctx.profile.epsilon, []
     for s in _transfer(ctx, ev):
-        _, stored = measure(ctx, ev, nets, ProtectionConfig("advface", s, eps))
-        vals = accuracy_values(stored, ev)
+        vals = measure(ctx, ev, nets, ProtectionConfig("advface", s, eps)).accuracy_values()
         rows.append(make_row("table3", ev.dataset, "advface", shadow=s, epsilon=eps, **vals))
     return rows
 
@@ -88,13 +83,13 @@ def table4(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
     """Every attacker against AdvFace with every shadow (and Fig. 6's grids)."""
     eps, rows = ctx.profile.epsilon, []
     for s in _transfer(ctx, ev):
-        res, _ = measure(ctx, ev, nets, ProtectionConfig("advface", s, eps))
+        rec = measure(ctx, ev, nets, ProtectionConfig("advface", s, eps))
         for a in ctx.profile.archs:
-            vals = recon_values(res, a, ev)
+            vals = rec.recon_values(a)
             rows.append(
                 make_row("table4", ev.dataset, "advface", attacker=a, shadow=s, epsilon=eps, **vals)
             )
-            ev.grids[f"{s}->{a}"] = res[f"{a}/grid"]
+            ev.grids[f"{s}->{a}"] = rec.grids[a]
     return rows
 
 
@@ -104,14 +99,14 @@ def fig4(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
     if ev.dataset not in p.sweep_datasets:
         return rows
     for e in sorted(set(p.sweep) | {p.epsilon}):
-        res, stored = measure(ctx, ev, nets, ProtectionConfig("advface", "resrec", e))
-        vals = merge(recon_values(res, "resrec", ev), accuracy_values(stored, ev))
+        rec = measure(ctx, ev, nets, ProtectionConfig("advface", "resrec", e))
+        vals = merge(rec.recon_values("resrec"), rec.accuracy_values())
         rows.append(
             make_row(
                 "fig4", ev.dataset, "advface", attacker="resrec", shadow="resrec", epsilon=e, **vals
             )
         )
-        ev.grids[f"eps={e:.2f}"] = res["resrec/grid"]
+        ev.grids[f"eps={e:.2f}"] = rec.grids["resrec"]
     return rows
 
 
@@ -127,8 +122,8 @@ def readings(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
         ("accumulated", ProtectionConfig("random", reading="accumulated")),
     ]  # fmt: skip
     for reading, cfg in cfgs:
-        res, stored = measure(ctx, ev, nets, cfg)
-        vals = merge(recon_values(res, "resrec", ev), accuracy_values(stored, ev))
+        rec = measure(ctx, ev, nets, cfg)
+        vals = merge(rec.recon_values("resrec"), rec.accuracy_values())
         vals["extra"]["reading"] = reading
         rows.append(
             make_row("readings", ev.dataset, cfg.method, attacker="resrec",
@@ -140,10 +135,10 @@ def readings(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
 def adaptive(ctx: Context, ev: DatasetEval, nets: Networks) -> list[dict]:
     """The paper's attacker and the adaptive attacker (trained on AdvFace features made with
     its own shadow) on the server's AdvFace features."""
-    res, _ = measure(ctx, ev, nets, main_config(ctx, "advface"))
-    ev.grids["adaptive"] = res["adaptive-resrec/grid"]
+    rec = measure(ctx, ev, nets, main_config(ctx, "advface"))
+    ev.grids["adaptive"] = rec.grids["adaptive-resrec"]
     return [
         make_row("adaptive", ev.dataset, "advface", attacker=a, **_advface_cols(ctx, "advface"),
-                 **recon_values(res, a, ev))
+                 **rec.recon_values(a))
         for a in ("resrec", "adaptive-resrec")
     ]  # fmt: skip

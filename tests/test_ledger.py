@@ -1,0 +1,65 @@
+"""scripts/ledger.sh: carrying networks and setting records between stage caches."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ledger.sh"
+
+
+def _ledger(*args: Path | str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, check=False
+    )
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_export_carries_networks_and_records_only(tmp_path: Path) -> None:
+    cache, ledger = tmp_path / "cache", tmp_path / "ledger"
+    _write(cache / "model-attacker-resrec-abc" / "config.json", "epoch 3")
+    _write(cache / "model-attacker-resrec-abc" / "model.safetensors", "w3")
+    _write(cache / "offline-advface-def" / "config.json", "head")
+    _write(cache / "record-lfw-none-123.json", "{}")
+    _write(cache / "record-lfw-dp-456.json.tmp", "half")  # being written
+    _write(cache / "stored-lfw-dp-0000-789.safetensors", "chunk")
+    r = _ledger("export", cache, ledger)
+    assert r.returncode == 0, r.stderr
+    got = sorted(str(p.relative_to(ledger)) for p in ledger.rglob("*") if p.is_file())
+    assert got == [
+        "model-attacker-resrec-abc/config.json",
+        "model-attacker-resrec-abc/model.safetensors",
+        "offline-advface-def/config.json",
+        "record-lfw-none-123.json",
+    ]
+    # A later export replaces an entry whole (training went on).
+    _write(cache / "model-attacker-resrec-abc" / "config.json", "epoch 5")
+    assert _ledger("export", cache, ledger).returncode == 0
+    assert (ledger / "model-attacker-resrec-abc" / "config.json").read_text() == "epoch 5"
+    assert not list(ledger.glob(".*"))  # no temporary left
+
+
+def test_import_adds_missing_entries_and_keeps_the_caches_own(tmp_path: Path) -> None:
+    ledger, cache = tmp_path / "ledger", tmp_path / "cache"
+    _write(ledger / "model-shadow-urec-1" / "config.json", "ledger epoch 2")
+    _write(ledger / "record-cfp-fp-random-2.json", "ledger")
+    _write(cache / "model-shadow-urec-1" / "config.json", "cache epoch 4")
+    r = _ledger("import", ledger, cache)
+    assert r.returncode == 0 and "1 entries" in r.stdout
+    assert (cache / "model-shadow-urec-1" / "config.json").read_text() == "cache epoch 4"
+    assert (cache / "record-cfp-fp-random-2.json").read_text() == "ledger"
+
+
+@pytest.mark.parametrize("args", [(), ("copy", "a", "b"), ("import", "missing-folder", "b")])
+def test_bad_use_is_refused(tmp_path: Path, args: tuple[str, ...]) -> None:
+    r = subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, check=False, cwd=tmp_path
+    )
+    assert r.returncode in (1, 2) and r.stderr
+    assert not (tmp_path / "b").exists()

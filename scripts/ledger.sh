@@ -3,7 +3,7 @@
 #
 # What is carried stands for hours of computing and is small: the trained networks (the
 # decoders' `model-*` and the offline heads' `offline-*` checkpoint folders, epoch checkpoints
-# of unfinished ones included, so training resumes) and each finished protection setting's
+# of unfinished decoders included, so their training resumes) and each finished setting's
 # record (`record-*.json`: its tables' values and grids, which stand for its chunks). Chunk
 # files, aligned faces and the bench's cache are not carried: they are recomputed.
 # Every entry is named by its cache key, so an entry is only ever used where the same code,
@@ -34,7 +34,9 @@ n=0
 shopt -s nullglob
 for entry in "$src"/model-* "$src"/offline-* "$src"/record-*.json; do
   name=$(basename "$entry")
-  case "$name" in *.tmp | *.tmp.*) continue ;; esac  # a stage being written
+  # A stage being written; a distillation's work folder (its feature chunks are large and
+  # recomputed: an unfinished head starts again).
+  case "$name" in *.tmp | *.tmp.* | *.work) continue ;; esac
   if [ "$cmd" = import ] && [ -e "$dst/$name" ]; then
     continue
   fi

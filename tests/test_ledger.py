@@ -26,6 +26,7 @@ def test_export_carries_networks_and_records_only(tmp_path: Path) -> None:
     _write(cache / "model-attacker-resrec-abc" / "config.json", "epoch 3")
     _write(cache / "model-attacker-resrec-abc" / "model.safetensors", "w3")
     _write(cache / "offline-advface-def" / "config.json", "head")
+    _write(cache / "offline-dp-ghi.work" / "features" / "0000.safetensors", "large")
     _write(cache / "record-lfw-none-123.json", "{}")
     _write(cache / "record-lfw-dp-456.json.tmp", "half")  # being written
     _write(cache / "stored-lfw-dp-0000-789.safetensors", "chunk")

@@ -304,6 +304,12 @@ def test_interrupted_training_resumes_and_budget_counts_spent_time(
     assert rec["epochs"] == 2 and len(rec["loss_curve"]) == 2
     first = json.loads((ctx.stages.root / key / "config.json").read_text())
     assert first["done"] and first["history"][0]["epoch"] == 1
+    # Loaded, not retrained, while its faces stay; one face changed under its name retrains.
+    _, again = networks.train_model(ctx, "attacker-resrec", "resrec", split, identity={})
+    assert again == key
+    images[3, 0, 0] ^= 1
+    _, changed = networks.train_model(ctx, "attacker-resrec", "resrec", split, identity={})
+    assert changed != key and (ctx.stages.root / changed / "config.json").exists()
     # A time budget counts the minutes of the complete epochs already in the checkpoint.
     hist = [{"epoch": 1, "seconds": 60.0}, {"epoch": 2, "seconds": 30.0}]
     assert spent_minutes({"epochs": 1, "history": hist}) == 1.0

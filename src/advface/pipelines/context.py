@@ -18,9 +18,15 @@ from advface.pipelines.stages import StageCache
 #: Sources (folders or files under the package) a stage runs, hashed into its key. Decoder
 #: training; the protections (adaptive attackers train on their output); FaceNet alone (clean
 #: embeddings, the unprotected benchmark); evaluation of reconstructions and verification.
-TRAIN_CODE: tuple[str, ...] = ("models/recon", "attacks/train.py", "pipelines/decoders.py")
-PROTECTION_CODE: tuple[str, ...] = ("protection",)
 FACENET_CODE: tuple[str, ...] = ("models/facenet.py", "models/split.py")
+#: FaceNet's code computes the features a decoder trains on.
+TRAIN_CODE: tuple[str, ...] = (
+    "models/recon",
+    "attacks/train.py",
+    "pipelines/decoders.py",
+    *FACENET_CODE,
+)
+PROTECTION_CODE: tuple[str, ...] = ("protection",)
 EVAL_CODE: tuple[str, ...] = (
     "models/recon",
     "attacks",

@@ -59,22 +59,27 @@ def train_cached(
 ) -> tuple[nn.Module, dict, str]:
     """Train, resume or load one decoder of ``ctx.profile``'s shape and settings.
 
-    Its key covers the architecture, the data (``split``'s keys), the features (and
-    ``depends``: the keys of the networks a protection's features depend on), every training
-    setting, FaceNet's weights and the ``code`` run. ``images()`` loads the training faces
-    (only when training is needed); the profile's ``max_minutes`` is the whole time budget
-    (what a checkpoint spent is taken off). Returns ``(model in eval mode, checkpoint config,
-    checkpoint folder name)``."""
+    Its key covers the architecture, the data (``split``'s keys and the sha256 of the faces'
+    pixels that ``images()`` loads), the features (and ``depends``: the keys of the networks
+    a protection's features depend on), every training setting, FaceNet's weights and the
+    ``code`` run; the profile's ``max_minutes`` is the whole time budget (what a checkpoint
+    spent is taken off). Returns ``(model in eval mode, checkpoint config, checkpoint folder
+    name)``."""
     from advface.attacks.train import train_recon
     from advface.models.recon import load_checkpoint, read_config
 
     p = ctx.profile
     cfg = recon_cfg(p, arch)
+    faces = images()
+    if len(faces) != len(split):
+        raise ValueError(f"{name}: {len(faces)} faces loaded for {len(split)} keys")
     key = dict(
         name=name,
         arch=arch,
         cfg=cfg,
         data=hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
+        # The pixels too: a re-aligned or replaced face under the same name retrains.
+        pixels=hashlib.sha256(np.ascontiguousarray(faces).tobytes()).hexdigest()[:16],
         n=len(split),
         features=features,
         depends=depends,
@@ -94,7 +99,6 @@ def train_cached(
     if not config.get("done") and (left is None or left > 0):
         ctx.log(f"training {name} ({arch}, {features}) on {len(split)} images of {split.name}")
         t0 = time.perf_counter()
-        faces = images()
         if isinstance(feature_fn, MemoFeatures):
             # Features first, so that a time budget buys training, not protection.
             ctx.timings[f"features {name}"] = round(

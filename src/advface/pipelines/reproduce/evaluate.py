@@ -173,6 +173,8 @@ class DatasetEval:
     grids: dict[str, np.ndarray] = field(default_factory=dict)
     #: Each protection setting's record, by label (:func:`measure`).
     measured: dict[str, Measured] = field(default_factory=dict)
+    #: sha256 of the stored side's faces (their pixels key the stored-side stages).
+    stored_pixels: str = ""
 
     @property
     def stored_idx(self) -> np.ndarray:
@@ -254,7 +256,12 @@ def clean_stage(ctx: Context, dataset: str, keys: list[str]) -> np.ndarray:
     """Unit-norm FaceNet embeddings of ``keys`` (chunked; keyed by weights and code)."""
     from advface.pipelines.recon_eval import clean_embeddings
 
-    key = dict(dataset=dataset, weights=ctx.weights_sha, code=code_fingerprint(FACENET_CODE))
+    key = dict(
+        dataset=dataset,
+        pixels=_pixels(ctx.images(ALIGNED[dataset], keys)),
+        weights=ctx.weights_sha,
+        code=code_fingerprint(FACENET_CODE),
+    )
     bs = ctx.profile.protect_batch
 
     def compute(sl: slice) -> dict[str, np.ndarray]:
@@ -322,6 +329,7 @@ def _recon_key(
     p = ctx.profile
     return dict(
         dataset=faces.dataset,
+        pixels=_pixels(faces.images),
         protection=prot.key_params(),
         attackers={a: attacker_keys[a] for a in sorted(attackers)},
         replayed=sorted(replayed),
@@ -373,6 +381,7 @@ def stored_stage(
 def _stored_key(ctx: Context, ev: DatasetEval, prot, named: dict[str, nn.Module]) -> dict:
     return dict(
         dataset=ev.dataset,
+        pixels=ev.stored_pixels,
         protection=prot.key_params(),
         head={n: _head_key(ctx, m) for n, m in sorted(named.items())},
         batch=ctx.profile.protect_batch,
@@ -452,6 +461,7 @@ def prepare_dataset(
         dataset, pairs, p.pairs_per_fold is None, clean, unprotected, faces, dict(heads or {})
     )
     ev.grids["original"] = faces.images[: p.grid_n]
+    ev.stored_pixels = _pixels(ctx.images(ALIGNED[dataset], [pairs.keys[i] for i in ev.stored_idx]))
     return ev
 
 
@@ -507,6 +517,12 @@ def measure(ctx: Context, ev: DatasetEval, nets: Networks, cfg: ProtectionConfig
             ctx.stages.tally(name, spent)
     ev.measured[label] = Measured.from_json(data)
     return ev.measured[label]
+
+
+def _pixels(images: np.ndarray) -> str:
+    """sha256 (16 hex) of uint8 faces: a stage's key holds its faces' pixels, not only their
+    names (a re-aligned or replaced face recomputes it)."""
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
 
 
 def _digest(keys: list[str]) -> str:

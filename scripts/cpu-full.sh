@@ -8,11 +8,12 @@
 # robustness bench first and then computes CFP-FP's stages for the main run to reuse.
 #
 # It starts by importing LEDGER (the trained networks and finished settings that an earlier
-# machine exported with scripts/ledger.sh, committed beside the results) into OUT's cache, so
-# a fresh machine resumes where the ledger stands rather than from nothing.
+# machine exported, committed beside the results; the bench's networks under
+# LEDGER/robustness) into OUT's caches, so a fresh machine resumes where the ledger stands
+# rather than from nothing. `export` writes the ledger from OUT's caches (scripts/ledger.sh).
 #
 #   OUT=runs/cpu-full bash scripts/cpu-full.sh     # logs: OUT/log.txt and OUT/helper.log
-#   bash scripts/ledger.sh export runs/cpu-full/cache docs/results/cpu-full/ledger  # to carry
+#   bash scripts/cpu-full.sh export                # OUT's finished work -> LEDGER
 # (PROFILE and BENCH name other reproduce and bench profiles, e.g. smoke to try it.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,9 +21,19 @@ OUT="${OUT:-runs/cpu-full}"
 PROFILE="${PROFILE:-cpu-full}"
 BENCH="${BENCH:-cpu}"
 LEDGER="${LEDGER:-docs/results/$PROFILE/ledger}"
-mkdir -p "$OUT/cache"
+if [ "${1:-}" = export ]; then
+  bash scripts/ledger.sh export "$OUT/cache" "$LEDGER"
+  if [ -d "$OUT/robustness/cache" ]; then
+    bash scripts/ledger.sh export "$OUT/robustness/cache" "$LEDGER/robustness"
+  fi
+  exit 0
+fi
+mkdir -p "$OUT/cache" "$OUT/robustness/cache"
 if [ -d "$LEDGER" ]; then
   bash scripts/ledger.sh import "$LEDGER" "$OUT/cache" >> "$OUT/log.txt"
+fi
+if [ -d "$LEDGER/robustness" ]; then
+  bash scripts/ledger.sh import "$LEDGER/robustness" "$OUT/robustness/cache" >> "$OUT/log.txt"
 fi
 # shellcheck source=/dev/null
 . .venv/bin/activate

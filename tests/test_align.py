@@ -16,6 +16,7 @@ from advface.data.align import (
     Aligner,
     UnreadableImageError,
     crop_resize,
+    decode_rgb,
     grow_box,
     read_rgb,
 )
@@ -211,3 +212,14 @@ def test_celeba_crops_follow_same_convention() -> None:
         ious.append(inter / union)
     assert len(ious) >= 8
     assert float(np.median(ious)) > 0.7
+
+
+def test_decode_rgb_reads_encoded_bytes_and_names_bad_ones() -> None:
+    bgr = np.zeros((4, 5, 3), np.uint8)
+    bgr[..., 0] = 255  # blue in OpenCV's order
+    ok, png = cv2.imencode(".png", bgr)
+    assert ok and decode_rgb(png.tobytes())[0, 0].tolist() == [0, 0, 255]
+    assert decode_rgb(png)[0, 0].tolist() == [0, 0, 255]  # a uint8 buffer too
+    for bad in (b"", b"garbage"):
+        with pytest.raises(UnreadableImageError, match="upload.jpg"):
+            decode_rgb(bad, "upload.jpg")

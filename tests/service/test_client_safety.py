@@ -227,3 +227,31 @@ def test_enroll_folder_skips_rejected_images_and_goes_on(
     assert len(seen) == 6 and harness.state() == (4, 4)
     again = c.enroll_folder(gallery, aligned=True)
     assert (again["enrolled"], again["replayed"]) == (0, 4) and harness.state() == (4, 4)
+
+
+def test_sdk_takes_encoded_image_bytes_like_the_file(tmp_path: Path) -> None:
+    """Bytes as a web app receives them give the same E(x) as the file; bad bytes are named."""
+    import cv2
+    import numpy as np
+
+    from advface.data.align import UnreadableImageError
+    from advface.service.sdk import AdvFaceClient
+
+    class MeanE:  # a stand-in E that sees uint8 faces (no torch, no MTCNN needed)
+        takes_uint8_faces = True
+
+        def __call__(self, faces: np.ndarray) -> np.ndarray:
+            return np.full((len(faces), 64, 77, 77), faces.mean(), np.float32)
+
+    rng = np.random.default_rng(0)
+    face = rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)
+    path = tmp_path / "face.png"
+    cv2.imwrite(str(path), face[..., ::-1])
+    c = AdvFaceClient("http://127.0.0.1:9", "afk_x", extractor=MeanE())
+    from_file = c.features(path, aligned=True)
+    assert np.array_equal(c.features(path.read_bytes(), aligned=True), from_file)
+    assert np.array_equal(c.features(face, aligned=True), from_file)
+    with pytest.raises(UnreadableImageError, match="the image bytes"):
+        c.features(b"not an image", aligned=True)
+    with pytest.raises(ValueError, match="encoded image bytes"):
+        c.features(["a list"], aligned=True)  # type: ignore[arg-type]

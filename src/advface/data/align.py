@@ -67,9 +67,16 @@ def read_rgb(path: str | Path) -> np.ndarray:
         buf = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise UnreadableImageError(f"cannot read image file {path}: {exc}") from exc
+    return decode_rgb(buf, f"image file {path}")
+
+
+def decode_rgb(data: bytes | np.ndarray, name: str = "the image") -> np.ndarray:
+    """Decode an encoded image (JPEG, PNG, ... as bytes or a uint8 buffer) to uint8 RGB
+    (H, W, 3); raise :class:`UnreadableImageError` naming ``name`` when it is not one."""
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) else data
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if img is None or img.ndim != 3 or img.shape[0] == 0 or img.shape[1] == 0:
-        raise UnreadableImageError(f"cannot decode image file {path} (corrupt or not an image)")
+        raise UnreadableImageError(f"cannot decode {name} (corrupt or not an image)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 

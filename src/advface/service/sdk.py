@@ -31,7 +31,7 @@ import numpy as np
 from advface.service import payload
 from advface.service.auth import API_KEY_HEADER, MODEL_HEADER
 
-ImageLike = str | Path | np.ndarray
+ImageLike = str | Path | bytes | np.ndarray
 
 
 def path_segment(value: str) -> str:
@@ -239,7 +239,8 @@ class AdvFaceClient:
     def features(
         self, image: ImageLike, *, aligned: bool = False, allow_no_face: bool = False
     ) -> np.ndarray:
-        """E(x) (64,77,77) float32 for an image path, a uint8 RGB array, or a feature map.
+        """E(x) (64,77,77) float32 for an image path, the bytes of an encoded image (JPEG,
+        PNG, ... as uploaded to a web app), a uint8 RGB array, or a feature map.
 
         A float array of shape (64,77,77) or (1,64,77,77) is taken as E(x) already.
         ``aligned=True`` skips MTCNN for arrays/files that are already 160x160 crops. An image in
@@ -256,10 +257,17 @@ class AdvFaceClient:
             from advface.data.align import read_rgb
 
             rgb = read_rgb(image)
+        elif isinstance(image, bytes | bytearray):
+            from advface.data.align import decode_rgb
+
+            rgb = decode_rgb(bytes(image), "the image bytes")
         elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
             rgb = image
         else:
-            raise ValueError("image must be a path, a uint8 RGB (H,W,3) array or a float E(x)")
+            raise ValueError(
+                "image must be a path, encoded image bytes, a uint8 RGB (H,W,3) array or a "
+                "float E(x)"
+            )
         face = rgb if aligned else self._align(rgb, image, allow_no_face)
         if face.shape != (160, 160, 3):
             raise ValueError(f"aligned face must be (160,160,3), got {face.shape}")

@@ -453,11 +453,16 @@ class AdvFaceClient:
     def _enroll_file(
         self, path: Path, subject: str, created: set[str], *, aligned: bool, allow_no_face: bool
     ) -> str:
-        """One image of :meth:`enroll_folder`: its outcome."""
+        """One image of :meth:`enroll_folder`: its outcome (the file is read once: its bytes
+        give both the features and the idempotency key)."""
         from advface.data.align import UnreadableImageError
 
         try:
-            z = self.features(path, aligned=aligned, allow_no_face=allow_no_face)
+            data = path.read_bytes()
+        except OSError:
+            return "unreadable"
+        try:
+            z = self.features(data, aligned=aligned, allow_no_face=allow_no_face)
         except NoFaceError:
             return "no_face"
         except UnreadableImageError:
@@ -467,7 +472,7 @@ class AdvFaceClient:
         if subject not in created:
             self.create_subject(subject, exist_ok=True)
             created.add(subject)
-        digest = hashlib.sha256(subject.encode() + b"\0" + path.read_bytes()).hexdigest()
+        digest = hashlib.sha256(subject.encode() + b"\0" + data).hexdigest()
         try:
             t = self.enroll(subject, z, idempotency_key=f"folder-{digest[:48]}")
         except ConflictError as exc:

@@ -111,6 +111,7 @@ def test_smoke_profile_end_to_end_and_resumes(data_root, tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert report.startswith("# AdvFace reproduction") and "identity overlap" in report
     assert "MTCNN fallbacks" in report and "seeded (seed 0) random sample" in report
+    assert "JPEG at quality 95" in report  # the figures say how their grids were kept
     assert (out / "table1.csv").exists() and (out / "loss_curves.png").exists()
     # Attackers never saw a test person (counted by name); their records say so.
     attackers = {k: v for k, v in data["training"].items() if not k.startswith("shadow")}

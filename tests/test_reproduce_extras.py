@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -41,20 +42,31 @@ def _run_context(tmp_path, facenet, **overrides):
     return Context.from_facenet(prof, tmp_path / "run", facenet, data_root=tmp_path)
 
 
+class _Calls(list):
+    """The stand-in distillation's calls, and the made-up faces it reads (``faces``)."""
+
+    faces: dict[str, np.ndarray]
+
+
 @pytest.fixture
 def stand_in(monkeypatch):
     """run_distill replaced by a stand-in that saves a (slightly changed) copy of the teacher;
-    CelebA's server half by eight made-up keys. Returns the list of calls."""
+    CelebA's server half by eight made-up keys and faces. Returns the list of calls."""
     import advface.data.splits as splits
     import advface.pipelines.offline as offline
     from advface.data.splits import IdentitySplit
     from advface.models.distill import save_student, state_fingerprint
     from advface.models.split import split_facenet
+    from advface.pipelines.reproduce.networks import Context
 
     keys = [f"{i:06d}.jpg" for i in range(8)]
     server = IdentitySplit("celeba-server", "celeba", keys, [f"celeba:{i}" for i in range(8)])
     monkeypatch.setattr(splits, "celeba_split", lambda root, part: server)
-    calls: list[dict] = []
+    calls = _Calls()
+    calls.faces = {k: np.full((160, 160, 3), i, np.uint8) for i, k in enumerate(keys)}
+    monkeypatch.setattr(
+        Context, "images", lambda self, dataset, ks: np.stack([calls.faces[k] for k in ks])
+    )
 
     def fake_run_distill(prot, out, *, facenet, settings, limit, overwrite, **kw):
         assert overwrite and kw["work_dir"].name == out.name + ".work"
@@ -86,7 +98,7 @@ def test_offline_stage_is_keyed_by_protection_settings_and_weights(
     tmp_path, random_facenet, stand_in
 ):
     """An identical rerun reuses the distilled head; a change of any protection parameter,
-    of the distillation settings or of FaceNet's weights distils a new one."""
+    of the distillation settings, of FaceNet's weights or of a face distils a new one."""
     from advface.pipelines.reproduce.extras import offline_heads
 
     facenet, nets = copy.deepcopy(random_facenet), _nets()
@@ -110,6 +122,9 @@ def test_offline_stage_is_keyed_by_protection_settings_and_weights(
         facenet.last_linear.weight.add_(0.01)
     offline_heads(_run_context(tmp_path, facenet), nets)
     assert len(stand_in) == len(changes) + 2
+    stand_in.faces["000003.jpg"] = stand_in.faces["000003.jpg"] + 1  # same name, new pixels
+    offline_heads(_run_context(tmp_path, facenet), nets)
+    assert len(stand_in) == len(changes) + 3
     methods = offline_heads(_run_context(tmp_path, facenet, offline=("dp", "random")), nets)
     assert {h.method for h in methods.values()} == {"dp", "random"}
 

@@ -289,7 +289,7 @@ def recon_stage(
     from advface.pipelines.recon_eval import measure_batch
 
     p = ctx.profile
-    key = _recon_key(ctx, faces, prot, attackers, attacker_keys, replayed)
+    key = _recon_key(ctx, faces, prot, {a: attacker_keys[a] for a in attackers}, replayed)
 
     def compute(sl: slice) -> dict[str, np.ndarray]:
         out: dict[str, list[np.ndarray]] = {}
@@ -319,19 +319,15 @@ def recon_stage(
 
 
 def _recon_key(
-    ctx: Context,
-    faces: TestFaces,
-    prot,
-    attackers: dict[str, nn.Module],
-    attacker_keys: dict[str, str],
-    replayed: set[str],
+    ctx: Context, faces: TestFaces, prot, attacker_keys: dict[str, str], replayed: set[str]
 ) -> dict:
+    """The reconstruction stage's key (``attacker_keys``: the cache key of each attacker)."""
     p = ctx.profile
     return dict(
         dataset=faces.dataset,
         pixels=_pixels(faces.images),
         protection=prot.key_params(),
-        attackers={a: attacker_keys[a] for a in sorted(attackers)},
+        attackers=dict(sorted(attacker_keys.items())),
         replayed=sorted(replayed),
         batch=p.protect_batch,
         grid_n=p.grid_n,
@@ -484,7 +480,7 @@ def measure(ctx: Context, ev: DatasetEval, nets: Networks, cfg: ProtectionConfig
     }  # fmt: skip
     stages = (f"recon-{ev.dataset}-{label}", f"stored-{ev.dataset}-{label}")
     key = dict(
-        recon=_recon_key(ctx, ev.faces, prot, nets.attackers, nets.keys, replayed),
+        recon=_recon_key(ctx, ev.faces, prot, {a: nets.keys[a] for a in nets.attackers}, replayed),
         faces=_digest(ev.faces.keys),
         stored=None if cfg.method == "none" else _stored_key(
             ctx, ev, prot, {"psi": ctx.head, **heads}),

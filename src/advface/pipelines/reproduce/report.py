@@ -486,6 +486,12 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
     figs = [f for f in meta.get("figures", []) if f != "loss_curves.png"]
     if figs:
         doc.lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in figs]
+        if meta.get("grid_encoding") == "jpeg-95":
+            doc.lines += [
+                "",
+                "Reconstructions are shown as kept in each setting's record (JPEG at quality "
+                "95, for display); every metric above was computed on them before encoding.",
+            ]
     doc.lines += ["", "## Differences from the paper", ""]
     doc.lines += [
         f"- {f.mark} {f.where} {f.kind}: {_fmt(f.ours, f.kind)} vs paper {_fmt(f.ref, f.kind)}. "

@@ -168,6 +168,8 @@ def _meta(
             k: None if v is None else round(v, 1) for k, v in ctx.stages.compute_seconds.items()
         },
         "deviations": _deviations(p),
+        # How the figures' reconstructions were kept (each setting's record).
+        "grid_encoding": "jpeg-95",
         "wall_s": time.perf_counter() - t_start,
     }
 

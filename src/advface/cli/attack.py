@@ -169,19 +169,8 @@ def attack_command(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    thresholds = None
-    if threshold is not None:
-        thresholds = {"operating": threshold}
-        if threshold_far is not None:
-            thresholds["far_1e-3"] = threshold_far
-    elif threshold_far is not None:
-        typer.echo("error: --threshold-far needs --threshold", err=True)
-        raise typer.Exit(2)
     with user_errors():
-        for flag, value in (("--threshold", threshold), ("--threshold-far", threshold_far)):
-            # A cosine: NaN or a value outside [-1, 1] would make SRRA meaningless.
-            if value is not None and not (math.isfinite(value) and -1 <= value <= 1):
-                raise ValueError(f"{flag} must be a cosine similarity in [-1, 1], got {value}")
+        thresholds = _thresholds(threshold, threshold_far)
         res = run_attack(
             attacker,
             dataset,
@@ -208,6 +197,20 @@ def attack_command(
     )
     if "grid" in res:
         typer.echo(f"grid: {res['grid']}")
+
+
+def _thresholds(threshold: float | None, threshold_far: float | None) -> dict | None:
+    """The replay thresholds given on the command line (None: the attack measures its own)."""
+    for flag, value in (("--threshold", threshold), ("--threshold-far", threshold_far)):
+        # A cosine: NaN or a value outside [-1, 1] would make SRRA meaningless.
+        if value is not None and not (math.isfinite(value) and -1 <= value <= 1):
+            raise ValueError(f"{flag} must be a cosine similarity in [-1, 1], got {value}")
+    if threshold is None:
+        if threshold_far is not None:
+            raise ValueError("--threshold-far needs --threshold")
+        return None
+    far = {} if threshold_far is None else {"far_1e-3": threshold_far}
+    return {"operating": threshold, **far}
 
 
 def register(app: typer.Typer) -> None:

@@ -299,3 +299,16 @@ def test_reembed_and_migrate_refuse_bad_settings_with_an_error_line(tmp_path: Pa
     res = _run("migrate", "--protection", "none", "--db-url", "foo", "--backend", "toy")
     _refused(res, "cannot open database foo")
     assert not (tmp_path / "svc.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--threshold-far", "0.5"], "--threshold-far needs --threshold"),
+        (["--threshold", "1.5"], "--threshold must be a cosine similarity"),
+        (["--threshold", "0.3", "--threshold-far", "nan"], "--threshold-far must be a cosine"),
+    ],
+)
+def test_attack_refuses_bad_replay_thresholds_before_loading(tmp_path, flags, message) -> None:
+    res = _run("attack", "--attacker", tmp_path / "no-checkpoint", "--dataset", "lfw", *flags)
+    _refused(res, message)

@@ -265,3 +265,23 @@ def test_shared_cache_covers_protocols(dataset: str, protocols: list[str]) -> No
         keys = load_protocol(name, DATA_ROOT or "", check_files=False).unique_keys()
         assert all(k in s for k in keys)
     assert s.take(s.keys[:3]).shape == (3, 160, 160, 3)
+
+
+def test_source_fingerprint_follows_source_files_not_machines(tmp_path) -> None:
+    import cv2
+
+    from advface.data import prepare as prep
+
+    folder = tmp_path / "people"
+    for person, value in (("ann", 10), ("bob", 200)):
+        (folder / person).mkdir(parents=True)
+        cv2.imwrite(str(folder / person / "1.png"), np.full((40, 40, 3), value, np.uint8))
+    keys = ["ann/1.png", "bob/1.png"]
+    first = prep.source_fingerprint(folder, keys)
+    assert len(first) == 16 and prep.source_fingerprint(folder, keys) == first
+    assert prep.source_fingerprint(folder, keys[:1]) != first  # other faces
+    cv2.imwrite(str(folder / "bob" / "1.png"), np.full((40, 40, 3), 201, np.uint8))
+    prep._source_fingerprint.cache_clear()  # memoised per process
+    assert prep.source_fingerprint(folder, keys) != first  # a source replaced under its name
+    with pytest.raises(ValueError, match="cannot read the source image of 'cy/1.png'"):
+        prep.source_fingerprint(folder, ["cy/1.png"])

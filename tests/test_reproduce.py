@@ -211,7 +211,9 @@ def test_identity_record_refuses_a_shared_person():
     assert identity_record(celeba, [test])["overlap"] is None  # anonymous ids: stated
 
 
-def test_stage_keys_follow_weights_and_every_protection_parameter(tmp_path, random_facenet):
+def test_stage_keys_follow_weights_and_every_protection_parameter(
+    tmp_path, random_facenet, monkeypatch
+):
     """An identical rerun reuses the stage; a change of FaceNet's or the shadow's weights, or of
     any protection parameter (bn, clamp_min, extractor_input, ...) recomputes it."""
     import copy
@@ -220,11 +222,13 @@ def test_stage_keys_follow_weights_and_every_protection_parameter(tmp_path, rand
     import torch
 
     from advface.models.recon import build_recon
+    from advface.pipelines.reproduce import evaluate
     from advface.pipelines.reproduce.evaluate import TestFaces, recon_stage
     from advface.protection import build_protection
 
     facenet = copy.deepcopy(random_facenet)
     ctx = _context(tmp_path, facenet)
+    monkeypatch.setattr(evaluate, "_faces_key", lambda c, aligned, keys: ",".join(keys))
     torch.manual_seed(0)
     shadow, attacker = build_recon("resrec", width=4), build_recon("transrec", width=4)
     images = (np.random.default_rng(0).random((2, 160, 160, 3)) * 255).astype(np.uint8)
@@ -280,6 +284,7 @@ def test_interrupted_training_resumes_and_budget_counts_spent_time(
 
     import advface.attacks.train as train_mod
     from advface.data.splits import IdentitySplit
+    from advface.pipelines import decoders
     from advface.pipelines.decoders import spent_minutes
     from advface.pipelines.reproduce import networks
 
@@ -288,6 +293,10 @@ def test_interrupted_training_resumes_and_budget_counts_spent_time(
     images = (np.random.default_rng(0).random((8, 160, 160, 3)) * 255).astype(np.uint8)
     monkeypatch.setattr(ctx, "images", lambda dataset, k: images[: len(k)])
     monkeypatch.setattr(ctx, "count_fallbacks", lambda *a: None)
+    # Made-up faces: their "source files" are the arrays.
+    monkeypatch.setattr(
+        decoders, "source_fingerprint", lambda d, k, data_root=None: str(hash(images.tobytes()))
+    )
     split = IdentitySplit("t", "lfw", keys, [f"p{i}" for i in range(8)])
     real = train_mod.train_recon
 
@@ -305,7 +314,7 @@ def test_interrupted_training_resumes_and_budget_counts_spent_time(
     assert rec["epochs"] == 2 and len(rec["loss_curve"]) == 2
     first = json.loads((ctx.stages.root / key / "config.json").read_text())
     assert first["done"] and first["history"][0]["epoch"] == 1
-    # Loaded, not retrained, while its faces stay; one face changed under its name retrains.
+    # Loaded, not retrained, while its faces stay; one image changed under its name retrains.
     _, again = networks.train_model(ctx, "attacker-resrec", "resrec", split, identity={})
     assert again == key
     images[3, 0, 0] ^= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import numpy as np
 import pytest
@@ -52,21 +53,23 @@ class _Calls(list):
 def stand_in(monkeypatch):
     """run_distill replaced by a stand-in that saves a (slightly changed) copy of the teacher;
     CelebA's server half by eight made-up keys and faces. Returns the list of calls."""
+    import advface.data.prepare as prepare
     import advface.data.splits as splits
     import advface.pipelines.offline as offline
     from advface.data.splits import IdentitySplit
     from advface.models.distill import save_student, state_fingerprint
     from advface.models.split import split_facenet
-    from advface.pipelines.reproduce.networks import Context
 
     keys = [f"{i:06d}.jpg" for i in range(8)]
     server = IdentitySplit("celeba-server", "celeba", keys, [f"celeba:{i}" for i in range(8)])
     monkeypatch.setattr(splits, "celeba_split", lambda root, part: server)
     calls = _Calls()
     calls.faces = {k: np.full((160, 160, 3), i, np.uint8) for i, k in enumerate(keys)}
-    monkeypatch.setattr(
-        Context, "images", lambda self, dataset, ks: np.stack([calls.faces[k] for k in ks])
-    )
+
+    def source_fingerprint(dataset, ks, data_root=None) -> str:  # of the made-up faces
+        return hashlib.sha256(b"".join(calls.faces[k].tobytes() for k in ks)).hexdigest()[:16]
+
+    monkeypatch.setattr(prepare, "source_fingerprint", source_fingerprint)
 
     def fake_run_distill(prot, out, *, facenet, settings, limit, overwrite, **kw):
         assert overwrite and kw["work_dir"].name == out.name + ".work"
@@ -122,7 +125,7 @@ def test_offline_stage_is_keyed_by_protection_settings_and_weights(
         facenet.last_linear.weight.add_(0.01)
     offline_heads(_run_context(tmp_path, facenet), nets)
     assert len(stand_in) == len(changes) + 2
-    stand_in.faces["000003.jpg"] = stand_in.faces["000003.jpg"] + 1  # same name, new pixels
+    stand_in.faces["000003.jpg"] = stand_in.faces["000003.jpg"] + 1  # same name, new image
     offline_heads(_run_context(tmp_path, facenet), nets)
     assert len(stand_in) == len(changes) + 3
     methods = offline_heads(_run_context(tmp_path, facenet, offline=("dp", "random")), nets)

@@ -17,6 +17,7 @@ that those never replace the full cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -183,6 +184,35 @@ def dataset_spec(
         prefer_center=prefer_center,
         fallback=fallback,
     )
+
+
+def source_fingerprint(
+    dataset: str | Path, keys: Sequence[str], *, data_root: str | Path | None = None
+) -> str:
+    """sha256 (16 hex) of what the aligned faces of ``keys`` are made from: the cache format,
+    the default aligner's settings for ``dataset``, and each key with the sha256 of its source
+    file. Unlike the aligned pixels it is the same on every machine (MTCNN's floats may round
+    differently on another CPU and move a crop by a pixel), so stages keyed by it can be
+    carried between machines; a source image replaced under its name, or other crop
+    settings, change it. Memoised per process."""
+    root = None if _is_folder_dataset(dataset) else str(config.data_root(data_root))
+    return _source_fingerprint(str(dataset), tuple(keys), root)
+
+
+@functools.lru_cache(maxsize=64)
+def _source_fingerprint(dataset: str, keys: tuple[str, ...], root: str | None) -> str:
+    spec = dataset_spec(dataset, data_root=root)
+    aligner = Aligner(prefer_center=spec.prefer_center, fallback=spec.fallback)
+    head = {"format": FORMAT_VERSION, "settings": _settings_for(spec, aligner)}
+    h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+    for key in keys:
+        try:
+            data = (spec.image_dir / key).read_bytes()
+        except OSError as exc:
+            msg = f"cannot read the source image of {key!r} in {dataset}: {exc}"
+            raise ValueError(msg) from exc
+        h.update(key.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- building

@@ -19,6 +19,7 @@ import numpy as np
 from torch import nn
 
 from advface.attacks.train import FeatureFn, MemoFeatures, TrainSettings
+from advface.data.prepare import source_fingerprint
 from advface.data.splits import IdentitySplit
 from advface.pipelines.context import RunContext, code_fingerprint
 
@@ -59,27 +60,25 @@ def train_cached(
 ) -> tuple[nn.Module, dict, str]:
     """Train, resume or load one decoder of ``ctx.profile``'s shape and settings.
 
-    Its key covers the architecture, the data (``split``'s keys and the sha256 of the faces'
-    pixels that ``images()`` loads), the features (and ``depends``: the keys of the networks
-    a protection's features depend on), every training setting, FaceNet's weights and the
-    ``code`` run; the profile's ``max_minutes`` is the whole time budget (what a checkpoint
-    spent is taken off). Returns ``(model in eval mode, checkpoint config, checkpoint folder
+    Its key covers the architecture, the data (``split``'s keys and their source images:
+    :func:`~advface.data.prepare.source_fingerprint`), the features (and ``depends``: the keys
+    of the networks a protection's features depend on), every training setting, FaceNet's
+    weights and the ``code`` run. ``images()`` loads the training faces (only when training is
+    needed); the profile's ``max_minutes`` is the whole time budget (what a checkpoint spent
+    is taken off). Returns ``(model in eval mode, checkpoint config, checkpoint folder
     name)``."""
     from advface.attacks.train import train_recon
     from advface.models.recon import load_checkpoint, read_config
 
     p = ctx.profile
     cfg = recon_cfg(p, arch)
-    faces = images()
-    if len(faces) != len(split):
-        raise ValueError(f"{name}: {len(faces)} faces loaded for {len(split)} keys")
     key = dict(
         name=name,
         arch=arch,
         cfg=cfg,
         data=hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
-        # The pixels too: a re-aligned or replaced face under the same name retrains.
-        pixels=hashlib.sha256(np.ascontiguousarray(faces).tobytes()).hexdigest()[:16],
+        # What the faces are made from: a source image replaced under its name retrains.
+        faces=source_fingerprint(split.dataset, split.keys, data_root=ctx.root),
         n=len(split),
         features=features,
         depends=depends,
@@ -99,6 +98,7 @@ def train_cached(
     if not config.get("done") and (left is None or left > 0):
         ctx.log(f"training {name} ({arch}, {features}) on {len(split)} images of {split.name}")
         t0 = time.perf_counter()
+        faces = images()
         if isinstance(feature_fn, MemoFeatures):
             # Features first, so that a time budget buys training, not protection.
             ctx.timings[f"features {name}"] = round(

@@ -173,8 +173,11 @@ class DatasetEval:
     grids: dict[str, np.ndarray] = field(default_factory=dict)
     #: Each protection setting's record, by label (:func:`measure`).
     measured: dict[str, Measured] = field(default_factory=dict)
-    #: sha256 of the stored side's faces (their pixels key the stored-side stages).
-    stored_pixels: str = ""
+    #: Source fingerprints (:func:`_faces_key`) of the stored side's faces, and what the
+    #: unprotected system's thresholds were computed from: in the keys of the stages and
+    #: records that read them.
+    stored_faces: str = ""
+    thresholds_key: dict = field(default_factory=dict)
 
     @property
     def stored_idx(self) -> np.ndarray:
@@ -258,7 +261,7 @@ def clean_stage(ctx: Context, dataset: str, keys: list[str]) -> np.ndarray:
 
     key = dict(
         dataset=dataset,
-        pixels=_pixels(ctx.images(ALIGNED[dataset], keys)),
+        faces=_faces_key(ctx, ALIGNED[dataset], keys),
         weights=ctx.weights_sha,
         code=code_fingerprint(FACENET_CODE),
     )
@@ -325,7 +328,7 @@ def _recon_key(
     p = ctx.profile
     return dict(
         dataset=faces.dataset,
-        pixels=_pixels(faces.images),
+        faces=_faces_key(ctx, ALIGNED[faces.dataset], faces.keys),
         protection=prot.key_params(),
         attackers=dict(sorted(attacker_keys.items())),
         replayed=sorted(replayed),
@@ -377,7 +380,7 @@ def stored_stage(
 def _stored_key(ctx: Context, ev: DatasetEval, prot, named: dict[str, nn.Module]) -> dict:
     return dict(
         dataset=ev.dataset,
-        pixels=ev.stored_pixels,
+        faces=ev.stored_faces,
         protection=prot.key_params(),
         head={n: _head_key(ctx, m) for n, m in sorted(named.items())},
         batch=ctx.profile.protect_batch,
@@ -457,7 +460,13 @@ def prepare_dataset(
         dataset, pairs, p.pairs_per_fold is None, clean, unprotected, faces, dict(heads or {})
     )
     ev.grids["original"] = faces.images[: p.grid_n]
-    ev.stored_pixels = _pixels(ctx.images(ALIGNED[dataset], [pairs.keys[i] for i in ev.stored_idx]))
+    ev.stored_faces = _faces_key(ctx, ALIGNED[dataset], [pairs.keys[i] for i in ev.stored_idx])
+    # The thresholds are floats of this machine's arithmetic: a record is keyed by their inputs.
+    ev.thresholds_key = dict(
+        full=p.fr_full,
+        pairs=_pairs_digest(bench),
+        faces=_faces_key(ctx, ALIGNED[dataset], bench.keys),
+    )
     return ev
 
 
@@ -485,7 +494,7 @@ def measure(ctx: Context, ev: DatasetEval, nets: Networks, cfg: ProtectionConfig
         stored=None if cfg.method == "none" else _stored_key(
             ctx, ev, prot, {"psi": ctx.head, **heads}),
         pairs=_pairs_digest(ev.pairs),
-        thresholds=ev.thresholds,
+        thresholds=ev.thresholds_key,
         code=code_fingerprint(RECORD_CODE),
     )  # fmt: skip
     computed = False
@@ -515,10 +524,12 @@ def measure(ctx: Context, ev: DatasetEval, nets: Networks, cfg: ProtectionConfig
     return ev.measured[label]
 
 
-def _pixels(images: np.ndarray) -> str:
-    """sha256 (16 hex) of uint8 faces: a stage's key holds its faces' pixels, not only their
-    names (a re-aligned or replaced face recomputes it)."""
-    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+def _faces_key(ctx: Context, aligned: str, keys: list[str]) -> str:
+    """What a stage's faces are made from (their names, source files and crop settings: the
+    same on every machine, so a record can be carried), not only their names."""
+    from advface.data.prepare import source_fingerprint
+
+    return source_fingerprint(aligned, keys, data_root=ctx.root)
 
 
 def _digest(keys: list[str]) -> str:

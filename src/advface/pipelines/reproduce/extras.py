@@ -11,8 +11,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from advface.pipelines.context import FACENET_CODE, PROTECTION_CODE, code_fingerprint
 from advface.pipelines.reproduce.evaluate import ExtraHead, build, main_config
 from advface.pipelines.reproduce.networks import Context, Networks
@@ -43,19 +41,19 @@ def distill_settings(profile) -> DistillSettings:
 
 def offline_key(ctx: Context, prot, settings) -> dict:
     """A distilled head's stage key: the protection's complete parameters (shadow and E weights
-    included), FaceNet's weights, the settings, the training images (names and pixels) and the
-    code."""
+    included), FaceNet's weights, the settings, the training images (names and source files)
+    and the code."""
+    from advface.data.prepare import source_fingerprint
     from advface.data.splits import celeba_split
 
     limit = ctx.profile.distill_limit
     split = celeba_split(ctx.root, "server").sample(limit, settings.seed)
-    faces = np.ascontiguousarray(ctx.images(split.dataset, split.keys))
     return dict(
         protection=prot.key_params(),
         settings=asdict(settings),
         limit=limit,
         data=hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
-        pixels=hashlib.sha256(faces.tobytes()).hexdigest()[:16],  # a changed face redistills
+        faces=source_fingerprint(split.dataset, split.keys, data_root=ctx.root),
         weights=ctx.weights_sha,
         code=code_fingerprint(OFFLINE_CODE),
     )

@@ -14,6 +14,42 @@ from advface.cli._options import JsonOpt
 
 ARCH_HELP = "transrec | resrec | urec"
 
+TrainSetOpt = Annotated[
+    str,
+    typer.Option(
+        "--train-set",
+        help="lfw-attacker (identity-disjoint from LFW folds 1-5 and CFP) | lfw-nonpairs | "
+        "celeba | PATH (aligned faces)",
+    ),
+]
+DepthOpt = Annotated[
+    int | None,
+    typer.Option("--depth", help="transrec: extra layers; resrec: blocks; urec: levels"),
+]
+OverwriteCkptOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace a checkpoint already in --out (without it or --resume: an error)",
+    ),
+]
+MaxMinutesOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-minutes",
+        help="Stop and checkpoint after this many minutes of training (on the CPU: CPU "
+        "time per thread, so other jobs on the cores do not shorten it)",
+    ),
+]
+FeaturesOpt = Annotated[
+    str,
+    typer.Option(
+        "--features",
+        help="clean | advface:SHADOW_CKPT[,epsilon=..] (adaptive attacker: trains on "
+        "features protected with its own shadow)",
+    ),
+]
+
 
 def _parse_cfg(width: int | None, depth: int | None, arch: str, profile: str) -> dict[str, int]:
     """The profile's cfg with the generic --width/--depth mapped onto each network's names."""
@@ -29,14 +65,7 @@ def _parse_cfg(width: int | None, depth: int | None, arch: str, profile: str) ->
 
 def train_recon_command(
     arch: Annotated[str, typer.Option("--arch", help=ARCH_HELP)] = "resrec",
-    train_set: Annotated[
-        str,
-        typer.Option(
-            "--train-set",
-            help="lfw-attacker (identity-disjoint from LFW folds 1-5 and CFP) | lfw-nonpairs | "
-            "celeba | PATH (aligned faces)",
-        ),
-    ] = "lfw-attacker",
+    train_set: TrainSetOpt = "lfw-attacker",
     out: Annotated[Path, typer.Option("--out", help="Checkpoint directory")] = Path("runs/recon"),
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 16,
@@ -45,38 +74,15 @@ def train_recon_command(
         str, typer.Option("--profile", help="cpu (narrow, default) | gpu (wide, deep)")
     ] = "cpu",
     width: Annotated[int | None, typer.Option("--width", help="Channels (profile's)")] = None,
-    depth: Annotated[
-        int | None,
-        typer.Option("--depth", help="transrec: extra layers; resrec: blocks; urec: levels"),
-    ] = None,
+    depth: DepthOpt = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     limit: Annotated[int | None, typer.Option("--limit", min=2, help="First N images")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from --out")] = False,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite",
-            help="Replace a checkpoint already in --out (without it or --resume: an error)",
-        ),
-    ] = False,
-    max_minutes: Annotated[
-        float | None,
-        typer.Option(
-            "--max-minutes",
-            help="Stop and checkpoint after this many minutes of training (on the CPU: CPU "
-            "time per thread, so other jobs on the cores do not shorten it)",
-        ),
-    ] = None,
+    overwrite: OverwriteCkptOpt = False,
+    max_minutes: MaxMinutesOpt = None,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips")] = True,
-    features: Annotated[
-        str,
-        typer.Option(
-            "--features",
-            help="clean | advface:SHADOW_CKPT[,epsilon=..] (adaptive attacker: trains on "
-            "features protected with its own shadow)",
-        ),
-    ] = "clean",
+    features: FeaturesOpt = "clean",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads")] = None,
     data_root: Annotated[Path | None, typer.Option("--data-root")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,

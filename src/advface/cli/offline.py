@@ -109,21 +109,7 @@ def distill_cmd(
         )
     if replaced:
         _drop_stale_evals(out)
-    rec = head["record"]
-    typer.echo(
-        json.dumps(
-            {
-                "model_version": head["model_version"],
-                "images": head["data"]["images"],
-                "identity_overlap": head["data"]["identity_check"]["overlap"],
-                "loss_before": rec["loss_before"],
-                "loss_after": rec["loss_after"],
-                "steps": rec["steps"],
-                "stopped_by": rec["stopped_by"],
-                "seconds": rec["seconds"],
-            }
-        )
-    )
+    typer.echo(json.dumps(_training_summary(head)))
     typer.echo(f"wrote {out}", err=True)
     if eval_dataset is not None:
         _evaluate(
@@ -136,6 +122,17 @@ def distill_cmd(
             data_root=data_root,
             quiet=quiet,
         )
+
+
+def _training_summary(head: dict) -> dict:
+    """The distillation's outcome as ``distill`` prints it (the full record is in OUT)."""
+    rec = head["record"]
+    return {
+        "model_version": head["model_version"],
+        "images": head["data"]["images"],
+        "identity_overlap": head["data"]["identity_check"]["overlap"],
+        **{k: rec[k] for k in ("loss_before", "loss_after", "steps", "stopped_by", "seconds")},
+    }
 
 
 def _check_dataset(name: str, option: str) -> None:

@@ -90,22 +90,11 @@ def protect_command(
     if threads is not None:
         torch.set_num_threads(threads)
     with user_errors():
-        extractor = head = None
         networks = method in ("advface", "embedding-shadow")
-        if networks and shadow is None:  # fail before loading FaceNet
-            raise ValueError(f"--method {method} needs --shadow CKPT (a reconstruction checkpoint)")
-        if method == "embedding-shadow" and generator is None:
-            raise ValueError("--method embedding-shadow needs --generator CKPT (an EmbDec)")
         checkpoints = (("--shadow", shadow), ("--generator", generator))
-        for option, folder in checkpoints if networks else ():
-            if folder is not None:
-                check_checkpoint_dir(folder, option)  # a broken file: before FaceNet loads
+        extractor = head = None
         if networks:
-            from advface.models.facenet import load_facenet
-            from advface.models.split import split_facenet
-
-            with loading(("--weights", weights)):
-                extractor, head = split_facenet(load_facenet(weights))
+            extractor, head = _networks(method, shadow, generator, weights)
         with loading(*checkpoints):
             protection = build_from_options(
                 method,
@@ -139,3 +128,20 @@ def protect_command(
         f"protected {summary['n_faces']} faces with {method} in {summary['wall_s']} s "
         f"({summary['faces_per_s']} faces/s) -> {summary['output']}"
     )
+
+
+def _networks(method: str, shadow: Path | None, generator: Path | None, weights: Path | None):
+    """FaceNet's E and Psi for a protection that runs networks, after checking (before FaceNet
+    loads, which takes seconds) that its checkpoints are given and readable."""
+    if shadow is None:
+        raise ValueError(f"--method {method} needs --shadow CKPT (a reconstruction checkpoint)")
+    if method == "embedding-shadow" and generator is None:
+        raise ValueError("--method embedding-shadow needs --generator CKPT (an EmbDec)")
+    for option, folder in (("--shadow", shadow), ("--generator", generator)):
+        if folder is not None:
+            check_checkpoint_dir(folder, option)
+    from advface.models.facenet import load_facenet
+    from advface.models.split import split_facenet
+
+    with loading(("--weights", weights)):
+        return split_facenet(load_facenet(weights))

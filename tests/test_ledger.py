@@ -1,4 +1,5 @@
-"""scripts/ledger.sh: carrying networks and setting records between stage caches."""
+"""scripts/ledger.sh: carrying networks and setting records between stage caches; and
+scripts/publish.sh: a finished run's results into the committed folder."""
 
 from __future__ import annotations
 
@@ -64,3 +65,45 @@ def test_bad_use_is_refused(tmp_path: Path, args: tuple[str, ...]) -> None:
     )
     assert r.returncode in (1, 2) and r.stderr
     assert not (tmp_path / "b").exists()
+
+
+PUBLISH = SCRIPT.with_name("publish.sh")
+
+
+def _publish(*args: Path | str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(PUBLISH), *map(str, args)], capture_output=True, text=True, check=False
+    )
+
+
+def test_publish_copies_results_without_caches_or_logs(tmp_path: Path) -> None:
+    run, dest = tmp_path / "run", tmp_path / "dest"
+    _write(run / "results.json", '{"complete": true}')
+    _write(run / "table1.csv", "a,b")
+    _write(run / "robustness" / "report.md", "bench")
+    _write(run / "cache" / "record-lfw-none-1.json", "{}")
+    _write(run / "robustness" / "cache" / "model-x" / "config.json", "{}")
+    _write(run / "log.txt", "log")
+    _write(run / "helper.log", "log")
+    _write(run / "report.md.tmp", "half")
+    _write(dest / "README.md", "kept")
+    _write(dest / "ledger" / "record-lfw-none-1.json", "{}")
+    r = _publish(run, dest)
+    assert r.returncode == 0, r.stderr
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == [
+        "README.md",
+        "ledger/record-lfw-none-1.json",
+        "results.json",
+        "robustness/report.md",
+        "table1.csv",
+    ]
+
+
+def test_publish_refuses_an_unfinished_run(tmp_path: Path) -> None:
+    run, dest = tmp_path / "run", tmp_path / "dest"
+    _write(run / "results.json", '{"complete": false, "parts_pending": ["cfp-fp"]}')
+    r = _publish(run, dest)
+    assert r.returncode == 1 and "not complete" in r.stderr
+    assert not dest.exists()
+    assert _publish(tmp_path / "nothing", dest).returncode == 1

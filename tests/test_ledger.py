@@ -107,3 +107,29 @@ def test_publish_refuses_an_unfinished_run(tmp_path: Path) -> None:
     assert r.returncode == 1 and "not complete" in r.stderr
     assert not dest.exists()
     assert _publish(tmp_path / "nothing", dest).returncode == 1
+
+
+def test_ledger_status_lists_networks_and_records(tmp_path: Path) -> None:
+    import json
+
+    ledger = tmp_path / "ledger"
+    history = [{"epoch": 1, "l1": 0.05, "budget_seconds": 600.0}, {"epoch": 2, "l1": 0.03}]
+    decoder = {"history": history, "n_train": 6797, "done": True}
+    _write(ledger / "model-attacker-resrec-abc" / "config.json", json.dumps(decoder))
+    head = {"record": {"history": [{"protected": 0.2, "images": 9}], "budget_seconds": 120.0}}
+    _write(ledger / "offline-advface-def" / "config.json", json.dumps(head))
+    _write(ledger / "offline-dp-ghi.work" / "state.json", "{}")
+    _write(ledger / "robustness" / "model-shadow-urec-1" / "config.json", '{"history": []}')
+    _write(ledger / "record-lfw-none-1.json", "{}")
+    script = SCRIPT.with_name("ledger_status.py")
+    r = subprocess.run(
+        ["python3", str(script), str(ledger)], capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == [
+        "| model-attacker-resrec | 6797 | 2 | 10.0 | 0.0300 | yes |",
+        "| offline-advface |  | 1 | 2.0 | 0.2000 | yes |",
+        "| bench: model-shadow-urec |  | 0 | 0.0 |  | no |",
+    ]
+    assert "1 finished protection settings:\n- record-lfw-none-1.json" in r.stdout

@@ -5,7 +5,8 @@
 # decoders' `model-*` and the offline heads' `offline-*` checkpoint folders, epoch checkpoints
 # of unfinished decoders included, so their training resumes) and each finished setting's
 # record (`record-*.json`: its tables' values and grids, which stand for its chunks). Chunk
-# files, aligned faces and the bench's cache are not carried: they are recomputed.
+# files and aligned faces are not carried: they are recomputed. (scripts/cpu-full.sh exports
+# the bench's cache as a second ledger, its networks and nothing else, the same way.)
 # Every entry is named by its cache key, so an entry is only ever used where the same code,
 # weights and settings ask for it.
 #

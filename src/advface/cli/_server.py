@@ -18,8 +18,8 @@ DbUrlOpt = Annotated[str | None, typer.Option(help="SQLAlchemy URL [ADVFACE_DB_U
 MasterKeyOpt = Annotated[
     str | None,
     typer.Option(
-        help="master key file (base64) [ADVFACE_MASTER_KEY_FILE; else $ADVFACE_MASTER_KEY, "
-        "else master.key in the cache dir]"
+        help="master key file (base64) [ADVFACE_MASTER_KEY_FILE; default master.key in the "
+        "cache dir]; $ADVFACE_MASTER_KEY (the key itself, base64) takes precedence over both"
     ),
 ]
 HeadOpt = Annotated[

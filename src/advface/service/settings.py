@@ -33,7 +33,7 @@ class ServiceSettings:
     """Everything the template service needs; immutable once the app is built.
 
     Each field ``name`` can be set from the environment as ``ADVFACE_<NAME>``
-    (e.g. ``ADVFACE_DB_URL``, ``ADVFACE_THRESHOLD``, ``ADVFACE_PROTECTION_PARAMS='{"T": 40}'``).
+    (e.g. ``ADVFACE_DB_URL``, ``ADVFACE_THRESHOLD``, ``ADVFACE_PROTECTION_PARAMS='{"steps": 40}'``).
     """
 
     db_url: str = ""

@@ -16,7 +16,14 @@
 # import adds the entries that the cache lacks and never touches one it has (its own copy is
 # as new or newer); export replaces each entry in the ledger with the cache's, one entry at a
 # time through a temporary name, so an interrupted export leaves whole entries only.
+#
+# export leaves out an entry larger than LEDGER_MAX_KB (default 8192): a ledger is committed,
+# and the repository's size is what every clone and every transfer to a GPU machine carries.
+# That keeps the offline heads out (FaceNet's layers from repeat_3 on, about 42 MB each in
+# float32): another machine distils them again, and recomputes the settings whose stored side
+# runs through them.
 set -euo pipefail
+max_kb=${LEDGER_MAX_KB:-8192}
 
 usage() {
   echo "usage: $0 export CACHE LEDGER | import LEDGER CACHE" >&2
@@ -40,6 +47,13 @@ for entry in "$src"/model-* "$src"/offline-* "$src"/record-*.json; do
   case "$name" in *.tmp | *.tmp.* | *.work) continue ;; esac
   if [ "$cmd" = import ] && [ -e "$dst/$name" ]; then
     continue
+  fi
+  if [ "$cmd" = export ]; then
+    kb=$(du -sk "$entry" | cut -f1)
+    if [ "$kb" -gt "$max_kb" ]; then
+      echo "$0: not carried: $name ($kb KB > LEDGER_MAX_KB=$max_kb)" >&2
+      continue
+    fi
   fi
   tmp="$dst/.$name.tmp.$$"
   rm -rf "$tmp"

@@ -3,6 +3,7 @@ scripts/publish.sh: a finished run's results into the committed folder."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -56,6 +57,22 @@ def test_import_adds_missing_entries_and_keeps_the_caches_own(tmp_path: Path) ->
     assert r.returncode == 0 and "1 entries" in r.stdout
     assert (cache / "model-shadow-urec-1" / "config.json").read_text() == "cache epoch 4"
     assert (cache / "record-cfp-fp-random-2.json").read_text() == "ledger"
+
+
+def test_export_leaves_out_entries_over_the_size_limit(tmp_path: Path) -> None:
+    cache, ledger = tmp_path / "cache", tmp_path / "ledger"
+    _write(cache / "model-attacker-resrec-abc" / "model.safetensors", "w" * 1000)
+    _write(cache / "offline-advface-def" / "model.safetensors", "w" * 300_000)
+    r = subprocess.run(
+        ["bash", str(SCRIPT), "export", str(cache), str(ledger)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "LEDGER_MAX_KB": "100"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "not carried: offline-advface-def" in r.stderr
+    assert [p.name for p in ledger.iterdir()] == ["model-attacker-resrec-abc"]
 
 
 @pytest.mark.parametrize("args", [(), ("copy", "a", "b"), ("import", "missing-folder", "b")])

@@ -3,6 +3,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 from advface.pipelines import staging
 
@@ -13,7 +14,7 @@ from advface.pipelines import staging
         {"datasets": ("imagenet",)},
         {"datasets": ()},
         {"quality": 0},
-        {"part_mib": 30.0},
+        {"part_mib": 7.0},
         {"part_mib": 64.0},
     ],
 )
@@ -29,12 +30,22 @@ def test_stage_refuses_an_existing_folder(tmp_path):
         staging.stage(tmp_path / "s", data_root=tmp_path)
 
 
+def _manifest(tmp_path, parts: dict, weights: list[str]) -> None:
+    manifest = {"format": staging.STAGE_FORMAT, "parts": parts, "weights": {"files": weights}}
+    (tmp_path / "part-00").mkdir(exist_ok=True)
+    (tmp_path / "part-00" / staging.MANIFEST).write_text(json.dumps(manifest))
+
+
 def test_verify_names_what_is_missing(tmp_path):
+    from advface.fileio import sha256_file
+
     with pytest.raises(FileNotFoundError, match="part-00"):
         staging.verify(tmp_path)
     (tmp_path / "part-00").mkdir()
-    manifest = {"format": staging.STAGE_FORMAT, "parts": {"part-00": {}, "part-01": {}}}
-    (tmp_path / "part-00" / staging.MANIFEST).write_text(json.dumps(manifest))
+    shard = tmp_path / "part-00" / "facenet-fp16-00.safetensors"
+    shard.write_bytes(b"weights")
+    files = {shard.name: sha256_file(shard)}
+    _manifest(tmp_path, {"part-00": files, "part-01": {}}, [f"part-00/{shard.name}"])
     with pytest.raises(FileNotFoundError, match="part-01"):
         staging.verify(tmp_path)
     assert staging.verify(tmp_path, ["part-00"])["format"] == staging.STAGE_FORMAT
@@ -51,18 +62,26 @@ def test_stage_unstage_round_trip_celeba(data_root, tmp_path):
     from advface.pipelines.data import aligned_images
 
     stage_dir = tmp_path / "stage"
-    manifest = staging.stage(stage_dir, datasets=("celeba",), part_mib=47.0, progress=False)
+    manifest = staging.stage(stage_dir, datasets=("celeba",), part_mib=20.0, progress=False)
     info = manifest["datasets"]["celeba"]
     assert info["images"] == len(celeba_keys(data_root)[0]) and info["jpeg_psnr_db"] > 40
     assert manifest["weights"]["min_cosine"] > 0.9999
     parts = sorted(p.name for p in stage_dir.iterdir())
-    assert parts == list(manifest["parts"]) and len(parts) >= 3  # weights + two image parts
+    n_weights = len(manifest["weights"]["files"])
+    assert n_weights == 3  # 47 MB of fp16 weights in parts of 20 MiB
+    assert parts == list(manifest["parts"]) and len(parts) >= n_weights + 2  # two image parts
     for p in stage_dir.iterdir():
-        assert sum(f.stat().st_size for f in p.iterdir()) <= 47 * 2**20
-    with tarfile.open(stage_dir / "part-01" / "images.tar") as tar:
+        assert sum(f.stat().st_size for f in p.iterdir()) <= 20 * 2**20
+    first_images = stage_dir / f"part-{n_weights:02d}" / "images.tar"
+    with tarfile.open(first_images) as tar:
         assert tar.getnames()[0].startswith("celeba/img_mtcnn160/")
 
     root = staging.unstage(stage_dir, tmp_path / "root")
+    from safetensors.torch import load_file
+
+    merged = load_file(str(root / staging.WEIGHTS_FILE))
+    _, state = staging._facenet_fp16(None)
+    assert sorted(merged) == sorted(state) and all(torch.equal(merged[k], state[k]) for k in state)
     assert staging.unstage(stage_dir, tmp_path / "root") == root  # same stage: reused
     keys, ids = celeba_keys(root)
     orig_keys, orig_ids = celeba_keys(data_root)
@@ -75,13 +94,44 @@ def test_stage_unstage_round_trip_celeba(data_root, tmp_path):
     assert diff < 2.0  # only the JPEG re-encoding separates them
 
     # A damaged or missing part is named, and unstaging writes nothing.
-    blob = stage_dir / "part-01" / "images.tar"
-    data = bytearray(blob.read_bytes())
+    data = bytearray(first_images.read_bytes())
     data[-5000] ^= 0xFF
-    blob.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="part-01"):
+    first_images.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"part-{n_weights:02d}"):
         staging.unstage(stage_dir, tmp_path / "root2")
-    (stage_dir / "part-02" / "images.tar").unlink()
-    with pytest.raises(ValueError, match="part-02"):
-        staging.verify(stage_dir, ["part-02"])
+    second = f"part-{n_weights + 1:02d}"
+    (stage_dir / second / "images.tar").unlink()
+    with pytest.raises(ValueError, match=second):
+        staging.verify(stage_dir, [second])
     assert not (tmp_path / "root2").exists()
+
+
+def test_manifest_must_name_weight_shards_of_its_parts(tmp_path):
+    _manifest(tmp_path, {"part-00": {}}, [])
+    with pytest.raises(ValueError, match="weights.files"):
+        staging.read_manifest(tmp_path)
+    _manifest(tmp_path, {"part-00": {}}, ["part-00/../../etc/passwd"])
+    with pytest.raises(ValueError, match="not a file of the stage"):
+        staging.read_manifest(tmp_path)
+
+
+def test_weights_split_into_shards_merge_back(tmp_path):
+    from safetensors.torch import load_file
+
+    state = {f"w{i}": torch.full((1000,), float(i), dtype=torch.float16) for i in range(10)}
+    shards = staging._shards(state, 4 * (2000 + staging._TENSOR_HEADER))
+    assert [len(x) for x in shards] == [4, 4, 2]
+    folders = [tmp_path / f"part-{i:02d}" for i in range(3)]
+    for f in folders:
+        f.mkdir()
+    names = staging._write_shards(shards, folders)
+    assert names[1] == "part-01/facenet-fp16-01.safetensors"
+    staging._merge_shards([tmp_path / n for n in names], tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    assert sorted(merged) == sorted(state)
+    assert all(torch.equal(merged[k], v) for k, v in state.items())
+    with pytest.raises(ValueError, match="does not fit"):
+        staging._shards(state, 100)
+    (tmp_path / names[2]).write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="not a readable weights shard"):
+        staging._merge_shards([tmp_path / n for n in names], tmp_path / "again.safetensors")

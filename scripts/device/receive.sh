@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call per stage part (see docs/DEVICE.md): copy the carried part out of the repo
-# copy, to a folder that survives back-to-back calls on the warm machine, and check its sha256
-# against the manifest (part-00, which holds the manifest, goes first).
+# One command per stage part on the GPU machine (see docs/DEVICE.md): copy the part sent along
+# out of the repository copy, to a folder that stays while the machine is kept up, and check
+# its sha256 against the manifest (part-00, which holds the manifest, goes first).
 set -euo pipefail
 part=${1:?usage: scripts/device/receive.sh .stage/part-NN}
 dest=${ADVFACE_STAGE_DIR:-/root/advface-stage}

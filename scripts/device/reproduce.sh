@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Last device call (see docs/DEVICE.md): unstage the received parts, run `advface reproduce`
+# Last command on the GPU machine (see docs/DEVICE.md): unstage the received parts, run `advface reproduce`
 # (JOB=reproduce) or the robustness bench (JOB=bench) on the GPU for at most BUDGET_S seconds,
 # and send back what exists in $OUT, also after a timeout: every stage is cached under $WORK,
-# so the next call on the warm machine resumes.
+# so the next command, while the machine is kept up, resumes.
 #   JOB (reproduce)  PROFILE (paper; gpu for bench)  DATASETS (bench: "lfw cfp-fp")
 #   DEVICE (cuda)  BUDGET_S (480)  PYTHON (python3)  MODELS (1: also return the decoders)
 #   ADVFACE_STAGE_DIR (/root/advface-stage)  WORK (/root/advface-work)
@@ -35,7 +35,7 @@ timeout "${BUDGET_S:-480}" "$py" scripts/device/device_main.py "$job" \
 rc=$?
 echo "$job exit $rc after $(($(date +%s) - t0)) s" | tee -a "$out/device.txt"
 tail -c 4000 "$out/log.txt"
-# Outputs (tables, report, figures) and the trained decoders, which a later run can carry
+# Outputs (tables, report, figures) and the trained decoders, which a later run can send
 # back into $WORK/run/cache to resume training elsewhere.
 tar czf "$out/results.tar.gz" -C "$work/run" --exclude=./cache . 2>/dev/null
 [ "${MODELS:-1}" = 1 ] && (cd "$work/run/cache" 2>/dev/null && ls -d model-* >/dev/null 2>&1 &&

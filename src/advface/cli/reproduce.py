@@ -156,8 +156,12 @@ def stage_cmd(
         list[str] | None, typer.Option(help="lfw / cfp / celeba (repeat; default all)")
     ] = None,
     part_mib: Annotated[
-        float, typer.Option(help="size of each part (one transfer to the GPU machine)")
-    ] = 48.0,
+        float,
+        typer.Option(
+            help="size of each part, 8-62 (one transfer to the GPU machine, which also carries "
+            "the working tree: leave room for it)"
+        ),
+    ] = 40.0,
     quality: Annotated[int, typer.Option(help="JPEG quality of the staged faces")] = 95,
     celeba_part: Annotated[
         str, typer.Option(help="all | server | attacker half of CelebA's identities")

@@ -2,13 +2,16 @@
 wheels.
 
 Each command sent to it carries at most 64 MiB (working tree included), so a stage is a folder
-of parts, each carried by one command and each under ``part_mib``:
+of parts, each carried by one command and each under ``part_mib`` (choose it so that a part
+and the repository's working tree fit one transfer):
 
 - ``part-00/``: ``manifest.json`` (format, datasets, every part's sha256, fidelity figures),
-  ``meta.tar`` (the protocol text files) and ``facenet-fp16.safetensors`` (the converted FaceNet
-  weights in float16: 47 MB instead of 94);
-- ``part-01/`` ...: ``images.tar``: every aligned face of the staged datasets, JPEG-encoded
-  (quality 95 by default; 8 KB a face instead of 77 KB as uint8) at its original path.
+  ``meta.tar`` (the protocol text files) and the first shard of the converted FaceNet weights
+  in float16 (47 MB instead of 94, split into ``facenet-fp16-NN.safetensors`` shards, one per
+  part, as ``part_mib`` requires);
+- the next parts: the other weight shards, then ``images.tar``: every aligned face of the
+  staged datasets, JPEG-encoded (quality 95 by default; 8 KB a face instead of 77 KB as uint8)
+  at its original path.
 
 :func:`unstage` checks every part against the manifest and writes a *staged data root*: the
 original layout and protocol files, each image replaced by its aligned 160x160 crop, and the
@@ -23,7 +26,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 import tarfile
 import time
 from collections.abc import Sequence
@@ -34,9 +36,15 @@ import numpy as np
 
 from advface.fileio import atomic_folder, sha256_file
 
-STAGE_FORMAT = 1
+STAGE_FORMAT = 2
 MANIFEST = "manifest.json"
+#: The fp16 weights in a staged data root (the shards merged).
 WEIGHTS_FILE = "facenet-fp16.safetensors"
+WEIGHTS_SHARD = "facenet-fp16-{:02d}.safetensors"
+#: Room a weights shard leaves in its part: part-00 also holds meta.tar and the manifest.
+_META_ROOM = 4 * 2**20
+#: A safetensors header entry per tensor (name, dtype, shape, offsets), generously.
+_TENSOR_HEADER = 256
 STAGE_DATASETS = ("lfw", "cfp", "celeba")
 _TAR_BLOCK = 512
 _MARGIN = 64 * 1024  # tar end-of-archive records and rounding
@@ -79,19 +87,40 @@ def _encode(image: np.ndarray, quality: int) -> tuple[bytes, np.ndarray]:
     return buf.tobytes(), decoded
 
 
-def _facenet_fp16(path: Path, cache: str | Path | None, probe: np.ndarray) -> dict[str, float]:
-    """Write FaceNet's weights as float16 and measure what that costs on ``probe`` faces."""
-    import torch
-    from safetensors.torch import save_file
-
-    from advface.models.facenet import InceptionResnetV1, load_facenet, preprocess
+def _facenet_fp16(cache: str | Path | None) -> tuple[Any, dict[str, Any]]:
+    """FaceNet (float32) and its state dict in float16."""
+    from advface.models.facenet import load_facenet
 
     model = load_facenet(cache=cache)
     state = {
         k: (v.half() if v.is_floating_point() else v).contiguous()
         for k, v in model.state_dict().items()
     }
-    save_file(state, str(path), metadata={"source": "advface stage", "dtype": "float16"})
+    return model, state
+
+
+def _shards(state: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+    """``state`` split, in order, into dicts of at most ``limit`` bytes as safetensors files."""
+    shards: list[dict[str, Any]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        need = tensor.numel() * tensor.element_size() + _TENSOR_HEADER
+        if need > limit:
+            raise ValueError(f"weight {name} ({need} bytes) does not fit a part of {limit} bytes")
+        if size + need > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += need
+    return shards
+
+
+def _fp16_error(model: Any, state: dict[str, Any], probe: np.ndarray) -> dict[str, float]:
+    """What float16 weights cost: FaceNet's embeddings of ``probe`` faces, fp32 vs fp16."""
+    import torch
+
+    from advface.models.facenet import InceptionResnetV1, preprocess
+
     half = InceptionResnetV1()
     half.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     with torch.no_grad():
@@ -108,9 +137,9 @@ def _facenet_fp16(path: Path, cache: str | Path | None, probe: np.ndarray) -> di
 class _PartWriter:
     """Appends files to ``part-NN/images.tar``, starting a new part before one would overflow."""
 
-    def __init__(self, dest: Path, limit: int) -> None:
+    def __init__(self, dest: Path, limit: int, first_index: int) -> None:
         self.dest, self.limit = dest, limit
-        self.index, self.size, self.tar = 0, 0, None
+        self.index, self.size, self.tar = first_index - 1, 0, None
         self.parts: list[Path] = []
 
     def add(self, name: str, data: bytes) -> None:
@@ -142,11 +171,10 @@ def _check_stage_args(
         raise ValueError(f"datasets must be a non-empty subset of {STAGE_DATASETS}, got {datasets}")
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
-    if not 47.0 <= part_mib <= 62.0:
-        # The weights part holds 47 MB of fp16 weights; a call carries 64 MiB with the tree.
-        raise ValueError(
-            f"part_mib must be in [47, 62] (the weights part needs 47), got {part_mib}"
-        )
+    if not 8.0 <= part_mib <= 62.0:
+        # Below 8 MiB part-00 has no room for a weights shard beside the protocol files; a
+        # transfer carries 64 MiB with the working tree.
+        raise ValueError(f"part_mib must be in [8, 62], got {part_mib}")
     if dest.exists():
         raise FileExistsError(f"{dest} exists; remove it or choose another folder")
     if celeba_part not in ("all", "server", "attacker"):
@@ -218,7 +246,7 @@ def stage(
     data_root: str | Path | None = None,
     cache: str | Path | None = None,
     datasets: Sequence[str] = STAGE_DATASETS,
-    part_mib: float = 48.0,
+    part_mib: float = 40.0,
     quality: int = 95,
     celeba_part: str = "all",
     progress: bool = True,
@@ -238,8 +266,11 @@ def stage(
     _check_stage_args(datasets, quality, part_mib, celeba_part, dest)
     root = config.data_root(data_root)
     t0 = time.perf_counter()
+    limit = int(part_mib * 2**20)
+    model, state = _facenet_fp16(cache)
+    shards = _shards(state, limit - _META_ROOM)
     with atomic_folder(dest) as tmp:
-        writer = _PartWriter(tmp, int(part_mib * 2**20))
+        writer = _PartWriter(tmp, limit, first_index=len(shards))
         meta: dict[str, bytes] = {}
         report: dict[str, Any] = {}
         probe = None
@@ -250,10 +281,11 @@ def stage(
             probe = images[:32] if probe is None else probe
         writer.close()
         first = tmp / "part-00"
-        first.mkdir()
-        _write_meta(first, meta)
-        weights = _facenet_fp16(first / WEIGHTS_FILE, cache, probe)
-        parts = [first, *writer.parts]
+        _write_meta(_mkdir(first), meta)
+        weight_parts = [first, *(_mkdir(tmp / f"part-{i:02d}") for i in range(1, len(shards)))]
+        weight_files = _write_shards(shards, weight_parts)
+        weights = _fp16_error(model, state, probe)
+        parts = [*weight_parts, *writer.parts]
         manifest = {
             "format": STAGE_FORMAT,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -261,7 +293,7 @@ def stage(
             "jpeg_quality": quality,
             "part_mib": part_mib,
             "celeba_part": celeba_part,
-            "weights": {"file": WEIGHTS_FILE, "dtype": "float16", **weights},
+            "weights": {"files": weight_files, "dtype": "float16", **weights},
             "parts": {p.name: {f.name: sha256_file(f) for f in sorted(p.iterdir())} for p in parts},
             "seconds": round(time.perf_counter() - t0, 1),
         }
@@ -271,6 +303,24 @@ def stage(
                 raise RuntimeError(f"{p.name} is {size / 2**20:.1f} MiB, over {part_mib}")
         (first / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _write_shards(shards: list[dict[str, Any]], folders: list[Path]) -> list[str]:
+    """One weights shard per folder; returns their ``part-NN/file`` names, in order."""
+    from safetensors.torch import save_file
+
+    names = []
+    for i, (shard, folder) in enumerate(zip(shards, folders, strict=True)):
+        name = WEIGHTS_SHARD.format(i)
+        meta = {"source": "advface stage", "dtype": "float16", "shard": f"{i + 1}/{len(shards)}"}
+        save_file(shard, str(folder / name), metadata=meta)
+        names.append(f"{folder.name}/{name}")
+    return names
 
 
 def read_manifest(stage_dir: str | Path) -> dict[str, Any]:
@@ -290,7 +340,20 @@ def read_manifest(stage_dir: str | Path) -> dict[str, Any]:
     if manifest.get("format") != STAGE_FORMAT:
         raise ValueError(f"{path}: stage format {manifest.get('format')} != {STAGE_FORMAT}")
     _check_parts(path, manifest.get("parts"))
+    _check_weights(path, manifest)
     return manifest
+
+
+def _check_weights(path: Path, manifest: dict[str, Any]) -> None:
+    """``weights.files`` must name files the manifest's parts list (so verify checks them)."""
+    weights = manifest.get("weights")
+    files = weights.get("files") if isinstance(weights, dict) else None
+    if not isinstance(files, list) or not files:
+        raise ValueError(f"{path}: 'weights.files' must list the weight shards (part-NN/file)")
+    for entry in files:
+        part, _, name = str(entry).partition("/")
+        if name not in manifest["parts"].get(part, {}):
+            raise ValueError(f"{path}: weight shard {entry!r} is not a file of the stage's parts")
 
 
 def _check_parts(path: Path, parts: Any) -> None:
@@ -342,14 +405,12 @@ def unstage(stage_dir: str | Path, root: str | Path) -> Path:
     """Verify a stage and write its staged data root at ``root`` (atomically); returns ``root``.
 
     An existing ``root`` made from the same stage is reused; any other existing ``root`` is an
-    error. The fp16 weights are copied to ``root/facenet-fp16.safetensors``.
+    error. The fp16 weight shards are merged into ``root/facenet-fp16.safetensors``.
     """
     from advface.data.prepare import STAGED_MARKER
 
     stage_dir, root = Path(stage_dir), Path(root)
     manifest = verify(stage_dir)
-    if WEIGHTS_FILE not in manifest["parts"].get("part-00", {}):
-        raise ValueError(f"stage {stage_dir}: its manifest lists no part-00/{WEIGHTS_FILE}")
     if root.exists():
         if _staged_from(root / STAGED_MARKER) == manifest:
             return root
@@ -365,6 +426,19 @@ def unstage(stage_dir: str | Path, root: str | Path) -> Path:
                         tar.extractall(tmp, filter="data")
                 except tarfile.TarError as exc:
                     raise ValueError(f"{path} cannot be unpacked: {exc}") from exc
-        shutil.copyfile(stage_dir / "part-00" / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+        _merge_shards([stage_dir / f for f in manifest["weights"]["files"]], tmp / WEIGHTS_FILE)
         (tmp / STAGED_MARKER).write_text(json.dumps(manifest, indent=1) + "\n")
     return root
+
+
+def _merge_shards(shards: list[Path], dest: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    state: dict[str, Any] = {}
+    for path in shards:
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{path} is not a readable weights shard: {exc}") from exc
+    save_file(state, str(dest), metadata={"source": "advface stage", "dtype": "float16"})

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from advface.cli import app
 from advface.models.recon import build_recon, save_checkpoint
+from advface.pipelines.staging import STAGE_FORMAT
 
 # Tiny tensors: one torch thread (the conftest fixture) for every test here.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -260,13 +261,21 @@ def test_download_from_an_unreachable_server(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("manifest", "message"),
     [
-        ({"format": 1}, "'parts'"),
+        ({"format": STAGE_FORMAT}, "'parts'"),
         ([1, 2], "JSON object"),
-        ({"format": 1, "parts": {"../x": {}}}, "not a part name"),
-        ({"format": 1, "parts": {"part-00": ["meta.tar"]}}, "must map file names"),
-        ({"format": 1, "parts": {"part-00": {"../../etc/x": "0" * 64}}}, "without a valid"),
-        ({"format": 1, "parts": {"part-00": {"meta.tar": 5}}}, "without a valid"),
-        ({"format": 1, "parts": {"part-00": {}}}, "lists no part-00/facenet-fp16"),
+        ({"format": STAGE_FORMAT - 1, "parts": {"part-00": {}}}, "stage format"),
+        ({"format": STAGE_FORMAT, "parts": {"../x": {}}}, "not a part name"),
+        ({"format": STAGE_FORMAT, "parts": {"part-00": ["meta.tar"]}}, "must map file names"),
+        (
+            {"format": STAGE_FORMAT, "parts": {"part-00": {"../../etc/x": "0" * 64}}},
+            "without a valid",
+        ),
+        ({"format": STAGE_FORMAT, "parts": {"part-00": {"meta.tar": 5}}}, "without a valid"),
+        ({"format": STAGE_FORMAT, "parts": {"part-00": {}}}, "weights.files"),
+        (
+            {"format": STAGE_FORMAT, "parts": {"part-00": {}}, "weights": {"files": ["part-01/w"]}},
+            "not a file of the stage",
+        ),
         ("{not json", "not a readable stage manifest"),
     ],
 )

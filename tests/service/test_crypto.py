@@ -298,7 +298,7 @@ def test_rotate_master_rewraps_keys_only_and_resumes(tmp_path: Path, toy: Backen
     app.state.service.store.close()
 
 
-def test_master_key_parsing_errors_are_typed(tmp_path: Path) -> None:
+def test_master_key_parsing_errors_are_typed(tmp_path: Path, monkeypatch) -> None:
     bad = tmp_path / "bad.key"
     bad.write_text("not a key")
     for call in (
@@ -310,6 +310,20 @@ def test_master_key_parsing_errors_are_typed(tmp_path: Path) -> None:
             call()
     with pytest.raises(FileExistsError):  # an existing key is never overwritten
         crypto.write_key_file(bad)
+    # A failed write leaves no key file (nor its temporary) behind.
+    target = tmp_path / "keys" / "new.key"
+
+    def fail(_fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(crypto.os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        crypto.write_key_file(target)
+    assert list(target.parent.iterdir()) == []
+    monkeypatch.undo()
+    key = crypto.write_key_file(target)
+    assert crypto.read_key_file(target) == key
+    assert target.stat().st_mode & 0o777 == 0o600
     key = crypto.new_data_key()
     box = crypto.seal(key, b"map", crypto.aad("map", 1, 2, "t"))
     assert crypto.open_sealed(key, box, crypto.aad("map", 1, 2, "t")) == b"map"

@@ -129,6 +129,26 @@ def test_hnsw_save_and_load(tmp_path: Path) -> None:
     assert back.search(1, probes[0], 1)[0].template_id == "new"
 
 
+def test_hnsw_load_refuses_a_damaged_snapshot_with_a_value_error(tmp_path: Path) -> None:
+    """The service rebuilds from the database on a ValueError; anything else stops it."""
+    import json
+
+    idx = HnswIndex(DIM)
+    fill(idx, 1, clustered(20, seed=7), "a")
+    idx.save(tmp_path / "ix")
+    (tmp_path / "ix" / "tenant-1.usearch").unlink()
+    with pytest.raises(ValueError, match="tenant-1.usearch is missing"):
+        HnswIndex.load(tmp_path / "ix")
+    meta = tmp_path / "ix" / "meta.json"
+    for broken in ({"tenants": {}}, {"dim": DIM, "params": [1], "tenants": {}}):
+        meta.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match="not an index snapshot"):
+            HnswIndex.load(tmp_path / "ix")
+    meta.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not an index snapshot"):
+        HnswIndex.saved_extra(tmp_path / "ix")
+
+
 # -- indexes in the database ----------------------------------------------------------------
 
 

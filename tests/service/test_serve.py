@@ -165,3 +165,7 @@ def test_settings_from_env() -> None:
         ServiceSettings.from_env({"ADVFACE_THRESHOLD": "high"})
     with pytest.raises(ValueError):
         ServiceSettings.from_env({"ADVFACE_PROTECTION_PARAMS": "[1]"})
+    # NaN would pass every range check (rate limiting silently off); Inf most of them.
+    for name, value in [("RATE_LIMIT", "nan"), ("DB_TIMEOUT", "inf"), ("MAX_FEATURE_ABS", "inf")]:
+        with pytest.raises(ValueError, match="finite"):
+            ServiceSettings.from_env({"ADVFACE_DB_URL": "sqlite:///x.db", f"ADVFACE_{name}": value})

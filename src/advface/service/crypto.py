@@ -145,12 +145,23 @@ def read_key_file(path: Path) -> bytes:
 
 
 def write_key_file(path: Path) -> bytes:
-    """Create a new random master key file (mode 0600; never overwrites one)."""
+    """Create a new random master key file (mode 0600; never overwrites one). The key is
+    written and synced under a temporary name and hard-linked into place, so a failed write
+    never leaves an empty or partial key file behind."""
     key = new_data_key()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(base64.b64encode(key).decode() + "\n")
+    if path.exists():
+        raise FileExistsError(f"master key file {path} exists; it is never overwritten")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.b64encode(key).decode() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # atomic; fails rather than replace a key created meanwhile
+    finally:
+        tmp.unlink(missing_ok=True)
     return key
 
 

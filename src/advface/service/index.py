@@ -274,7 +274,11 @@ class HnswIndex(VectorIndex):
     @staticmethod
     def saved_extra(folder: str | Path) -> dict[str, Any]:
         """The ``extra`` a saved index was written with (reads the metadata only)."""
-        return dict(json.loads((Path(folder) / "meta.json").read_text()).get("extra", {}))
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+        extra = meta.get("extra", {}) if isinstance(meta, dict) else None
+        if not isinstance(extra, dict):
+            raise ValueError(f"{folder}/meta.json is not an index snapshot's")
+        return dict(extra)
 
     @classmethod
     def load(cls, folder: str | Path, *, view: bool = False) -> HnswIndex:
@@ -284,17 +288,24 @@ class HnswIndex(VectorIndex):
 
         folder = Path(folder)
         meta = json.loads((folder / "meta.json").read_text())
-        idx = cls(int(meta["dim"]), **meta["params"])
-        for tenant_s, rows in meta["tenants"].items():
-            tenant = int(tenant_s)
-            path = str(folder / f"tenant-{tenant}.usearch")
-            g = _Graph(Index.restore(path, view=view))
-            g.index.expansion_search = meta["params"]["expansion_search"]
-            for key, tid, sid in rows:
-                g.ids[int(key)] = (tid, sid)
-                idx._where[tid] = (tenant, int(key))
-            idx._graphs[tenant] = g
-        idx._next_key = int(meta["next_key"])
+        # A damaged snapshot is a ValueError (the service then rebuilds from the database).
+        try:
+            idx = cls(int(meta["dim"]), **meta["params"])
+            for tenant_s, rows in meta["tenants"].items():
+                tenant = int(tenant_s)
+                path = folder / f"tenant-{tenant}.usearch"
+                restored = Index.restore(str(path), view=view) if path.is_file() else None
+                if restored is None:
+                    raise ValueError(f"{path} is missing or not a usearch index")
+                g = _Graph(restored)
+                g.index.expansion_search = meta["params"]["expansion_search"]
+                for key, tid, sid in rows:
+                    g.ids[int(key)] = (tid, sid)
+                    idx._where[tid] = (tenant, int(key))
+                idx._graphs[tenant] = g
+            idx._next_key = int(meta["next_key"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{folder}/meta.json is not an index snapshot's: {exc!r}") from exc
         return idx
 
     def replace_with(self, other: HnswIndex) -> None:

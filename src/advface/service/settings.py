@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -96,6 +97,10 @@ class ServiceSettings:
     def __post_init__(self) -> None:
         if not self.db_url:
             object.__setattr__(self, "db_url", default_db_url())
+        for f in fields(self):  # NaN passes every range check below; Inf most of them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(
                 f"threshold must be a cosine similarity in [-1, 1], got {self.threshold}"

@@ -312,3 +312,29 @@ def test_reembed_and_migrate_refuse_bad_settings_with_an_error_line(tmp_path: Pa
 def test_attack_refuses_bad_replay_thresholds_before_loading(tmp_path, flags, message) -> None:
     res = _run("attack", "--attacker", tmp_path / "no-checkpoint", "--dataset", "lfw", *flags)
     _refused(res, message)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval-fr", "--dataset", "lfw", "--device", "gpu"], "is not a device"),
+        (["reproduce", "--profile", "smoke", "--device", "mps"], "only cpu and cuda"),
+        (["train-recon", "--device", "cuda:x"], "is not a device"),
+        (["protect-bulk", "a", "b", "--protection", "none", "--device", "foo"], "is not a device"),
+    ],
+)
+def test_a_bad_device_is_refused_while_parsing(tmp_path: Path, args, message) -> None:
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "cache").exists()  # refused before anything was loaded
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_is_refused_where_there_is_none(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["protect", "a", "b", "--method", "none", "--device", "cuda"])
+    assert res.exit_code == 2 and "CUDA is not available" in res.output, res.output
+    # Ray workers may have GPUs this machine lacks: bulk checks the name only.
+    from advface.cli._options import check_device_name
+
+    assert check_device_name("cuda:1") == "cuda:1"

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from advface.cli._errors import user_errors
-from advface.cli._options import JsonOpt
+from advface.cli._options import DeviceOpt, JsonOpt
 
 ARCH_HELP = "transrec | resrec | urec"
 
@@ -77,7 +77,7 @@ def train_recon_command(
     depth: DepthOpt = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     limit: Annotated[int | None, typer.Option("--limit", min=2, help="First N images")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
+    device: DeviceOpt = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from --out")] = False,
     overwrite: OverwriteCkptOpt = False,
     max_minutes: MaxMinutesOpt = None,
@@ -162,7 +162,7 @@ def attack_command(
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
-    device: Annotated[str, typer.Option("--device")] = "cpu",
+    device: DeviceOpt = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads")] = None,
     data_root: Annotated[Path | None, typer.Option("--data-root")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,

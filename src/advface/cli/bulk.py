@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from advface.cli._errors import check_weights, user_errors
-from advface.cli._options import JsonOpt
+from advface.cli._options import JsonOpt, check_device_name
 
 SrcArg = Annotated[
     Path,
@@ -49,7 +49,8 @@ EngineOpt = Annotated[
 ]
 WeightsOpt = Annotated[Path | None, typer.Option(help="FaceNet weights for E (default: converted)")]
 DeviceOpt = Annotated[
-    str | None, typer.Option(help="cpu | cuda (default: cuda when --num-gpus > 0)")
+    str | None,
+    typer.Option(help="cpu | cuda (default: cuda when --num-gpus > 0)", callback=check_device_name),
 ]
 PrecheckOpt = Annotated[
     bool, typer.Option(help="scan every feature map for NaN/Inf before writing anything")

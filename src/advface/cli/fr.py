@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from advface.cli._errors import loading, user_errors
-from advface.cli._options import JsonOpt, QuietOpt
+from advface.cli._options import DeviceOpt, JsonOpt, QuietOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -43,7 +43,7 @@ def eval_fr_cmd(
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of the --pairs-per-fold sample")] = 0,
     batch_size: int = 64,
-    device: str = "cpu",
+    device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from advface.cli._errors import check_checkpoint_dir, loading, user_errors
-from advface.cli._options import JsonOpt, QuietOpt
+from advface.cli._options import DeviceOpt, JsonOpt, QuietOpt
 
 SrcArg = Annotated[Path, typer.Argument(help="safetensors with tensor z (N,64,77,77)")]
 DstArg = Annotated[Path, typer.Argument(help="output safetensors (written atomically)")]
@@ -50,7 +50,6 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", min=0, help="seed (random
 WeightsOpt = Annotated[
     Path | None, typer.Option("--weights", help="FaceNet weights for E (default: converted)")
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace DST")]
 

@@ -104,6 +104,18 @@ def test_client_checks_its_url_and_key_and_names_an_unreachable_service() -> Non
     for bad in ("notaurl", "ftp://host", "http://", "http://user:pw@host"):
         with pytest.raises(ValueError, match="service URL"):
             AdvFaceClient(bad, "afk_x")
+    # A key httpx cannot send, or a timeout that would only fail at the first request.
+    for key in ("", "afk_x\r\nX-Evil: 1", "afk_é", "afk x"):
+        with pytest.raises(ValueError, match="api_key"):
+            AdvFaceClient("http://127.0.0.1:9", key)
+    for kw in (
+        {"timeout": 0},
+        {"timeout": float("nan")},
+        {"backoff": float("inf")},
+        {"retries": 1.5},
+    ):
+        with pytest.raises(ValueError):
+            AdvFaceClient("http://127.0.0.1:9", "afk_x", **kw)
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"

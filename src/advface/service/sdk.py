@@ -17,6 +17,7 @@ through OpenCV: ``AdvFaceClient(url, key, extractor=OnnxExtractor("e-onnx"))``
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -178,8 +179,15 @@ class AdvFaceClient:
         transport: httpx.BaseTransport | None = None,
         model_version: str | None = None,
     ) -> None:
-        if retries < 0 or backoff < 0:
-            raise ValueError("retries and backoff must be >= 0")
+        if not (isinstance(retries, int) and retries >= 0) or not 0 <= backoff < math.inf:
+            raise ValueError(f"retries (an int) and backoff must be >= 0 and finite, got "
+                             f"{retries!r}, {backoff!r}")  # fmt: skip
+        if not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+        # A header value with a newline or a non-ASCII character would fail inside httpx on
+        # every request (and read as "service unreachable" after the retries).
+        if not (api_key and api_key.isascii() and api_key.isprintable() and " " not in api_key):
+            raise ValueError("api_key must be the printable ASCII token `advface keys create` gave")
         _check_base_url(base_url)
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),

@@ -23,6 +23,10 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
 def test_export_carries_networks_and_records_only(tmp_path: Path) -> None:
     cache, ledger = tmp_path / "cache", tmp_path / "ledger"
     _write(cache / "model-attacker-resrec-abc" / "config.json", "epoch 3")
@@ -34,8 +38,7 @@ def test_export_carries_networks_and_records_only(tmp_path: Path) -> None:
     _write(cache / "stored-lfw-dp-0000-789.safetensors", "chunk")
     r = _ledger("export", cache, ledger)
     assert r.returncode == 0, r.stderr
-    got = sorted(str(p.relative_to(ledger)) for p in ledger.rglob("*") if p.is_file())
-    assert got == [
+    assert _files(ledger) == [
         "model-attacker-resrec-abc/config.json",
         "model-attacker-resrec-abc/model.safetensors",
         "offline-advface-def/config.json",
@@ -107,8 +110,7 @@ def test_publish_copies_results_without_caches_or_logs(tmp_path: Path) -> None:
     _write(dest / "ledger" / "record-lfw-none-1.json", "{}")
     r = _publish(run, dest)
     assert r.returncode == 0, r.stderr
-    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
-    assert got == [
+    assert _files(dest) == [
         "README.md",
         "ledger/record-lfw-none-1.json",
         "results.json",

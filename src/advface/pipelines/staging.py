@@ -9,9 +9,9 @@ and the repository's working tree fit one transfer):
   ``meta.tar`` (the protocol text files) and the first shard of the converted FaceNet weights
   in float16 (47 MB instead of 94, split into ``facenet-fp16-NN.safetensors`` shards, one per
   part, as ``part_mib`` requires);
-- the next parts: the other weight shards, then ``images.tar``: every aligned face of the
-  staged datasets, JPEG-encoded (quality 95 by default; 8 KB a face instead of 77 KB as uint8)
-  at its original path.
+- the next parts: the other weight shards, then ``images.tar`` (from the room the last shard
+  leaves on): every aligned face of the staged datasets, JPEG-encoded (quality 95 by default;
+  8 KB a face instead of 77 KB as uint8) at its original path.
 
 :func:`unstage` checks every part against the manifest and writes a *staged data root*: the
 original layout and protocol files, each image replaced by its aligned 160x160 crop, and the
@@ -135,23 +135,27 @@ def _fp16_error(model: Any, state: dict[str, Any], probe: np.ndarray) -> dict[st
 
 
 class _PartWriter:
-    """Appends files to ``part-NN/images.tar``, starting a new part before one would overflow."""
+    """Appends files to ``part-NN/images.tar``: first into the room ``used`` leaves in part
+    ``last`` (the last weights part), then into new parts, each started before one would
+    overflow."""
 
-    def __init__(self, dest: Path, limit: int, first_index: int) -> None:
+    def __init__(self, dest: Path, limit: int, last: Path, used: int) -> None:
         self.dest, self.limit = dest, limit
-        self.index, self.size, self.tar = first_index - 1, 0, None
-        self.parts: list[Path] = []
+        self.folder, self.size, self.tar = last, used, None
+        self.index = int(last.name.removeprefix("part-"))
+        self.parts: list[Path] = []  # the parts it started
 
     def add(self, name: str, data: bytes) -> None:
         need = _TAR_BLOCK + -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK
-        if self.tar is None or self.size + need > self.limit - _MARGIN:
+        full = self.size + need > self.limit - _MARGIN
+        if full:
             self.close()
             self.index += 1
-            folder = self.dest / f"part-{self.index:02d}"
-            folder.mkdir()
-            self.parts.append(folder)
-            self.tar = tarfile.open(folder / "images.tar", "w")  # noqa: SIM115 - closed by close()
+            self.folder = _mkdir(self.dest / f"part-{self.index:02d}")
+            self.parts.append(self.folder)
             self.size = 0
+        if self.tar is None:
+            self.tar = tarfile.open(self.folder / "images.tar", "w")  # noqa: SIM115 - closed by close()
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         self.tar.addfile(info, io.BytesIO(data))
@@ -270,7 +274,13 @@ def stage(
     model, state = _facenet_fp16(cache)
     shards = _shards(state, limit - _META_ROOM)
     with atomic_folder(dest) as tmp:
-        writer = _PartWriter(tmp, limit, first_index=len(shards))
+        first = tmp / "part-00"
+        weight_parts = [_mkdir(tmp / f"part-{i:02d}") for i in range(len(shards))]
+        weight_files = _write_shards(shards, weight_parts)
+        used = sum(f.stat().st_size for f in weight_parts[-1].iterdir())
+        writer = _PartWriter(
+            tmp, limit, weight_parts[-1], used + (_META_ROOM if len(shards) == 1 else 0)
+        )
         meta: dict[str, bytes] = {}
         report: dict[str, Any] = {}
         probe = None
@@ -280,10 +290,7 @@ def stage(
             )
             probe = images[:32] if probe is None else probe
         writer.close()
-        first = tmp / "part-00"
-        _write_meta(_mkdir(first), meta)
-        weight_parts = [first, *(_mkdir(tmp / f"part-{i:02d}") for i in range(1, len(shards)))]
-        weight_files = _write_shards(shards, weight_parts)
+        _write_meta(first, meta)
         weights = _fp16_error(model, state, probe)
         parts = [*weight_parts, *writer.parts]
         manifest = {

@@ -1,7 +1,9 @@
-"""Print what a ledger (scripts/ledger.sh) holds as a Markdown table: each trained network with
-its epochs, training time and last loss, whether it is finished, and the finished settings.
+"""Print what a ledger (scripts/ledger.sh) or a run's stage cache holds as a Markdown table: each
+trained network with its epochs, training time and last loss, whether it is finished, and the
+finished settings. (Offline heads appear in a cache only: the ledger leaves them out.)
 
     python scripts/ledger_status.py docs/results/cpu-full/ledger
+    python scripts/ledger_status.py runs/cpu-full/cache
 """
 
 from __future__ import annotations

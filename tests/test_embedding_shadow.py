@@ -153,6 +153,12 @@ def test_validation_and_registry(nets, tmp_path):
         prot.protect(torch.full((1, C, H, H), float("nan")))
     with pytest.raises(ValueError, match="embeddings"):
         prot.protect_embedding(torch.zeros(3))
+    with pytest.raises(ValueError, match="at least one sample"):
+        prot.protect_embedding(torch.zeros(0, 6))
+    with pytest.raises(ValueError, match="6-d"):
+        prot.protect_embedding(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="generator must be"):
+        prot.protect_embedding(torch.zeros(2, 6), generator=7)
     params = prot.params()
     assert params["name"] == "embedding-shadow"
     assert {"generator_sha256", "shadow_sha256", "head_sha256", "identity_weight"} <= set(params)

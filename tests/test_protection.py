@@ -111,6 +111,38 @@ def test_bad_input_raises_value_error(bad, message: str) -> None:
             p.protect(bad)
 
 
+@pytest.mark.parametrize("generator", [5, "seed", torch.Generator])
+def test_bad_generator_raises_value_error(generator) -> None:
+    e, s = _pair()
+    z = _features(2, e)
+    for p in _all_small(s, e):
+        with pytest.raises(ValueError, match="generator must be"):
+            p.protect(z, generator=generator)
+
+
+@pytest.mark.parametrize(
+    "protection",
+    [
+        # Finite parameters whose noise overflows float32: Laplace draws reach ~17 scales,
+        # 40 bounded uniform rounds of 1e38 add up past float32's 3.4e38.
+        LaplaceDP(expected_shape=SMALL, seed=0, epsilon_dp=1e-30, sensitivity=1e10),
+        RandomPerturbation(expected_shape=SMALL, seed=0, bound=1e38),
+    ],
+)
+def test_overflowing_parameters_never_return_inf(protection) -> None:
+    e, _ = _pair()
+    with pytest.raises(ValueError, match="not finite"):
+        protection.protect(_features(2, e))
+
+
+def test_float64_work_that_overflows_float16_is_refused() -> None:
+    e, _ = _pair()
+    z = _features(2, e).half()
+    p = RandomPerturbation(expected_shape=SMALL, seed=0, bound=1e5, steps=2)
+    with pytest.raises(ValueError, match="not finite"):
+        p.protect(z)
+
+
 def test_default_shape_is_e_output() -> None:
     p = NoProtection()
     assert p.expected_shape == (64, 77, 77)
@@ -128,6 +160,7 @@ def test_default_shape_is_e_output() -> None:
         ("random", {"colour": 1}, "bad parameters"),
         ("dp", {"epsilon_dp": 0.0}, "epsilon_dp"),
         ("dp", {"sensitivity": -1.0}, "sensitivity"),
+        ("dp", {"epsilon_dp": 1e-320}, "overflows"),
         ("none", {"seed": -3}, "seed"),
         ("none", {"expected_shape": (4, 9)}, "expected_shape"),
         ("advface", {}, "bad parameters"),

@@ -67,6 +67,31 @@ def noise_like(z: Tensor, generator: torch.Generator | None, kind: str = "unifor
     return noise.to(z.device)
 
 
+def check_generator(generator: Any) -> torch.Generator | None:
+    """Return ``generator`` after checking it is None or a CPU ``torch.Generator`` (noise is
+    drawn on the CPU so that seeded results do not depend on the device)."""
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {generator!r:.60}")
+    if generator.device.type != "cpu":
+        raise ValueError("generator must be a CPU torch.Generator (noise is drawn on the CPU)")
+    return generator
+
+
+def check_output_finite(name: str, out: Tensor) -> None:
+    """Raise ``ValueError`` when a protection's output holds NaN/Inf: finite input and finite
+    parameters can still overflow float32 (e.g. a Laplace scale near its limit, or huge bounds
+    summed over many steps), and such a template must never be stored."""
+    finite = torch.isfinite(out)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"{name}: {bad} of {out.numel()} output values are not finite; its parameters "
+            "overflow float32 arithmetic (use a smaller noise scale, bound or step count)"
+        )
+
+
 def _check_seed(seed: Any) -> int | None:
     if seed is None:
         return None
@@ -114,10 +139,9 @@ class Protection(ABC):
         one stream across the batches of a file.
         """
         self.validate(z)
+        generator = check_generator(generator)
         if generator is None and self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed)
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError("generator must be a CPU torch.Generator (noise is drawn on the CPU)")
         work_dtype = z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32
         # Inference tensors cannot enter autograd, and the caller may hold us in no_grad or
         # inference_mode; leave both here and let each protection decide where it needs grad.
@@ -126,7 +150,10 @@ class Protection(ABC):
             out = self._protect(zin, generator)
         if out.shape != z.shape:  # a subclass bug, not a user error
             raise RuntimeError(f"{self.name}: output shape {tuple(out.shape)} != {tuple(z.shape)}")
-        return out.detach().to(device=z.device, dtype=z.dtype)
+        out = out.detach().to(device=z.device, dtype=z.dtype)
+        # Checked after the cast: float64 work can stay finite and still overflow float32/16.
+        check_output_finite(self.name, out)
+        return out
 
     __call__ = protect
 

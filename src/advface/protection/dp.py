@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -37,6 +38,11 @@ class LaplaceDP(Protection):
         if self.epsilon_dp == 0.0:
             raise ValueError("epsilon_dp must be > 0 (0 means infinite noise)")
         self.sensitivity = check_finite_number("sensitivity", sensitivity, low=0.0)
+        if not math.isfinite(self.scale):
+            raise ValueError(
+                f"Laplace scale sensitivity / epsilon_dp = {self.sensitivity} / {self.epsilon_dp}"
+                " overflows; use a larger epsilon_dp or a smaller sensitivity"
+            )
 
     @property
     def scale(self) -> float:

@@ -36,7 +36,14 @@ from torch import Tensor, nn
 
 from advface.models.facenet import unit_to_facenet
 from advface.protection.advface import BN_MODES, _frozen_copy, _swap_norms, fingerprint, load_shadow
-from advface.protection.base import Protection, check_choice, check_finite_number, check_int
+from advface.protection.base import (
+    Protection,
+    check_choice,
+    check_finite_number,
+    check_generator,
+    check_int,
+    check_output_finite,
+)
 from advface.protection.pgd import PGD, unit_scale
 
 
@@ -194,12 +201,25 @@ class EmbeddingShadow(Protection):
         """The core: stored features (N,64,77,77) from embeddings e (N,512) and randomness."""
         if not isinstance(e, Tensor) or e.ndim != 2 or not e.is_floating_point():
             raise ValueError(f"embeddings must be a floating tensor (N, D), got {e!r:.60}")
+        if e.shape[0] < 1:
+            raise ValueError(f"embeddings must hold at least one sample, got {tuple(e.shape)}")
+        width = self._embedding_width()
+        if width is not None and e.shape[1] != width:
+            raise ValueError(f"embeddings must be {width}-d (D's input), got {e.shape[1]}")
         if not bool(torch.isfinite(e).all()):
             raise ValueError("embeddings must be finite")
+        generator = check_generator(generator)
         if generator is None and self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed)
         with torch.inference_mode(False), torch.no_grad():
-            return self._from_embedding(e.detach().to(self.device, torch.float32), generator)
+            out = self._from_embedding(e.detach().to(self.device, torch.float32), generator)
+        check_output_finite(self.name, out)
+        return out
+
+    def _embedding_width(self) -> int | None:
+        """The embedding width D reads: its first linear layer's input (None if it has none)."""
+        first = next((m for m in self.generator.modules() if isinstance(m, nn.Linear)), None)
+        return None if first is None else int(first.in_features)
 
     def _from_embedding(self, e: Tensor, generator: torch.Generator | None) -> Tensor:
         e = F.normalize(e, dim=1)

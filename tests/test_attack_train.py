@@ -150,13 +150,37 @@ def test_budget_clock_ignores_time_the_process_does_not_run(monkeypatch) -> None
 
 
 def test_settings_validation() -> None:
-    for bad in ({"epochs": 0}, {"batch_size": 1}, {"lr": 0.0}, {"max_minutes": -1.0}):
-        with pytest.raises(ValueError):
+    bad_settings = (
+        {"epochs": 0},
+        {"epochs": 2.5},
+        {"batch_size": 1},
+        {"batch_size": 8.0},
+        {"lr": 0.0},
+        {"lr": float("inf")},
+        {"lr": float("nan")},
+        {"max_minutes": -1.0},
+        {"max_minutes": float("inf")},
+        {"seed": -1},
+        {"flip": "no"},
+    )
+    for bad in bad_settings:
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=name):
             TrainSettings(**bad)
     with pytest.raises(ValueError):
         train_recon(faces(1), stand_in_extractor(), arch="transrec")
     with pytest.raises(ValueError):
         train_recon(faces(4), stand_in_extractor(), arch="transrec", resume=True)
+
+
+def test_a_decompression_bomb_in_a_folder_is_a_clear_error(monkeypatch, tmp_path) -> None:
+    from PIL import Image
+
+    Image.fromarray(faces(1)[0]).save(tmp_path / "a.png")
+    # Any image past PIL's pixel limit is refused by PIL with DecompressionBombError.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ValueError, match="cannot read image .*a.png"):
+        trainsets._read_folder(tmp_path, None)
 
 
 def test_disjointness_check(monkeypatch, tmp_path) -> None:

@@ -46,6 +46,31 @@ def test_inversion_settings_are_validated():
         FeatureInversion(nn.Identity(), None, InversionSettings(id_weight=0), torch.zeros(3, 4, 4))
 
 
+@pytest.mark.parametrize(
+    ("z", "message"),
+    [
+        (torch.zeros(16, 79, 79), "4-D"),
+        (torch.zeros(0, 16, 79, 79), "N >= 1"),
+        (torch.zeros(1, 16, 79, 79, dtype=torch.int64), "floating"),
+        (torch.full((1, 16, 79, 79), float("nan")), "finite"),
+    ],
+)
+def test_inversion_refuses_malformed_features(z, message):
+    inv = FeatureInversion(nn.Identity(), None, InversionSettings(steps=1, id_weight=0.0))
+    with pytest.raises(ValueError, match=message):
+        inv(z)
+
+
+def test_from_embedding_refuses_malformed_embeddings():
+    head = nn.Sequential(nn.Flatten(), nn.Linear(3 * 160 * 160, 4))
+    inv = FeatureInversion(
+        nn.Identity(), head, InversionSettings(steps=1, feature_weight=0.0, id_weight=1.0)
+    )
+    for bad, message in ((torch.zeros(4), "2-D"), (torch.full((1, 4), float("inf")), "finite")):
+        with pytest.raises(ValueError, match=message):
+            inv.from_embedding(bad)
+
+
 def test_mean_face_ignores_its_input():
     images = np.stack([np.full((160, 160, 3), v, np.uint8) for v in (0, 100, 200)])
     floor = MeanFace.from_images(images)

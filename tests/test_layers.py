@@ -14,6 +14,7 @@ ROOT = Path(advface.__file__).parent
 LAYER = {
     "config": 0,
     "fileio": 0,
+    "checks": 0,
     "": 0,  # advface/__init__.py: the version
     "models": 1,
     "data": 1,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from advface.attacks.replay import pair_cosine, replay_success
+from advface.attacks.replay import embed_unit_images, pair_cosine, replay_success
 from advface.pipelines.attack import save_grid, select_keys
 
 
@@ -35,6 +35,22 @@ def test_srra_counts_threshold_inclusive() -> None:
         replay_success(rec, orig, {})
     with pytest.raises(ValueError):
         replay_success(rec, orig[:3], {"t": 0.1})
+
+
+@pytest.mark.parametrize(
+    ("x", "kw", "message"),
+    [
+        (torch.zeros(0, 3, 8, 8), {}, "N >= 1"),
+        (torch.zeros(2, 1, 8, 8), {}, "N,3,H,W"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), {}, "floating"),
+        (torch.full((2, 3, 8, 8), float("nan")), {}, "finite"),
+        (torch.zeros(2, 3, 8, 8), {"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_embed_unit_images_refuses_bad_input(x, kw, message) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    with pytest.raises(ValueError, match=message):
+        embed_unit_images(model, x, **kw)
 
 
 def test_select_keys() -> None:

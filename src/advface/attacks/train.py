@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from advface.checks import check_finite_number, check_int
 from advface.models.facenet import unit_to_facenet  # noqa: F401 (re-exported: older imports)
 from advface.models.recon import build_recon, load_checkpoint, read_config, save_checkpoint
 from advface.models.recon.checkpoint import atomic_save_tensors
@@ -122,14 +123,17 @@ class TrainSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        check_int("epochs", self.epochs, low=1)
+        check_int("batch_size", self.batch_size, low=2)  # BatchNorm needs two samples
+        check_int("seed", self.seed, low=0)
+        if check_finite_number("lr", self.lr, low=0.0) == 0.0:
+            raise ValueError("lr must be > 0, got 0.0")
+        minutes = self.max_minutes
+        if minutes is not None and check_finite_number("max_minutes", minutes, low=0.0) == 0:
+            raise ValueError("max_minutes must be > 0, got 0.0")
+        for name in ("flip", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
 
 @dataclass

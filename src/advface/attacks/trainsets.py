@@ -61,7 +61,9 @@ def _read_folder(folder: Path, limit: int | None) -> tuple[np.ndarray, list[str]
                 if im.size != (160, 160):
                     im = im.resize((160, 160), Image.BILINEAR)
                 out[i] = np.asarray(im)
-        except OSError as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            # PIL refuses images past its pixel limit (a decompression bomb) with an error that
+            # is not an OSError; either way the folder is not a set of face crops.
             raise ValueError(f"cannot read image {p}: {err}") from err
     return out, [str(p.relative_to(folder)) for p in paths]
 

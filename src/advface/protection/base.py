@@ -8,7 +8,6 @@ each protected template.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -16,36 +15,23 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+# Re-exported: the protections' parameter checks (they live at the bottom layer, shared).
+from advface.checks import check_choice, check_finite_number, check_int
+
+__all__ = [
+    "FEATURE_SHAPE",
+    "NoProtection",
+    "Protection",
+    "check_choice",
+    "check_finite_number",
+    "check_generator",
+    "check_int",
+    "check_output_finite",
+    "noise_like",
+]
+
 #: E's output for a 160x160 input at ``conv2d_2b``: 64 channels, 77x77.
 FEATURE_SHAPE: tuple[int, int, int] = (64, 77, 77)
-
-
-def check_finite_number(name: str, value: Any, *, low: float | None = None) -> float:
-    """Return ``value`` as float after checking it is a finite real (and ``>= low``)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
-def check_int(name: str, value: Any, *, low: int) -> int:
-    """Return ``value`` after checking it is an int ``>= low`` (bools rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """Return ``value`` after checking it is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return str(value)
 
 
 def noise_like(z: Tensor, generator: torch.Generator | None, kind: str = "uniform") -> Tensor:

@@ -60,6 +60,18 @@ def test_shape_errors() -> None:
         ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
 
 
+@pytest.mark.parametrize("metric", [ssim, psnr, image_metrics])
+def test_uint8_or_non_finite_images_are_refused(metric) -> None:
+    x = torch.rand(2, 3, 20, 20)
+    as_uint8 = (x * 255).round().to(torch.uint8)
+    with pytest.raises(ValueError, match="float image"):
+        metric(as_uint8, x)
+    poisoned = x.clone()
+    poisoned[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        metric(x, poisoned)
+
+
 def test_summary_interval() -> None:
     rng = np.random.default_rng(0)
     v = rng.normal(0.5, 0.1, 400)
@@ -69,6 +81,10 @@ def test_summary_interval() -> None:
     assert summarize([0.3]).ci_low == 0.3
     with pytest.raises(ValueError):
         summarize([])
+    with pytest.raises(ValueError, match="finite"):
+        summarize([0.5, float("nan")])
+    with pytest.raises(ValueError, match="level"):
+        summarize([0.5, 0.6], level=1.5)
 
 
 def test_proportion_ci() -> None:
@@ -77,3 +93,8 @@ def test_proportion_ci() -> None:
     assert proportion_ci(0, 10)[0] == 0.0 and proportion_ci(10, 10)[1] == 1.0
     with pytest.raises(ValueError):
         proportion_ci(3, 2)
+    assert proportion_ci(np.int64(97), 100) == (lo, hi)
+    for bad in ({"level": 1.5}, {"level": 0.0}, {"successes": 2.5}, {"n": True}):
+        args = {"successes": 3, "n": 10, **bad}
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            proportion_ci(**args)

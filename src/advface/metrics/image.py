@@ -26,6 +26,12 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
         )
     if x.shape[0] == 0:
         raise ValueError("no images")
+    for name, t in (("x", x), ("y", y)):
+        if not t.is_floating_point():
+            # A uint8 image against a [0,1] float one would score as noise, silently.
+            raise ValueError(f"{name} must be a float image in [0, 1], got dtype {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} holds NaN/Inf values")
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -94,8 +100,9 @@ def summarize(values: np.ndarray | torch.Tensor | list[float], level: float = 0.
     v = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
     if v.ndim != 1 or v.size == 0:
         raise ValueError(f"need a non-empty 1-D array of values, got shape {v.shape}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    if not np.isfinite(v).all():
+        raise ValueError(f"values must be finite, got {int((~np.isfinite(v)).sum())} NaN/Inf")
+    _check_level(level)
     n, mean = v.size, float(v.mean())
     if n == 1:
         return Summary(mean, mean, mean, 0.0, 1)
@@ -104,12 +111,21 @@ def summarize(values: np.ndarray | torch.Tensor | list[float], level: float = 0.
     return Summary(mean, mean - half, mean + half, std, n)
 
 
+def _check_level(level: float) -> None:
+    if isinstance(level, bool) or not isinstance(level, int | float) or not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+
+
 def proportion_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a success rate (well-behaved near 0 and 1, unlike Wald)."""
     from scipy.stats import norm
 
+    for name, value in (("successes", successes), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
     if n <= 0 or not 0 <= successes <= n:
         raise ValueError(f"need 0 <= successes <= n and n > 0, got {successes}/{n}")
+    _check_level(level)
     z = float(norm.ppf(0.5 + level / 2))
     p = successes / n
     denom = 1 + z * z / n

@@ -127,6 +127,48 @@ def test_checkpoint_errors(tmp_path) -> None:
     assert not (tmp_path / "x" / "model.safetensors").exists()
 
 
+def _saved(tmp_path, width: int = 4):
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, build_recon("transrec", width=width), "transrec", {"width": width})
+    return ck
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda ck: (ck / "config.json").write_text("{not json"), "not valid JSON"),
+        (lambda ck: (ck / "config.json").write_bytes(b"\xff\xfe{}"), "not valid JSON"),
+        (
+            lambda ck: (ck / "config.json").write_text(json.dumps({"arch": "transrec", "cfg": 4})),
+            "needs arch and cfg",
+        ),
+        (
+            lambda ck: (ck / "config.json").write_text(
+                json.dumps({"arch": "transrec", "cfg": {"width": "wide"}})
+            ),
+            "cannot build",
+        ),
+        (
+            lambda ck: (ck / "model.safetensors").write_bytes(
+                (ck / "model.safetensors").read_bytes()[:100]
+            ),
+            "not a readable safetensors",
+        ),
+        (
+            lambda ck: (ck / "config.json").write_text(
+                json.dumps({"arch": "transrec", "cfg": {"width": 8}})
+            ),
+            "does not fit",
+        ),
+    ],
+)
+def test_damaged_checkpoints_are_value_errors(tmp_path, damage, message) -> None:
+    ck = _saved(tmp_path)
+    damage(ck)
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(ck)
+
+
 def test_profiles() -> None:
     from advface.models.recon import PROFILES, profile_config, recon_params
 

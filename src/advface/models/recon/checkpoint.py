@@ -81,8 +81,15 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no reconstruction checkpoint at {directory} (missing {CONFIG_FILE})"
         )
-    config = json.loads(path.read_text())
-    if not isinstance(config, dict) or "arch" not in config or "cfg" not in config:
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if (
+        not isinstance(config, dict)
+        or not isinstance(config.get("arch"), str)
+        or not isinstance(config.get("cfg"), dict)
+    ):
         raise ValueError(f"{path} is not a reconstruction checkpoint config (needs arch and cfg)")
     return config
 
@@ -92,9 +99,21 @@ def load_checkpoint(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Return ``(model in eval mode, config)``; shapes must match the recorded architecture."""
     config = read_config(directory)
-    model = build_recon(config["arch"], **config["cfg"])
+    try:
+        model = build_recon(config["arch"], **config["cfg"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{Path(directory) / CONFIG_FILE}: cannot build the network: {err}"
+        ) from err
     weights = Path(directory) / MODEL_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"missing {weights}")
-    model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError)
+        raise ValueError(f"{weights} is not a readable safetensors file: {err}") from err
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights} does not fit the network its config describes: {err}") from err
     return model.to(device).eval(), config

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -110,7 +111,7 @@ def load_checkpoint(
         raise FileNotFoundError(f"missing {weights}")
     try:
         state = load_file(str(weights), device="cpu")
-    except Exception as err:  # safetensors raises its own SafetensorError (and OSError)
+    except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights} is not a readable safetensors file: {err}") from err
     try:
         model.load_state_dict(state, strict=True)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from advface.checks import check_finite_number, check_int
@@ -182,6 +182,142 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     return [b for b in order.split(batch_size) if len(b) > 1]
 
 
+@dataclass
+class _Run:
+    """One training run's moving parts (what the epoch loop and the checkpoints share)."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    extractor: nn.Module
+    arch: str
+    cfg: dict[str, Any]
+    settings: TrainSettings
+    out: Path | None
+    meta: dict[str, Any]
+    n_train: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def checkpoint(self, epochs_done: int, partial: bool) -> None:
+        if self.out is None:
+            return
+        s = self.settings
+        save_checkpoint(
+            self.out,
+            self.model,
+            self.arch,
+            self.cfg,
+            **self.meta,
+            epochs=epochs_done,
+            epochs_target=s.epochs,
+            partial_epoch=partial,
+            seed=s.seed,
+            lr=s.lr,
+            batch_size=s.batch_size,
+            flip=s.flip,
+            n_train=self.n_train,
+            history=self.history,
+        )
+        _save_optimizer(self.opt, self.out / OPTIMIZER_FILE)
+
+
+def _check_images(images: np.ndarray) -> None:
+    if not isinstance(images, np.ndarray):
+        raise ValueError(f"expected a numpy array of uint8 images, got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images (N,H,W,3), got {images.dtype} {images.shape}")
+    if len(images) < 2:
+        raise ValueError(f"need at least 2 training images, got {len(images)}")
+
+
+def _previous(out: Path | None, arch: str) -> dict[str, Any]:
+    """The config of the checkpoint a resumed run continues."""
+    if out is None:
+        raise ValueError("resume needs out_dir")
+    prev = read_config(out)
+    if prev["arch"] != arch:
+        raise ValueError(f"{out} holds a {prev['arch']} checkpoint, not {arch}")
+    return prev
+
+
+def _restore(run: _Run, prev: dict[str, Any], device: torch.device) -> int:
+    """Load the checkpoint's weights, Adam state and history into ``run``; the epoch to start."""
+    assert run.out is not None
+    loaded, _ = load_checkpoint(run.out, device)
+    run.model.load_state_dict(loaded.state_dict())
+    if (run.out / OPTIMIZER_FILE).is_file():
+        _load_optimizer(run.opt, run.out / OPTIMIZER_FILE)
+    start_epoch = int(prev.get("epochs", 0))
+    # A partial epoch (time limit) is redone from its start: drop its history entry.
+    run.history = [h for h in prev.get("history", []) if h["epoch"] <= start_epoch]
+    return start_epoch
+
+
+def _batch_features(
+    run: _Run,
+    x: Tensor,
+    rows: np.ndarray,
+    flip: Tensor,
+    feature_fn: FeatureFn | MemoFeatures | None,
+) -> Tensor:
+    """z = feature_fn(E(x)) for one batch (from the memo when it holds them)."""
+    with torch.no_grad():
+        if isinstance(feature_fn, MemoFeatures):
+            return feature_fn.lookup(
+                list(zip(rows.tolist(), flip.tolist(), strict=True)),
+                lambda sel: run.extractor(unit_to_facenet(x[sel])),
+            ).to(x.device)
+        z = run.extractor(unit_to_facenet(x))
+        return z if feature_fn is None else feature_fn(z).detach()
+
+
+def _train_epoch(
+    run: _Run,
+    images: np.ndarray,
+    epoch: int,
+    feature_fn: FeatureFn | MemoFeatures | None,
+    clock: Callable[[], float],
+    deadline: float | None,
+) -> bool:
+    """One epoch (or its part up to ``deadline``); appends its history entry, True if cut."""
+    s = run.settings
+    device = next(run.model.parameters()).device
+    # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
+    gen = torch.Generator().manual_seed(s.seed * 1_000_003 + epoch)
+    batches = _batches(len(images), s.batch_size, gen)
+    run.model.train()
+    total, count, t0, c0 = 0.0, 0, time.perf_counter(), clock()
+    stopped = False
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{s.epochs}", disable=not s.progress)
+    for idx in bar:
+        rows = np.sort(idx.numpy())
+        x = to_unit(images[rows]).to(device)
+        flip = torch.zeros(len(x), dtype=torch.bool)
+        if s.flip:
+            flip = torch.rand(len(x), generator=gen) < 0.5
+            x[flip] = x[flip].flip(-1)
+        z = _batch_features(run, x, rows, flip, feature_fn)
+        loss = (run.model(z) - x).abs().mean()
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+        total += loss.item() * len(x)
+        count += len(x)
+        bar.set_postfix(l1=f"{total / count:.4f}")
+        if deadline is not None and clock() > deadline:
+            stopped = True
+            break
+    run.history.append(
+        {
+            "epoch": epoch + 1,
+            "l1": total / max(count, 1),
+            "images": count,
+            "seconds": time.perf_counter() - t0,
+            "budget_seconds": clock() - c0,
+        }
+    )
+    return stopped
+
+
 def train_recon(
     images: np.ndarray,
     extractor: nn.Module,
@@ -203,57 +339,29 @@ def train_recon(
     """
     s = settings or TrainSettings()
     cfg = dict(cfg or {})
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"expected uint8 images (N,H,W,3), got {images.dtype} {images.shape}")
-    if len(images) < 2:
-        raise ValueError(f"need at least 2 training images, got {len(images)}")
+    _check_images(images)
     device = torch.device(s.device)
     out = Path(out_dir) if out_dir is not None else None
-    prev: dict[str, Any] | None = None
-    if resume:
-        if out is None:
-            raise ValueError("resume needs out_dir")
-        prev = read_config(out)
-        if prev["arch"] != arch:
-            raise ValueError(f"{out} holds a {prev['arch']} checkpoint, not {arch}")
+    prev = _previous(out, arch) if resume else None
+    if prev is not None:
         cfg = dict(prev["cfg"])  # the checkpoint's shape wins over the caller's cfg
     torch.manual_seed(s.seed)  # weight initialisation
     model = build_recon(arch, **cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     extractor = extractor.to(device).eval()
     for p in extractor.parameters():
         p.requires_grad_(False)
-
-    start_epoch, history = 0, []
-    if prev is not None and out is not None:
-        loaded, _ = load_checkpoint(out, device)
-        model.load_state_dict(loaded.state_dict())
-        if (out / OPTIMIZER_FILE).is_file():
-            _load_optimizer(opt, out / OPTIMIZER_FILE)
-        start_epoch, history = int(prev.get("epochs", 0)), list(prev.get("history", []))
-        # A partial epoch (time limit) is redone from its start: drop its history entry.
-        history = [h for h in history if h["epoch"] <= start_epoch]
-
-    def checkpoint(epochs_done: int, partial: bool) -> None:
-        if out is None:
-            return
-        save_checkpoint(
-            out,
-            model,
-            arch,
-            cfg,
-            **(meta or {}),
-            epochs=epochs_done,
-            epochs_target=s.epochs,
-            partial_epoch=partial,
-            seed=s.seed,
-            lr=s.lr,
-            batch_size=s.batch_size,
-            flip=s.flip,
-            n_train=len(images),
-            history=history,
-        )
-        _save_optimizer(opt, out / OPTIMIZER_FILE)
+    run = _Run(
+        model=model,
+        opt=torch.optim.Adam(model.parameters(), lr=s.lr),
+        extractor=extractor,
+        arch=arch,
+        cfg=cfg,
+        settings=s,
+        out=out,
+        meta=dict(meta or {}),
+        n_train=len(images),
+    )
+    start_epoch = _restore(run, prev, device) if prev is not None else 0
 
     t_start = time.perf_counter()
     clock = budget_clock(device)
@@ -261,52 +369,11 @@ def train_recon(
     stopped = False
     epoch = start_epoch
     for epoch in range(start_epoch, s.epochs):
-        # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
-        gen = torch.Generator().manual_seed(s.seed * 1_000_003 + epoch)
-        batches = _batches(len(images), s.batch_size, gen)
-        model.train()
-        total, count, t0, c0 = 0.0, 0, time.perf_counter(), clock()
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{s.epochs}", disable=not s.progress)
-        for idx in bar:
-            rows = np.sort(idx.numpy())
-            x = to_unit(images[rows]).to(device)
-            flip = torch.zeros(len(x), dtype=torch.bool)
-            if s.flip:
-                flip = torch.rand(len(x), generator=gen) < 0.5
-                x[flip] = x[flip].flip(-1)
-            with torch.no_grad():
-                if isinstance(feature_fn, MemoFeatures):
-                    z = feature_fn.lookup(
-                        list(zip(rows.tolist(), flip.tolist(), strict=True)),
-                        lambda sel, x=x: extractor(unit_to_facenet(x[sel])),
-                    ).to(device)
-                else:
-                    z = extractor(unit_to_facenet(x))
-                    if feature_fn is not None:
-                        z = feature_fn(z).detach()
-            loss = (model(z) - x).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(x)
-            count += len(x)
-            bar.set_postfix(l1=f"{total / count:.4f}")
-            if deadline is not None and clock() > deadline:
-                stopped = True
-                break
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "l1": total / max(count, 1),
-                "images": count,
-                "seconds": time.perf_counter() - t0,
-                "budget_seconds": clock() - c0,
-            }
-        )
+        stopped = _train_epoch(run, images, epoch, feature_fn, clock, deadline)
         if stopped:
             # Weights include a partial epoch; a resume restarts this epoch from its beginning.
-            checkpoint(epoch, partial=True)
+            run.checkpoint(epoch, partial=True)
             break
-        checkpoint(epoch + 1, partial=False)
+        run.checkpoint(epoch + 1, partial=False)
     done = epoch if stopped else s.epochs
-    return TrainResult(model.eval(), done, history, stopped, time.perf_counter() - t_start)
+    return TrainResult(model.eval(), done, run.history, stopped, time.perf_counter() - t_start)

@@ -43,6 +43,99 @@ def spent_minutes(config: dict) -> float:
     return sum(h.get("budget_seconds", h["seconds"]) for h in history) / 60
 
 
+def _decoder_key(
+    ctx: RunContext,
+    name: str,
+    arch: str,
+    split: IdentitySplit,
+    *,
+    features: str,
+    depends: dict,
+    code: tuple[str, ...],
+    epochs: int,
+    flip: bool,
+) -> dict[str, Any]:
+    """Everything a decoder's checkpoint depends on (see :func:`train_cached`)."""
+    p = ctx.profile
+    return dict(
+        name=name,
+        arch=arch,
+        cfg=recon_cfg(p, arch),
+        data=hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
+        # What the faces are made from: a source image replaced under its name retrains.
+        faces=source_fingerprint(split.dataset, split.keys, data_root=ctx.root),
+        n=len(split),
+        features=features,
+        depends=depends,
+        epochs=epochs,
+        max_minutes=p.max_minutes,
+        batch=p.train_batch,
+        lr=p.lr,
+        seed=p.seed,
+        flip=flip,
+        weights=ctx.weights_sha,
+        code=code_fingerprint(code),
+    )
+
+
+def _train(
+    ctx: RunContext,
+    name: str,
+    key: dict[str, Any],
+    ckpt: Path,
+    images: Callable[[], np.ndarray],
+    *,
+    feature_fn: FeatureFn | MemoFeatures | None,
+    resume: bool,
+    max_minutes: float | None,
+    meta: dict[str, Any],
+) -> None:
+    """Load the faces, fill ``feature_fn``'s memo, then train (or resume) ``ckpt``."""
+    from advface.attacks.train import train_recon
+
+    p = ctx.profile
+    t0 = time.perf_counter()
+    faces = images()
+    if isinstance(feature_fn, MemoFeatures):
+        # Features first, so that a time budget buys training, not protection.
+        ctx.timings[f"features {name}"] = round(
+            feature_fn.fill(
+                faces,
+                ctx.encoder,
+                device=ctx.device,
+                batch_size=p.protect_batch,
+                flips=key["flip"],
+                progress=ctx.progress,
+                desc=f"features {name}",
+            ),
+            1,
+        )
+    settings = TrainSettings(
+        epochs=key["epochs"],
+        batch_size=p.train_batch,
+        lr=p.lr,
+        seed=p.seed,
+        device=str(ctx.device),
+        progress=ctx.progress,
+        flip=key["flip"],
+        max_minutes=max_minutes,
+    )
+    res = train_recon(
+        faces,
+        ctx.encoder,
+        arch=key["arch"],
+        cfg=key["cfg"],
+        settings=settings,
+        out_dir=ckpt,
+        resume=resume,
+        feature_fn=feature_fn,
+        meta=meta,
+    )
+    ctx.timings[f"train {name}"] = round(time.perf_counter() - t0, 1)
+    if res.stopped_early:  # the time budget ran out: the model is what that budget buys
+        ctx.log(f"{name}: time budget reached after {res.epochs_done} epoch(s)")
+
+
 def train_cached(
     ctx: RunContext,
     name: str,
@@ -67,29 +160,19 @@ def train_cached(
     needed); the profile's ``max_minutes`` is the whole time budget (what a checkpoint spent
     is taken off). Returns ``(model in eval mode, checkpoint config, checkpoint folder
     name)``."""
-    from advface.attacks.train import train_recon
     from advface.models.recon import load_checkpoint, read_config
 
     p = ctx.profile
-    cfg = recon_cfg(p, arch)
-    key = dict(
-        name=name,
-        arch=arch,
-        cfg=cfg,
-        data=hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
-        # What the faces are made from: a source image replaced under its name retrains.
-        faces=source_fingerprint(split.dataset, split.keys, data_root=ctx.root),
-        n=len(split),
+    key = _decoder_key(
+        ctx,
+        name,
+        arch,
+        split,
         features=features,
         depends=depends,
+        code=code,
         epochs=epochs,
-        max_minutes=p.max_minutes,
-        batch=p.train_batch,
-        lr=p.lr,
-        seed=p.seed,
         flip=flip,
-        weights=ctx.weights_sha,
-        code=code_fingerprint(code),
     )
     ckpt = ctx.stages.path(f"model-{name}", key, "")
     started = (ckpt / "config.json").exists()
@@ -97,46 +180,17 @@ def train_cached(
     left = None if p.max_minutes is None else p.max_minutes - spent_minutes(config)
     if not config.get("done") and (left is None or left > 0):
         ctx.log(f"training {name} ({arch}, {features}) on {len(split)} images of {split.name}")
-        t0 = time.perf_counter()
-        faces = images()
-        if isinstance(feature_fn, MemoFeatures):
-            # Features first, so that a time budget buys training, not protection.
-            ctx.timings[f"features {name}"] = round(
-                feature_fn.fill(
-                    faces,
-                    ctx.encoder,
-                    device=ctx.device,
-                    batch_size=p.protect_batch,
-                    flips=flip,
-                    progress=ctx.progress,
-                    desc=f"features {name}",
-                ),
-                1,
-            )
-        settings = TrainSettings(
-            epochs=epochs,
-            batch_size=p.train_batch,
-            lr=p.lr,
-            seed=p.seed,
-            device=str(ctx.device),
-            progress=ctx.progress,
-            flip=flip,
-            max_minutes=left,
-        )
-        res = train_recon(
-            faces,
-            ctx.encoder,
-            arch=arch,
-            cfg=cfg,
-            settings=settings,
-            out_dir=ckpt,
-            resume=started,
+        _train(
+            ctx,
+            name,
+            key,
+            ckpt,
+            images,
             feature_fn=feature_fn,
+            resume=started,
+            max_minutes=left,
             meta=meta,
         )
-        ctx.timings[f"train {name}"] = round(time.perf_counter() - t0, 1)
-        if res.stopped_early:  # the time budget ran out: the model is what that budget buys
-            ctx.log(f"{name}: time budget reached after {res.epochs_done} epoch(s)")
     if not config.get("done"):
         mark_done(ckpt)  # finished, or its time budget is spent
     model, config = load_checkpoint(ckpt, device=ctx.device)

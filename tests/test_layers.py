@@ -78,3 +78,17 @@ def test_the_checker_sees_function_level_and_relative_imports() -> None:
     source = "def f():\n    from advface.cli import app\n    from . import sibling\n"
     found = _imported(ROOT / "models" / "probe.py", source)
     assert found == {"cli", "models"}
+
+
+def test_stage_keys_cover_the_shared_parameter_checks() -> None:
+    """A protection or training validates its parameters in advface.checks: a stage key that
+    fingerprints that code must fingerprint the checks too."""
+    from advface.pipelines.context import EVAL_CODE, PROTECTION_CODE, TRAIN_CODE
+    from advface.pipelines.eval_fr import PROTECTED_CODE
+    from advface.pipelines.reproduce.extras import OFFLINE_CODE
+
+    for parts in (EVAL_CODE, PROTECTION_CODE, TRAIN_CODE, PROTECTED_CODE, OFFLINE_CODE):
+        assert "checks.py" in parts, parts
+    users = sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if "checks" in _imported(p))
+    covered = ("protection/", "attacks/", "metrics/", "models/")
+    assert users and all(u.startswith(covered) for u in users), users

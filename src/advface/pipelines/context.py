@@ -24,14 +24,17 @@ TRAIN_CODE: tuple[str, ...] = (
     "models/recon",
     "attacks/train.py",
     "pipelines/decoders.py",
+    "checks.py",
     *FACENET_CODE,
 )
-PROTECTION_CODE: tuple[str, ...] = ("protection",)
+#: ``checks.py``: the parameter checks every layer shares (a protection's included).
+PROTECTION_CODE: tuple[str, ...] = ("protection", "checks.py")
 EVAL_CODE: tuple[str, ...] = (
     "models/recon",
     "attacks",
     "protection",
     "metrics",
+    "checks.py",
     "pipelines/recon_eval.py",
     *FACENET_CODE,
 )

@@ -22,7 +22,7 @@ ProtectMode = Literal["stored", "both"]
 PROTECT_CHUNK = 256
 #: Sources the clean and the protected embeddings run (hashed into their cache keys).
 CLEAN_CODE: tuple[str, ...] = ("models/facenet.py", "models/split.py", "pipelines/embed.py")
-PROTECTED_CODE: tuple[str, ...] = ("protection", *CLEAN_CODE)
+PROTECTED_CODE: tuple[str, ...] = ("protection", "checks.py", *CLEAN_CODE)
 
 
 @dataclass

@@ -123,9 +123,9 @@ def test_bad_generator_raises_value_error(generator) -> None:
 @pytest.mark.parametrize(
     "protection",
     [
-        # Finite parameters whose noise overflows float32: Laplace draws reach ~17 scales,
-        # 40 bounded uniform rounds of 1e38 add up past float32's 3.4e38.
-        LaplaceDP(expected_shape=SMALL, seed=0, epsilon_dp=1e-30, sensitivity=1e10),
+        # Parameters within float32 whose noise overflows it: a third of Laplace draws exceed
+        # 1.1 scales, 40 bounded uniform rounds of 1e38 add up past float32's 3.4e38.
+        LaplaceDP(expected_shape=SMALL, seed=0, sensitivity=3e38),
         RandomPerturbation(expected_shape=SMALL, seed=0, bound=1e38),
     ],
 )
@@ -156,11 +156,14 @@ def test_default_shape_is_e_output() -> None:
         ("nope", {}, "unknown protection"),
         ("random", {"steps": -1}, "steps"),
         ("random", {"bound": float("nan")}, "bound"),
+        ("random", {"bound": 1e39}, "float32"),
+        ("dp", {"sensitivity": 1e300}, "float32"),
         ("random", {"distribution": "gauss"}, "distribution"),
         ("random", {"colour": 1}, "bad parameters"),
         ("dp", {"epsilon_dp": 0.0}, "epsilon_dp"),
         ("dp", {"sensitivity": -1.0}, "sensitivity"),
         ("dp", {"epsilon_dp": 1e-320}, "overflows"),
+        ("dp", {"epsilon_dp": 1e-10, "sensitivity": 1e30}, "overflows"),
         ("none", {"seed": -3}, "seed"),
         ("none", {"expected_shape": (4, 9)}, "expected_shape"),
         ("advface", {}, "bad parameters"),

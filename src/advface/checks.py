@@ -7,17 +7,23 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+#: Largest float32: the networks and features compute in float32, so a parameter beyond it
+#: (finite as a Python float) would overflow inside torch.
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 def check_finite_number(
     name: str, value: Any, *, low: float | None = None, high: float | None = None
 ) -> float:
-    """Return ``value`` as float after checking it is a finite real (``low <= value <= high``
-    where given; bools rejected)."""
+    """Return ``value`` as float after checking it is a finite real within float32's range
+    (``low <= value <= high`` where given; bools rejected)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name} must be within float32's range (|x| <= 3.4e38), got {value}")
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     if high is not None and value > high:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from advface.checks import FLOAT32_MAX
 from advface.protection.base import Protection, check_finite_number
 
 
@@ -38,10 +38,10 @@ class LaplaceDP(Protection):
         if self.epsilon_dp == 0.0:
             raise ValueError("epsilon_dp must be > 0 (0 means infinite noise)")
         self.sensitivity = check_finite_number("sensitivity", sensitivity, low=0.0)
-        if not math.isfinite(self.scale):
+        if not self.scale <= FLOAT32_MAX:  # also catches inf from a float64 overflow
             raise ValueError(
                 f"Laplace scale sensitivity / epsilon_dp = {self.sensitivity} / {self.epsilon_dp}"
-                " overflows; use a larger epsilon_dp or a smaller sensitivity"
+                " overflows float32; use a larger epsilon_dp or a smaller sensitivity"
             )
 
     @property

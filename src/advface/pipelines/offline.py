@@ -237,6 +237,18 @@ def _eval_loss(parts, data, settings) -> dict[str, float]:
     return out
 
 
+def _losses_and_costs(
+    parts, data, settings: DistillSettings, start_loss: dict[str, float], history: list[dict]
+) -> dict[str, Any]:
+    """The record's losses before and after training, its history and optimiser steps."""
+    return {
+        "loss_before": {k: round(v, 6) + 0.0 for k, v in start_loss.items()},
+        "loss_after": {k: round(v, 6) + 0.0 for k, v in _eval_loss(parts, data, settings).items()},
+        "history": history,
+        "steps": sum(math.ceil(h["images"] / settings.batch_size) for h in history),
+    }
+
+
 def distill_head(
     teacher: nn.Module,
     protection: Any,
@@ -307,10 +319,7 @@ def distill_head(
         "images": n,
         "teacher_fingerprint": teacher_fp,
         "protection": _protection_record(protection),
-        "loss_before": {k: round(v, 6) + 0.0 for k, v in start_loss.items()},
-        "loss_after": {k: round(v, 6) + 0.0 for k, v in _eval_loss(parts, data, settings).items()},
-        "history": history,
-        "steps": sum(math.ceil(h["images"] / settings.batch_size) for h in history),
+        **_losses_and_costs(parts, data, settings, start_loss, history),
         "stopped_by": stop,
         "feature_seconds": round(feature_s, 1),
         "seconds": round(time.monotonic() - t0, 1),

@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
 # Start a throwaway PostgreSQL on 127.0.0.1 for the service tests and export its URL as
 # ADVFACE_TEST_POSTGRES_URL. Idempotent: reuses a running server, initialises once.
-# Source it (`source .ci/postgres.sh`) to get the variable, or run it to print the URL.
+# Source it (`source .ci/postgres.sh`) to get the variable, or run it to print the URL;
+# `advface_pg_stop` then stops the server if this shell started it (a reused one keeps running).
 # Installs PostgreSQL with apt when it is missing. On failure it warns and leaves the
 # variable unset (the postgres tests then skip) unless ADVFACE_REQUIRE_POSTGRES=1.
+
+_ADVFACE_PG_STOP=()
+
+advface_pg_stop() {
+  if [ "${#_ADVFACE_PG_STOP[@]}" -gt 0 ]; then
+    "${_ADVFACE_PG_STOP[@]}" >/dev/null 2>&1 || true
+    _ADVFACE_PG_STOP=()
+  fi
+}
 
 _advface_pg() {
   local dir="${ADVFACE_PG_DIR:-/tmp/advface-pg}"
@@ -51,6 +61,8 @@ _advface_pg() {
       tail -n 20 "$dir/server.log" >&2
       return 1
     }
+    # Started here (not reused): advface_pg_stop stops it again.
+    _ADVFACE_PG_STOP=("${as[@]}" "$bin/pg_ctl" -D "$dir/data" -m fast -w stop)
   fi
   local psql=("$bin/psql" -h 127.0.0.1 -p "$port" -U "$user" -v ON_ERROR_STOP=1 -tA)
   export PGPASSWORD="$pass"

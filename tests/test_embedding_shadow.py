@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from advface.models.recon import build_recon
 from advface.protection import build_protection, parse_spec
 from advface.protection.embedding_shadow import EmbeddingShadow
 
@@ -159,6 +160,10 @@ def test_validation_and_registry(nets, tmp_path):
         prot.protect_embedding(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="generator must be"):
         prot.protect_embedding(torch.zeros(2, 6), generator=7)
+    # An EmbDec generator states its width (input_shape); refused before anything runs.
+    prot.generator = build_recon("embdec", width=2, dim=9)
+    with pytest.raises(ValueError, match="9-d"):
+        prot.protect_embedding(torch.zeros(2, 6))
     params = prot.params()
     assert params["name"] == "embedding-shadow"
     assert {"generator_sha256", "shadow_sha256", "head_sha256", "identity_weight"} <= set(params)

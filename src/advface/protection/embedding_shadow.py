@@ -217,7 +217,11 @@ class EmbeddingShadow(Protection):
         return out
 
     def _embedding_width(self) -> int | None:
-        """The embedding width D reads: its first linear layer's input (None if it has none)."""
+        """The embedding width D reads: its ``input_shape`` (EmbDec records it), else its first
+        linear layer's input; None when neither says."""
+        shape = getattr(self.generator, "input_shape", None)
+        if isinstance(shape, tuple) and len(shape) == 1 and isinstance(shape[0], int):
+            return shape[0]
         first = next((m for m in self.generator.modules() if isinstance(m, nn.Linear)), None)
         return None if first is None else int(first.in_features)
 

@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 #: Largest float32: the networks and features compute in float32, so a parameter beyond it
 #: (finite as a Python float) would overflow inside torch.
 FLOAT32_MAX = 3.4028234663852886e38
@@ -45,3 +47,17 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return str(value)
+
+
+def check_batch(what: str, t: Any, *, dims: int) -> torch.Tensor:
+    """Return ``t`` after checking it is a finite floating tensor with ``dims`` dimensions and
+    at least one sample (N, ...)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise ValueError(f"{what} must be a floating tensor, got {t!r:.60}")
+    if t.dim() != dims or t.shape[0] < 1:
+        raise ValueError(
+            f"{what} must be {dims}-D with N >= 1 (at least one sample), got {tuple(t.shape)}"
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} must be finite (NaN/Inf found)")
+    return t

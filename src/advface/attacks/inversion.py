@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from advface.checks import check_batch
 from advface.models.facenet import unit_to_facenet
 
 
@@ -58,16 +59,6 @@ class InversionSettings:
             raise ValueError("feature_weight and id_weight cannot both be 0 (nothing to match)")
 
 
-def _check_batch(what: str, t: Tensor, *, dims: int) -> None:
-    """A finite floating batch with ``dims`` dimensions and N >= 1, or a ``ValueError``."""
-    if not isinstance(t, Tensor) or not t.is_floating_point():
-        raise ValueError(f"{what} must be a floating tensor, got {t!r:.60}")
-    if t.dim() != dims or t.shape[0] < 1:
-        raise ValueError(f"{what} must be {dims}-D with N >= 1, got shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what} must be finite (NaN/Inf found)")
-
-
 class FeatureInversion(nn.Module):
     """Callable attacker: ``inv(z_stored) -> x`` in [0,1], same interface as a trained decoder.
 
@@ -98,7 +89,7 @@ class FeatureInversion(nn.Module):
         self.register_buffer("init", init.clamp(0.01, 0.99) if init is not None else None)
 
     def forward(self, z: Tensor) -> Tensor:
-        _check_batch("features", z, dims=4)
+        check_batch("features", z, dims=4)
         target_e = None
         if self.settings.id_weight > 0:
             with torch.no_grad():
@@ -110,7 +101,7 @@ class FeatureInversion(nn.Module):
         (needs ``feature_weight=0``)."""
         if self.settings.feature_weight > 0:
             raise ValueError("from_embedding needs feature_weight=0 (no feature map to match)")
-        _check_batch("embeddings", e, dims=2)
+        check_batch("embeddings", e, dims=2)
         target = F.normalize(e.detach().float(), dim=1)
         return self._invert(None, target, len(e), e.device)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from advface.checks import check_int
+from advface.checks import check_batch, check_int
 from advface.metrics.image import proportion_ci
 from advface.models.facenet import unit_to_facenet
 
@@ -25,13 +25,10 @@ def embed_unit_images(
     model: nn.Module, x: torch.Tensor, *, batch_size: int = 32, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """Embeddings (N,512), unit norm, of [0,1] images (N,3,160,160) through the full FaceNet."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"expected a floating image tensor (N,3,H,W), got {x!r:.60}")
-    if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] < 1:
-        raise ValueError(f"expected images (N,3,H,W) with N >= 1, got {tuple(x.shape)}")
+    check_batch("images", x, dims=4)
+    if x.shape[1] != 3:
+        raise ValueError(f"expected images (N,3,H,W), got {tuple(x.shape)}")
     check_int("batch_size", batch_size, low=1)
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("images must be finite (NaN/Inf found)")
     model = model.to(device).eval()
     out = [
         model(unit_to_facenet(x[s : s + batch_size].to(device))).float().cpu()

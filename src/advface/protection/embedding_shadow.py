@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from advface.checks import check_batch
 from advface.models.facenet import unit_to_facenet
 from advface.protection.advface import BN_MODES, _frozen_copy, _swap_norms, fingerprint, load_shadow
 from advface.protection.base import (
@@ -199,15 +200,10 @@ class EmbeddingShadow(Protection):
 
     def protect_embedding(self, e: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """The core: stored features (N,64,77,77) from embeddings e (N,512) and randomness."""
-        if not isinstance(e, Tensor) or e.ndim != 2 or not e.is_floating_point():
-            raise ValueError(f"embeddings must be a floating tensor (N, D), got {e!r:.60}")
-        if e.shape[0] < 1:
-            raise ValueError(f"embeddings must hold at least one sample, got {tuple(e.shape)}")
+        check_batch("embeddings (N, D)", e, dims=2)
         width = self._embedding_width()
         if width is not None and e.shape[1] != width:
             raise ValueError(f"embeddings must be {width}-d (D's input), got {e.shape[1]}")
-        if not bool(torch.isfinite(e).all()):
-            raise ValueError("embeddings must be finite")
         generator = check_generator(generator)
         if generator is None and self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed)

@@ -102,6 +102,7 @@ def test_smoke_bench_end_to_end_and_resumes(data_root, tmp_path):
     recon = {(r["method"], r["attacker"]) for r in data["rows"] if r.get("ssim") is not None}
     for m in METHODS:
         assert {(m, "paper-resrec"), (m, "inversion"), (m, "embedding")} <= recon
+        assert (m, "embedding-ridge") in recon
         assert ((m, "embedding-inversion") in recon) == (m != "none")
         acc = [r for r in data["rows"] if r["method"] == m and r.get("accuracy") is not None]
         assert len(acc) == 1 and acc[0]["n_pairs"] == 20
@@ -120,6 +121,13 @@ def test_smoke_bench_end_to_end_and_resumes(data_root, tmp_path):
         assert {(m, "adaptive-own"), (m, "adaptive-leaked")} <= recon
     assert {("random", "adaptive-leaked"), ("dp", "adaptive-leaked")} <= recon
     assert ("floor-embedding", "floor-embedding") in recon
+    assert ("floor-embedding-ridge", "floor-embedding-ridge") in recon
+    # The ridge decoder: fit in closed form on the attackers' images and their mirrors.
+    ridge = data["training"]["attacker-ridge"]
+    assert ridge["closed_form"] and same["closed_form"] == ["attacker-ridge"]
+    assert (ridge["data_sha256"], ridge["flip"]) == (same["data_sha256"], True)
+    assert ridge["lambda"] in [float(k) for k in ridge["cv_mse"]]
+    assert "attacker-ridge (ridge, lambda" in (out / "report.md").read_text()
     assert ("floor-mean-face", "floor-mean-face") in recon
     for role, t in data["training"].items():
         if role.startswith(("attacker", "adaptive")):

@@ -108,12 +108,17 @@ def test_identity_is_judged_by_srra_and_replay_against_the_floors():
 
 
 def test_weak_floor_decoder_is_reported():
-    assert "undertrained" in weak_floor_decoder(ROWS, "lfw")
+    assert "floor decoders are weak" in weak_floor_decoder(ROWS, "lfw")
     strong = [
         {**r, "ssim": 0.6, "ssim_ci95": [0.59, 0.61]} if r["method"] == "floor-embedding" else r
         for r in ROWS
     ]
     assert weak_floor_decoder(strong, "lfw") is None
+    # Either floor decoder above the mean face measures the floor; the ridge one is a floor
+    # attacker that sees only the embedding.
+    ridge = _row("floor-embedding-ridge", "floor-embedding-ridge", 0.52, 0.01, 0.12)
+    assert weak_floor_decoder([*ROWS, ridge], "lfw") is None
+    assert embedding_floor([*ROWS, ridge], "lfw", "ssim")["attacker"] == "floor-embedding-ridge"
 
 
 def _meta(**extra):
@@ -170,7 +175,7 @@ def test_report_verdict_per_metric_n_far_and_records():
     assert "85.0% paper-resrec: above" in md  # decoders only
     assert "n/a (too few impostor pairs)" in md and "(100 impostor pairs; it needs 1,000)" in md
     assert "Wilson over pairs" in md and "98.00 [93.00, 99.00]" in md
-    assert "undertrained" in md
+    assert "floor decoders are weak" in md
 
 
 def test_accuracy_interval_is_wilson_over_pairs():
@@ -252,6 +257,15 @@ def test_every_attacker_trains_alike():
     ]
     with pytest.raises(ValueError):
         attacker_training({**training, "adaptive-own-advface": {**rec, "flip": False}})
+    # A closed-form fit has no epochs or budget: only its images and flips are compared.
+    ridge = {k: rec[k] for k in ("train_set", "n_train", "data_sha256", "flip")}
+    ridge["closed_form"] = True
+    check_same_training(training, "attacker-ridge", ridge)
+    with pytest.raises(ValueError, match="data_sha256"):
+        check_same_training(training, "attacker-ridge", {**ridge, "data_sha256": "def"})
+    summary = attacker_training({"attacker-ridge": ridge, **training})
+    assert summary["attackers"] == ["attacker-resrec"] and summary["epochs_setting"] == 1
+    assert summary["closed_form"] == ["attacker-ridge"]
 
 
 def test_cli_report_rerenders_a_bench_folder_without_touching_its_results(tmp_path):

@@ -8,17 +8,22 @@ Roles and data (:mod:`advface.data.splits`):
 - attackers, on LFW people outside the test folds and outside CFP (checked by name): the
   paper's attacker R
   (ResRec, clean features; also the attacker's own shadow), the embedding decoder F (EmbDec on
-  Psi(E(x)): the embedding floor; also the attacker's own generator), and one adaptive ResRec
-  per (protection, knowledge) trained on protected features.
+  Psi(E(x)): the embedding floor; also the attacker's own generator), the ridge decoder
+  (:mod:`advface.attacks.ridge`, fit in closed form on the same embeddings: an embedding floor
+  that no training budget can leave weak), and one adaptive ResRec per (protection,
+  knowledge) trained on protected features.
 
 Every attacker trains on the same images with the same flip setting, epochs and time budget
-(:func:`check_same_training` refuses anything else): an adaptive attacker protects the
-mirrored images too, as an attacker augmenting its own public faces can.
+(:func:`check_same_training` refuses anything else; a closed-form fit has no epochs or budget,
+so only its data is compared): an adaptive attacker protects the mirrored images too, as an
+attacker augmenting its own public faces can.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -26,10 +31,12 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from advface.data.splits import IdentitySplit
 from advface.pipelines.context import EVAL_CODE as SHARED_EVAL_CODE
 from advface.pipelines.context import (  # noqa: F401 (re-exported for the bench's run)
+    FACENET_CODE,
     PROTECTION_CODE,
     TRAIN_CODE,
     RunContext,
@@ -43,15 +50,12 @@ EVAL_CODE = (
     *SHARED_EVAL_CODE,
     *(f"pipelines/robustness/{m}.py" for m in ("run", "models", "metrics", "profiles")),
 )
-#: Training-record fields that must agree between every attacker of a run.
-SAME_FOR_ATTACKERS = (
-    "train_set",
-    "n_train",
-    "data_sha256",
-    "flip",
-    "epochs_setting",
-    "max_minutes",
-)
+#: Code of the ridge decoder's fit (its training embeddings are FaceNet's).
+RIDGE_CODE = ("attacks/ridge.py", "checks.py", "pipelines/robustness/models.py", *FACENET_CODE)
+#: Training-record fields that must agree between every attacker of a run: the data, and for
+#: trained networks the schedule (a closed-form fit, ``closed_form: True``, has none).
+SAME_DATA = ("train_set", "n_train", "data_sha256", "flip")
+SAME_FOR_ATTACKERS = (*SAME_DATA, "epochs_setting", "max_minutes")
 
 
 def is_attacker(role: str) -> bool:
@@ -61,13 +65,16 @@ def is_attacker(role: str) -> bool:
 
 def check_same_training(training: dict[str, dict], role: str, record: dict) -> None:
     """Raise ``ValueError`` if attacker ``role`` would train on other images or with another
-    flip setting, epoch count or time budget than the attackers recorded in ``training``."""
+    flip setting, epoch count or time budget than the attackers recorded in ``training`` (a
+    closed-form fit on either side: the images and flip setting only)."""
     if not is_attacker(role):
         return
     for other, rec in training.items():
         if not is_attacker(other) or other == role:
             continue
-        diff = [k for k in SAME_FOR_ATTACKERS if rec.get(k) != record.get(k)]
+        closed = rec.get("closed_form") or record.get("closed_form")
+        fields = SAME_DATA if closed else SAME_FOR_ATTACKERS
+        diff = [k for k in fields if rec.get(k) != record.get(k)]
         if diff:
             raise ValueError(
                 f"attacker {role} would train unlike {other} ({', '.join(diff)}): every bench "
@@ -167,3 +174,85 @@ def embedding_features(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
             return head(z)
 
     return fn
+
+
+def batches(n: int, size: int, desc: str, ctx: BenchContext):
+    """``range(0, n, size)`` with a progress bar when the run shows them."""
+    return tqdm(range(0, n, size), desc=desc, disable=not ctx.progress, unit="batch")
+
+
+@torch.no_grad()
+def embed_clean(ctx: BenchContext, images: np.ndarray, desc: str) -> np.ndarray:
+    """FaceNet's embeddings (N,512) of uint8 faces (N,160,160,3), in batches of the profile's."""
+    from advface.models.facenet import preprocess
+
+    out = []
+    bs = ctx.profile.protect_batch
+    for s in batches(len(images), bs, desc, ctx):
+        out.append(ctx.facenet(preprocess(images[s : s + bs]).to(ctx.device)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def fit_ridge(ctx: BenchContext, role: str, split: IdentitySplit) -> tuple[nn.Module, str]:
+    """Fit the ridge embedding decoder on ``split`` (and, as every network of the run, the
+    mirror images when the profile flips; an image and its mirror are one cross-validation
+    group) and record it; returns ``(decoder, its key)``. The training embeddings are a cached
+    stage; the fit itself takes seconds and is redone."""
+    from advface.attacks.ridge import DEFAULT_LAMBDAS, fit_ridge_decoder
+
+    p = ctx.profile
+    same = {
+        "train_set": split.name,
+        "n_train": len(split),
+        "data_sha256": hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
+        "flip": p.flip,
+        "closed_form": True,
+    }
+    check_same_training(ctx.training, role, same)
+    images = ctx.images(split)
+    groups = np.arange(len(images))
+    if p.flip:
+        images = np.concatenate([images, images[:, :, ::-1]])
+        groups = np.concatenate([groups, groups])
+    settings = {
+        "role": role,
+        "data": same["data_sha256"],
+        "flip": p.flip,
+        "weights": ctx.weights_sha,
+        "code": code_fingerprint(RIDGE_CODE),
+        "lambdas": list(DEFAULT_LAMBDAS),
+        "folds": 5,
+        "seed": p.seed,
+    }
+    emb = ctx.stages.arrays(
+        f"{role}-embeddings",
+        {k: settings[k] for k in ("role", "data", "flip", "weights", "code")},
+        lambda: {"emb": embed_clean(ctx, images, f"{role} embeddings")},
+    )["emb"]
+    t0 = time.perf_counter()
+    target = torch.from_numpy(np.ascontiguousarray(images)).to(ctx.device)
+    fit = fit_ridge_decoder(
+        torch.from_numpy(emb).to(ctx.device),
+        target.permute(0, 3, 1, 2).float().div(255),
+        groups=groups,
+        lambdas=DEFAULT_LAMBDAS,
+        folds=settings["folds"],
+        seed=p.seed,
+    )
+    seconds = round(time.perf_counter() - t0, 1)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    ctx.training[role] = {
+        **same,
+        "arch": "ridge",
+        "features": "embedding",
+        "epochs": "closed form",
+        "lambda": fit.lam,
+        "cv_mse": {f"{k:g}": round(v, 6) for k, v in fit.cv_mse.items()},
+        "loss_curve": [],
+        "seconds": seconds,
+        "budget_seconds": seconds,
+        "identity_overlap_with_test": (split.notes.get("identity_check") or {}).get("overlap"),
+        "identity_check": split.notes.get("identity_check"),
+        "key": f"{role}-{key}",
+    }
+    return fit.decoder.eval(), f"{role}-{key}"

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from advface.pipelines.robustness.models import (
     EVAL_CODE,
@@ -29,9 +28,12 @@ from advface.pipelines.robustness.models import (
     SAME_FOR_ATTACKERS,
     TRAIN_CODE,
     BenchContext,
+    batches,
     check_same_training,
     code_fingerprint,
+    embed_clean,
     embedding_features,
+    fit_ridge,
     is_attacker,
     train_model,
 )
@@ -61,6 +63,7 @@ class Networks:
     server_generator: nn.Module
     recon: nn.Module  # the paper's attacker R (also the attacker's own shadow)
     emb_decoder: nn.Module  # F: the embedding floor (also the attacker's own generator)
+    ridge: nn.Module  # the closed-form embedding floor (advface.attacks.ridge)
     keys: dict[str, str]
     mean_face: torch.Tensor
 
@@ -159,14 +162,16 @@ def _train_networks(ctx: BenchContext, server_split, attacker_split) -> Networks
         features="embedding",
         feature_fn=MemoFeatures(embedding_features(ctx.head)),
     )
+    ridge, k_rd = fit_ridge(ctx, "attacker-ridge", attacker_split)
     mean = MeanFace.from_images(ctx.images(attacker_split)).mean_image
     keys = {
         "server-shadow": k_ss,
         "server-generator": k_sg,
         "attacker-resrec": k_r,
         "attacker-embedding": k_f,
+        "attacker-ridge": k_rd,
     }
-    return Networks(server_shadow, server_gen, recon, emb_dec, keys, mean)
+    return Networks(server_shadow, server_gen, recon, emb_dec, ridge, keys, mean)
 
 
 def _adaptive_attackers(
@@ -205,21 +210,6 @@ def _adaptive_attackers(
 # -- evaluation stages --------------------------------------------------------------------------
 
 
-def _batches(n: int, size: int, desc: str, ctx: BenchContext):
-    return tqdm(range(0, n, size), desc=desc, disable=not ctx.progress, unit="batch")
-
-
-@torch.no_grad()
-def _embed_clean(ctx: BenchContext, images: np.ndarray, desc: str) -> np.ndarray:
-    from advface.models.facenet import preprocess
-
-    out = []
-    bs = ctx.profile.protect_batch
-    for s in _batches(len(images), bs, desc, ctx):
-        out.append(ctx.facenet(preprocess(images[s : s + bs]).to(ctx.device)).float().cpu())
-    return torch.cat(out).numpy()
-
-
 def _attack_stage(
     ctx: BenchContext,
     name: str,
@@ -239,7 +229,7 @@ def _attack_stage(
         out: dict[str, list[np.ndarray]] = {}
         t0 = time.perf_counter()
         bs = p.protect_batch
-        for s in _batches(len(images), bs, name, ctx):
+        for s in batches(len(images), bs, name, ctx):
             batch = images[s : s + bs]
             target = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255).to(ctx.device)
             with torch.no_grad():
@@ -270,7 +260,7 @@ def _stored_embeddings(
 
     def compute() -> dict[str, np.ndarray]:
         out, bs, t0 = [], ctx.profile.protect_batch, time.perf_counter()
-        for s in _batches(len(images), bs, name, ctx):
+        for s in batches(len(images), bs, name, ctx):
             with torch.no_grad():
                 z = ctx.encoder(preprocess(images[s : s + bs]).to(ctx.device))
             zp = protect(z)
@@ -380,15 +370,22 @@ def _public_params(prot) -> dict:
 
 
 def attacker_training(training: dict[str, dict]) -> dict | None:
-    """What every attacker of the run trained on (the same for all, :func:`check_same_training`)
-    and which attackers those are."""
+    """What every attacker of the run trained on (the same for all, :func:`check_same_training`),
+    which attackers those are, and which of them are fit in closed form (same images, no
+    epochs or budget)."""
     roles = [r for r in training if is_attacker(r)]
     if not roles:
         return None
-    first = training[roles[0]]
-    for r in roles[1:]:
-        check_same_training({roles[0]: first}, r, training[r])
-    return {**{k: first.get(k) for k in SAME_FOR_ATTACKERS}, "attackers": roles}
+    trained = [r for r in roles if not training[r].get("closed_form")]
+    ref = (trained or roles)[0]
+    for r in roles:
+        if r != ref:
+            check_same_training({ref: training[ref]}, r, training[r])
+    return {
+        **{k: training[ref].get(k) for k in SAME_FOR_ATTACKERS},
+        "attackers": trained,
+        "closed_form": [r for r in roles if r not in trained],
+    }
 
 
 def _meta(
@@ -439,6 +436,7 @@ def _attackers_for(
     attackers: dict[str, nn.Module] = {"paper-resrec": nets.recon}
     attackers.update(adaptive)
     attackers["embedding"] = EmbeddingAttack(nets.emb_decoder, ctx.head)
+    attackers["embedding-ridge"] = EmbeddingAttack(nets.ridge, ctx.head)
     attackers["inversion"] = FeatureInversion(
         ctx.encoder,
         ctx.head,
@@ -470,10 +468,10 @@ def _prepare_dataset(ctx: BenchContext, dataset: str, nets: Networks) -> Dataset
     from advface.pipelines.robustness.metrics import clean_protocol, recon_rows
 
     p = ctx.profile
-    proto = clean_protocol(ctx, dataset, _embed_clean)
+    proto = clean_protocol(ctx, dataset, embed_clean)
     images = ctx.images(_test_split(ctx, dataset))
     img_key = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
-    clean_emb = _embed_clean(ctx, images, f"{dataset} test embeddings")
+    clean_emb = embed_clean(ctx, images, f"{dataset} test embeddings")
     base_key = dict(
         dataset=dataset,
         images=img_key,
@@ -487,8 +485,10 @@ def _prepare_dataset(ctx: BenchContext, dataset: str, nets: Networks) -> Dataset
     ev = DatasetEval(
         dataset, proto, images, clean_emb, base_key, {"original": images[: p.grid_n]}, []
     )
+    embedding_only = _attackers_for(ctx, nets, {}, "none")
     floors = {
-        "floor-embedding": _attackers_for(ctx, nets, {}, "none")["embedding"],
+        "floor-embedding": embedding_only["embedding"],
+        "floor-embedding-ridge": embedding_only["embedding-ridge"],
         "floor-embedding-inversion": _embedding_inversion(ctx, nets),
         "floor-mean-face": MeanFace(nets.mean_face),
     }

@@ -52,13 +52,6 @@ class ImageHead(nn.Module):
         return torch.sigmoid(self.to_rgb(self.up2(self.up1(x))))
 
 
-def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    """Validate an integer hyper-parameter (bools are rejected: they are ints in Python)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def check_input(z: torch.Tensor) -> None:
     if z.ndim != 4 or z.shape[1] != FEATURE_CHANNELS:
         raise ValueError(

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._blocks import check_positive_int, conv_bn_relu
+from advface.checks import check_int
+
+from ._blocks import conv_bn_relu
 
 EMBEDDING_DIM = 512
 
@@ -28,8 +30,8 @@ class EmbDec(nn.Module):
 
     def __init__(self, width: int = 16, dim: int = EMBEDDING_DIM) -> None:
         super().__init__()
-        self.width = check_positive_int("width", width, minimum=2)
-        self.dim = check_positive_int("dim", dim, minimum=1)
+        self.width = check_int("width", width, low=2)
+        self.dim = check_int("dim", dim, low=1)
         self.input_shape = (dim,)
         chans = [8 * width, 8 * width, 4 * width, 2 * width, width, width]
         self.fc = nn.Sequential(

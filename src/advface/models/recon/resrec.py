@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._blocks import FEATURE_CHANNELS, ImageHead, check_input, check_positive_int, conv_bn_relu
+from advface.checks import check_int
+
+from ._blocks import FEATURE_CHANNELS, ImageHead, check_input, conv_bn_relu
 
 
 class ResidualBlock(nn.Module):
@@ -37,8 +39,8 @@ class ResRec(nn.Module):
 
     def __init__(self, width: int = 16, blocks: int = 2) -> None:
         super().__init__()
-        self.width = check_positive_int("width", width, minimum=2)
-        self.blocks = check_positive_int("blocks", blocks, minimum=0)
+        self.width = check_int("width", width, low=2)
+        self.blocks = check_int("blocks", blocks, low=0)
         self.stem = conv_bn_relu(FEATURE_CHANNELS, width)
         self.body = nn.Sequential(*[ResidualBlock(width) for _ in range(blocks)])
         self.head = ImageHead(width, width, max(width // 2, 8))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._blocks import FEATURE_CHANNELS, ImageHead, check_input, check_positive_int, conv_bn_relu
+from advface.checks import check_int
+
+from ._blocks import FEATURE_CHANNELS, ImageHead, check_input, conv_bn_relu
 
 
 class TransRec(nn.Module):
@@ -23,8 +25,8 @@ class TransRec(nn.Module):
 
     def __init__(self, width: int = 32, depth: int = 0) -> None:
         super().__init__()
-        self.width = check_positive_int("width", width)
-        self.depth = check_positive_int("depth", depth, minimum=0)
+        self.width = check_int("width", width, low=1)
+        self.depth = check_int("depth", depth, low=0)
         layers: list[nn.Module] = [
             # Mirror of conv2d_2b (3x3, pad 1, 32 -> 64): keeps 77x77.
             nn.ConvTranspose2d(FEATURE_CHANNELS, width, 3, padding=1, bias=False),

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._blocks import FEATURE_CHANNELS, ImageHead, check_input, check_positive_int, conv_bn_relu
+from advface.checks import check_int
+
+from ._blocks import FEATURE_CHANNELS, ImageHead, check_input, conv_bn_relu
 
 
 class URec(nn.Module):
@@ -23,8 +25,8 @@ class URec(nn.Module):
 
     def __init__(self, width: int = 16, levels: int = 2) -> None:
         super().__init__()
-        self.width = check_positive_int("width", width, minimum=2)
-        self.levels = check_positive_int("levels", levels, minimum=1)
+        self.width = check_int("width", width, low=2)
+        self.levels = check_int("levels", levels, low=1)
         chans = [width * 2**i for i in range(levels + 1)]
         self.inc = nn.Sequential(conv_bn_relu(FEATURE_CHANNELS, width), conv_bn_relu(width, width))
         self.down = nn.ModuleList(

@@ -199,6 +199,7 @@ def fit_ridge(ctx: BenchContext, role: str, split: IdentitySplit) -> tuple[nn.Mo
     group) and record it; returns ``(decoder, its key)``. The training embeddings are a cached
     stage; the fit itself takes seconds and is redone."""
     from advface.attacks.ridge import DEFAULT_LAMBDAS, fit_ridge_decoder
+    from advface.data.prepare import source_fingerprint
 
     p = ctx.profile
     same = {
@@ -216,7 +217,9 @@ def fit_ridge(ctx: BenchContext, role: str, split: IdentitySplit) -> tuple[nn.Mo
         groups = np.concatenate([groups, groups])
     settings = {
         "role": role,
+        # Names and source pixels: a source image replaced under its name refits.
         "data": same["data_sha256"],
+        "faces": source_fingerprint(split.dataset, split.keys, data_root=ctx.root),
         "flip": p.flip,
         "weights": ctx.weights_sha,
         "code": code_fingerprint(RIDGE_CODE),
@@ -226,7 +229,7 @@ def fit_ridge(ctx: BenchContext, role: str, split: IdentitySplit) -> tuple[nn.Mo
     }
     emb = ctx.stages.arrays(
         f"{role}-embeddings",
-        {k: settings[k] for k in ("role", "data", "flip", "weights", "code")},
+        {k: settings[k] for k in ("role", "data", "faces", "flip", "weights", "code")},
         lambda: {"emb": embed_clean(ctx, images, f"{role} embeddings")},
     )["emb"]
     t0 = time.perf_counter()

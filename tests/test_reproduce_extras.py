@@ -182,6 +182,32 @@ def test_robustness_rows_are_merged_and_reported(tmp_path, random_facenet, monke
     assert "## Robustness bench" in md and "(robustness/report.md)" in md and "2 rows" in md
 
 
+def test_report_draws_the_benchs_floors_beside_table1():
+    from advface.pipelines.reproduce.report import _floor_lines, make_row, render_markdown
+
+    def floor(method, ssim, srra, n):
+        return {"table": "robustness", "dataset": "lfw", "method": method, "attacker": method,
+                "ssim": ssim, "srra": srra, "n_images": n}  # fmt: skip
+
+    rows = [
+        floor("floor-embedding", 0.44, 0.02, 64),
+        floor("floor-embedding-inversion", 0.18, 1.0, 12),
+        floor("floor-mean-face", 0.45, 0.0, 64),
+        {**floor("advface", 0.9, 1.0, 64), "attacker": "inversion"},  # not a floor
+        make_row("table1", "lfw", "none", ssim=0.8, psnr=20.0, mse=0.01, srra=1.0),
+    ]
+    lines = _floor_lines(rows)
+    assert (
+        "- lfw: mean face SSIM 0.45 (n=64); embedding only: SSIM 0.44 (floor-embedding, "
+        "n=64), SRRA 100.00% (floor-embedding-inversion, n=12)"
+    ) in lines
+    assert not [line for line in lines if "advface" in line]
+    assert _floor_lines(rows[3:]) == []  # no bench: no floor lines
+    meta = {"profile": get_profile("smoke").to_dict()}
+    md = render_markdown(meta, rows)
+    assert md.index("Floors beside Table 1") < md.index("## Table 2")
+
+
 # -- the CLI's --head -----------------------------------------------------------------------------
 
 

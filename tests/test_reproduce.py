@@ -329,6 +329,58 @@ def test_interrupted_training_resumes_and_budget_counts_spent_time(
     assert spent_minutes({"epochs": 1, "history": hist}) == 1.0
 
 
+def test_protected_training_features_resume_from_cached_chunks(
+    tmp_path, random_facenet, monkeypatch
+):
+    """An adaptive attacker's features are filled in cached chunks: a fill interrupted in its
+    second chunk computes only that chunk again, and the chunks go once the decoder trained."""
+    import numpy as np
+    import torch
+
+    from advface.attacks.train import MemoFeatures, to_unit
+    from advface.data.splits import IdentitySplit
+    from advface.models.facenet import unit_to_facenet
+    from advface.pipelines import decoders
+    from advface.pipelines.context import TRAIN_CODE
+
+    ctx = _context(tmp_path, random_facenet, epochs=1, train_batch=4)  # chunks of 4, batches of 2
+    images = (np.random.default_rng(1).random((8, 160, 160, 3)) * 255).astype(np.uint8)
+    monkeypatch.setattr(
+        decoders, "source_fingerprint", lambda d, k, data_root=None: str(hash(images.tobytes()))
+    )
+    split = IdentitySplit("t", "lfw", [f"P{i}/P{i}_0001.jpg" for i in range(8)], list("abcdefgh"))
+    calls: list[int] = []
+
+    def protect(z: torch.Tensor) -> torch.Tensor:
+        calls.append(len(z))
+        if len(calls) == 5:  # the first batch of the second chunk: the process dies
+            raise KeyboardInterrupt
+        return z * 0.5
+
+    def train(memo: MemoFeatures):
+        return decoders.train_cached(
+            ctx, "adaptive-t", "resrec", split, lambda: images, features="t", feature_fn=memo,
+            depends={}, code=TRAIN_CODE, epochs=1, flip=True, meta={},
+        )  # fmt: skip
+
+    with pytest.raises(KeyboardInterrupt):
+        train(MemoFeatures(protect))
+    assert calls == [2, 2, 2, 2, 2]  # chunk 1: images 0-3 and their mirrors, then chunk 2 died
+    assert len(list(ctx.stages.root.glob("features-adaptive-t-*"))) == 1
+    calls.clear()
+    memo = MemoFeatures(protect)
+    train(memo)
+    assert calls == [2, 2, 2, 2] and len(memo) == 16  # only chunk 2 computed again
+    x = to_unit(images[1:2]).flip(-1)
+    with torch.no_grad():
+        want = ctx.encoder(unit_to_facenet(x)) * 0.5
+    got = memo.lookup([(1, True)], lambda rows: pytest.fail("should be held"))
+    assert torch.allclose(got, want, atol=1e-2)  # restored from chunk 1's file
+    assert not list(ctx.stages.root.glob("features-adaptive-t-*"))  # trained: chunks removed
+    with pytest.raises(ValueError, match="2 feature rows for 1 keys"):
+        memo.put([(0, False)], torch.zeros(2, 3))
+
+
 @pytest.mark.data
 def test_attack_and_reproduce_measure_the_same(data_root, tmp_path):
     """`advface attack` and `advface reproduce` give the same numbers for the same

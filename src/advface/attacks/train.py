@@ -68,6 +68,14 @@ class MemoFeatures:
                 self.memo[keys[r]] = o.detach().to(torch.float16)
         return torch.stack([self.memo[k] for k in keys]).float()
 
+    def put(self, keys: Sequence[tuple[int, bool]], values: torch.Tensor) -> None:
+        """Hold ``values`` (one row per key) as the entries of ``keys``: a fill computed
+        earlier (a chunk restored from a cache) rather than by ``fn`` now."""
+        if values.shape[0] != len(keys):
+            raise ValueError(f"{values.shape[0]} feature rows for {len(keys)} keys")
+        for k, v in zip(keys, values, strict=True):
+            self.memo[(int(k[0]), bool(k[1]))] = v.detach().to(torch.float16)
+
     @torch.no_grad()
     def fill(
         self,

@@ -102,6 +102,16 @@ class BenchContext(RunContext):
         )[0]
 
 
+def _training_data(ctx: BenchContext, split: IdentitySplit) -> dict:
+    """The :data:`SAME_DATA` fields of a training record: which images, and whether flipped."""
+    return {
+        "train_set": split.name,
+        "n_train": len(split),
+        "data_sha256": hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
+        "flip": ctx.profile.flip,
+    }
+
+
 def train_model(
     ctx: BenchContext,
     role: str,
@@ -119,14 +129,7 @@ def train_model(
     uses. Every network of the run flips (or not) as the profile says; an attacker that
     would train unlike the others raises before training (:func:`check_same_training`)."""
     p = ctx.profile
-    same = {
-        "train_set": split.name,
-        "n_train": len(split),
-        "data_sha256": hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
-        "flip": p.flip,
-        "epochs_setting": p.epochs,
-        "max_minutes": p.max_minutes,
-    }
+    same = {**_training_data(ctx, split), "epochs_setting": p.epochs, "max_minutes": p.max_minutes}
     check_same_training(ctx.training, role, same)
     model, config, ckpt_name = train_cached(
         ctx,
@@ -202,13 +205,7 @@ def fit_ridge(ctx: BenchContext, role: str, split: IdentitySplit) -> tuple[nn.Mo
     from advface.data.prepare import source_fingerprint
 
     p = ctx.profile
-    same = {
-        "train_set": split.name,
-        "n_train": len(split),
-        "data_sha256": hashlib.sha256("\n".join(split.keys).encode()).hexdigest()[:16],
-        "flip": p.flip,
-        "closed_form": True,
-    }
+    same = {**_training_data(ctx, split), "closed_form": True}
     check_same_training(ctx.training, role, same)
     images = ctx.images(split)
     groups = np.arange(len(images))

@@ -12,8 +12,8 @@ product per fold: seconds on a CPU for a few thousand images.
 Why it is here: an embedding floor must not depend on how long a network was trained. A
 narrow decoder trained for minutes can fall below the mean face (an output with no
 information); the ridge decoder reduces to the mean face as lam grows and cross-validation only
-moves away from it when held-out error falls, so it is a floor that training time cannot make
-weak.
+moves away from it when held-out error falls, so what it reaches depends on its training
+images, not on a training budget.
 """
 
 from __future__ import annotations

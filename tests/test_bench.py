@@ -127,7 +127,10 @@ def test_smoke_bench_end_to_end_and_resumes(data_root, tmp_path):
     assert ridge["closed_form"] and same["closed_form"] == ["attacker-ridge"]
     assert (ridge["data_sha256"], ridge["flip"]) == (same["data_sha256"], True)
     assert ridge["lambda"] in [float(k) for k in ridge["cv_mse"]]
-    assert "attacker-ridge (ridge, lambda" in (out / "report.md").read_text()
+    assert (
+        "attacker-ridge (ridge regression; 5-fold cross-validation chose lambda"
+        in (out / "report.md").read_text()
+    )
     assert ("floor-mean-face", "floor-mean-face") in recon
     for role, t in data["training"].items():
         if role.startswith(("attacker", "adaptive")):

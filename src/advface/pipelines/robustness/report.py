@@ -103,9 +103,9 @@ def weak_floor_decoder(rows: list[dict], dataset: str) -> str | None:
     return (
         f"The floor decoders are weak here: the better one ({dec['method']}, SSIM "
         f"{_ci(dec, 'ssim')}) is not above the mean face ({_ci(mean, 'ssim')}), an output with "
-        "no information. On this little training data they cannot show what the embedding "
-        'gives, so "at the floor" here means at this weak floor, and a target stated against '
-        "it (within 0.03 of the floor) cannot be tested on this run."
+        "no information. They cannot show what the embedding gives (too little training or "
+        'too few training images), so "at the floor" here means at this weak floor, and a '
+        "target stated against it (within 0.03 of the floor) cannot be tested on this run."
     )
 
 
@@ -276,7 +276,9 @@ def _closed_form_note(meta: dict, same: dict) -> str:
     parts = []
     for role in same.get("closed_form") or []:
         t = meta["training"].get(role, {})
-        parts.append(f"{role} (ridge, lambda {t.get('lambda', '?'):g} of the grid by 5-fold CV)")
+        lam = t.get("lambda")
+        chosen = f"; 5-fold cross-validation chose lambda {lam:g}" if lam is not None else ""
+        parts.append(f"{role} (ridge regression{chosen})")
     if not parts:
         return ""
     return (

@@ -29,6 +29,8 @@ from advface.checks import check_batch, check_finite_number, check_int
 
 #: Relative ridge strengths tried by default (times the mean squared singular value of E_c).
 DEFAULT_LAMBDAS: tuple[float, ...] = tuple(float(10.0**k) for k in np.arange(-6.0, 2.01, 0.5))
+#: Cross-validation folds by default.
+DEFAULT_FOLDS = 5
 
 
 class RidgeDecoder(nn.Module):
@@ -126,7 +128,7 @@ def fit_ridge_decoder(
     *,
     groups: Sequence[int] | np.ndarray | None = None,
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
-    folds: int = 5,
+    folds: int = DEFAULT_FOLDS,
     seed: int = 0,
 ) -> RidgeFit:
     """Fit a :class:`RidgeDecoder` on ``embeddings`` (N,D) and ``images`` (N,3,H,W) in [0,1].

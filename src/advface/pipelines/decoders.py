@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from advface.attacks.train import FeatureFn, MemoFeatures, TrainSettings
 from advface.data.prepare import source_fingerprint
@@ -99,11 +98,11 @@ def _train(
     p = ctx.profile
     t0 = time.perf_counter()
     faces = images()
-    chunks: list[Path] = []
+    drop_features = None
     if isinstance(feature_fn, MemoFeatures):
         # Features first, so that a time budget buys training, not protection.
         f0 = time.perf_counter()
-        chunks = _fill_memo(ctx, name, key, feature_fn, faces)
+        drop_features = _fill_memo(ctx, name, key, feature_fn, faces)
         ctx.timings[f"features {name}"] = round(time.perf_counter() - f0, 1)
     settings = TrainSettings(
         epochs=key["epochs"],
@@ -127,49 +126,47 @@ def _train(
         meta=meta,
     )
     ctx.timings[f"train {name}"] = round(time.perf_counter() - t0, 1)
-    for path in chunks:  # trained: the features are not needed again
-        path.unlink(missing_ok=True)
+    if drop_features is not None:  # trained: the features are not needed again
+        drop_features()
     if res.stopped_early:  # the time budget ran out: the model is what that budget buys
         ctx.log(f"{name}: time budget reached after {res.epochs_done} epoch(s)")
 
 
 def _fill_memo(
     ctx: RunContext, name: str, key: dict[str, Any], memo: MemoFeatures, faces: np.ndarray
-) -> list[Path]:
-    """Fill ``memo`` with every image's features (and, with flips, its mirror image's) in
-    chunks, each a cached stage under the decoder's key: protecting an adaptive attacker's
-    training set can take an hour, and an interrupted fill resumes at its first unfinished
-    chunk. A chunk is a whole number of protection batches, so every batch holds the same
-    images as one fill of all the faces would. Returns the chunks' files (0.76 MB per image
-    and flip in float16), which :func:`_train` removes once the decoder has trained."""
+) -> Callable[[], None]:
+    """Fill ``memo`` with every image's features (and, with flips, its mirror image's) as a
+    chunked stage under the decoder's key: protecting an adaptive attacker's training set
+    takes minutes to hours, and an interrupted fill resumes at its first unfinished chunk. A
+    chunk is a whole number of protection batches, so every batch holds the same images as one
+    fill of all the faces would. Returns what removes the chunks' files (0.76 MB per image and
+    flip in float16) once the decoder has trained."""
     p = ctx.profile
     size = p.protect_batch * max(1, getattr(p, "chunk", 256) // p.protect_batch)
-    paths = []
-    starts = range(0, len(faces), size)
-    for c, s in enumerate(tqdm(starts, desc=f"features {name}", disable=not ctx.progress)):
-        e = min(s + size, len(faces))
+    ids = [str(i) for i in range(len(faces))]  # the faces themselves are in the decoder's key
 
-        def compute(s: int = s, e: int = e) -> dict[str, np.ndarray]:
-            part = MemoFeatures(memo.fn)
-            part.fill(
-                faces[s:e],
-                ctx.encoder,
-                device=ctx.device,
-                batch_size=p.protect_batch,
-                flips=key["flip"],
-                progress=False,
-            )
-            keys = sorted(part.memo)
-            rows = np.array([[i + s, int(f)] for i, f in keys], dtype=np.int64)
-            feats = torch.stack([part.memo[k] for k in keys]).cpu().numpy()
-            return {"rows": rows, "features": feats}
+    def compute(sl: slice) -> dict[str, np.ndarray]:
+        part = MemoFeatures(memo.fn)
+        part.fill(
+            faces[sl],
+            ctx.encoder,
+            device=ctx.device,
+            batch_size=p.protect_batch,
+            flips=key["flip"],
+            progress=ctx.progress,
+            desc=f"features {name} [{sl.start}:]",
+        )
+        keys = sorted(part.memo)
+        rows = np.array([[i + sl.start, int(f)] for i, f in keys], dtype=np.int64)
+        return {"rows": rows, "features": torch.stack([part.memo[k] for k in keys]).cpu().numpy()}
 
-        stage, settings = f"features-{name}-{c:04d}", {**key, "rows": [s, e]}
-        arr = ctx.stages.arrays(stage, settings, compute, tally=f"features {name}")
-        keys = [(int(i), bool(f)) for i, f in arr["rows"]]
-        memo.put(keys, torch.from_numpy(arr["features"]).to(ctx.device))
-        paths.append(ctx.stages.path(stage, settings, ".safetensors"))
-    return paths
+    stage = f"features-{name}"
+    arr = ctx.stages.chunked(stage, key, ids, size, compute)
+    memo.put(
+        [(int(i), bool(f)) for i, f in arr["rows"]],
+        torch.from_numpy(arr["features"]).to(ctx.device),
+    )
+    return lambda: ctx.stages.drop_chunked(stage, key, ids, size)
 
 
 def train_cached(

@@ -98,13 +98,24 @@ class StageCache:
         its own keys), concatenated: an interrupted stage resumes at its first missing chunk.
         ``compute(slice)`` returns the arrays of that slice of ``keys``; an array present in
         only some chunks (e.g. the first faces' grids) is concatenated over those."""
+        parts = [
+            self.arrays(stage, key, lambda sl=sl: compute(sl), tally=name)
+            for stage, key, sl in self._chunks(name, settings, keys, chunk)
+        ]
+        names = dict.fromkeys(k for part in parts for k in part)
+        return {k: np.concatenate([part[k] for part in parts if k in part]) for k in names}
+
+    def drop_chunked(self, name: str, settings: dict, keys: list[str], chunk: int) -> None:
+        """Remove the files of a :meth:`chunked` stage (once what it fed needs them no more)."""
+        for stage, key, _ in self._chunks(name, settings, keys, chunk):
+            self.path(stage, key, ".safetensors").unlink(missing_ok=True)
+
+    @staticmethod
+    def _chunks(name: str, settings: dict, keys: list[str], chunk: int):
+        """(stage name, settings, slice of ``keys``) of each chunk of a chunked stage."""
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
-        parts: list[dict[str, np.ndarray]] = []
         for i, start in enumerate(range(0, len(keys), chunk)):
             sl = slice(start, start + chunk)
             digest = hashlib.sha256("\n".join(keys[sl]).encode()).hexdigest()[:16]
-            key = {**settings, "chunk": [start, digest]}
-            parts.append(self.arrays(f"{name}-{i:04d}", key, lambda sl=sl: compute(sl), tally=name))
-        names = dict.fromkeys(k for part in parts for k in part)
-        return {k: np.concatenate([part[k] for part in parts if k in part]) for k in names}
+            yield f"{name}-{i:04d}", {**settings, "chunk": [start, digest]}, sl

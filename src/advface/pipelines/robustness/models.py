@@ -201,7 +201,7 @@ def fit_ridge(ctx: BenchContext, role: str, split: IdentitySplit) -> tuple[nn.Mo
     mirror images when the profile flips; an image and its mirror are one cross-validation
     group) and record it; returns ``(decoder, its key)``. The training embeddings are a cached
     stage; the fit itself takes seconds and is redone."""
-    from advface.attacks.ridge import DEFAULT_LAMBDAS, fit_ridge_decoder
+    from advface.attacks.ridge import DEFAULT_FOLDS, DEFAULT_LAMBDAS, fit_ridge_decoder
     from advface.data.prepare import source_fingerprint
 
     p = ctx.profile
@@ -221,7 +221,7 @@ def fit_ridge(ctx: BenchContext, role: str, split: IdentitySplit) -> tuple[nn.Mo
         "weights": ctx.weights_sha,
         "code": code_fingerprint(RIDGE_CODE),
         "lambdas": list(DEFAULT_LAMBDAS),
-        "folds": 5,
+        "folds": DEFAULT_FOLDS,
         "seed": p.seed,
     }
     emb = ctx.stages.arrays(
@@ -247,6 +247,7 @@ def fit_ridge(ctx: BenchContext, role: str, split: IdentitySplit) -> tuple[nn.Mo
         "features": "embedding",
         "epochs": "closed form",
         "lambda": fit.lam,
+        "folds": settings["folds"],
         "cv_mse": {f"{k:g}": round(v, 6) for k, v in fit.cv_mse.items()},
         "loss_curve": [],
         "seconds": seconds,

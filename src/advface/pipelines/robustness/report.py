@@ -276,8 +276,8 @@ def _closed_form_note(meta: dict, same: dict) -> str:
     parts = []
     for role in same.get("closed_form") or []:
         t = meta["training"].get(role, {})
-        lam = t.get("lambda")
-        chosen = f"; 5-fold cross-validation chose lambda {lam:g}" if lam is not None else ""
+        lam, folds = t.get("lambda"), t.get("folds")
+        chosen = f"; {folds}-fold cross-validation chose lambda {lam:g}" if lam is not None else ""
         parts.append(f"{role} (ridge regression{chosen})")
     if not parts:
         return ""
